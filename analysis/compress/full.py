@@ -1,0 +1,34 @@
+"""FullKV: the uncompressed reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from analysis.compress.base import LayerState, Policy
+
+
+@dataclass
+class Full(Policy):
+    """Keep every slot: the FullKV row of Table I.
+
+    Any budget is accepted (``None`` included) and ignored; ``compress`` returns the state as is.
+
+    Reference: WeightedKV (arXiv:2503.01330) §V-A, Table I "FullKV".
+    """
+
+    budget: int | None = None
+
+    name: ClassVar[str] = "full"
+    needs_attention: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        """No split to validate: nothing is ever evicted."""
+
+    def score(self, state: LayerState) -> Tensor:
+        raise NotImplementedError("Full never selects a victim")
+
+    def compress(self, state: LayerState) -> LayerState:
+        return state

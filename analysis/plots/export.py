@@ -1,0 +1,85 @@
+"""Write plotly figures to disk: self-contained HTML (plotly.js embedded, works offline) and PNG.
+
+PNG export uses kaleido, which drives a local Chrome/Chromium; on Debian install ``chromium``.
+Every file is written to a temporary file in the target directory, then moved into place with
+``os.replace``, so a reader never sees a half-written figure.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from analysis.errors import UserError
+
+NO_CHROME = ("PNG export needs Chrome/Chromium for kaleido, and none was found: install Debian's "
+             "chromium (apt-get install chromium) or pass --no-png")
+
+
+def write_atomic(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; figures are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def figure_png(fig, width: int = 1000, height: int = 600, scale: float = 2) -> bytes:
+    """PNG bytes of ``fig``; raises UserError when kaleido finds no Chrome."""
+    try:
+        return fig.to_image(format="png", width=width, height=height, scale=scale)
+    except Exception as e:  # kaleido raises plain RuntimeError/ChromeNotFoundError here
+        if "chrome" in str(e).lower() or "chrome" in type(e).__name__.lower():
+            raise UserError(NO_CHROME) from None
+        raise
+
+
+def write_figure(fig, out_dir, stem: str, png: bool = True) -> list[Path]:
+    """Write ``out_dir/stem.html`` (plotly.js embedded) and, unless ``png=False``, ``stem.png``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    html = fig.to_html(include_plotlyjs=True, full_html=True)
+    written = [write_atomic(out_dir / f"{stem}.html", html.encode("utf-8"))]
+    if png:
+        layout = fig.layout
+        data = figure_png(fig, width=layout.width or 1000, height=layout.height or 600)
+        written.append(write_atomic(out_dir / f"{stem}.png", data))
+    return written
+
+
+def staging_dir(out_dir, overwrite: bool = False) -> Path:
+    """A fresh temporary directory next to ``out_dir`` to build outputs in; see ``publish_dir``.
+
+    Refuses an existing non-empty ``out_dir`` unless ``overwrite``.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+
+
+def publish_dir(staging: Path, out_dir) -> Path:
+    """Move a finished ``staging`` directory to ``out_dir`` (replacing an old one) by renames."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    os.chmod(staging, 0o755)  # mkdtemp creates 0700
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+        os.replace(out_dir, old / "previous")
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir

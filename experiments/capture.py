@@ -1,0 +1,50 @@
+"""Capture queries, pre/post-RoPE keys, values and attention statistics of a model on real text.
+
+    python -m experiments.capture --model default --corpus books --tokens 1024 --out runs/austen
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
+                                parse_ints, run_main, text_source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.capture", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_text_args(parser)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens per sequence (default: 1024)")
+    parser.add_argument("--sequences", type=int, default=1, help="how many sequences (default: 1)")
+    parser.add_argument("--layers", default=None, help="layers to record, e.g. 0,5,10-12 (default: all)")
+    parser.add_argument("--kinds", default=None,
+                        help="comma list of query_post_rope,key_pre_rope,key_post_rope,value (default: all)")
+    add_output_args(parser)
+    return parser
+
+
+def main(argv=None) -> None:
+    from analysis.capture import KINDS, capture_sequences
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.errors import UserError
+    from analysis.runs import check_out_dir, save_run
+
+    args = build_parser().parse_args(argv)
+    if args.tokens < 1 or args.sequences < 1:
+        raise UserError("--tokens and --sequences must be at least 1")
+    check_out_dir(args.out, args.overwrite)
+    kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
+    docs = load_documents(**text_source(args))
+    loaded = load_model_from_args(args)
+    sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.sequences)
+    capture = capture_sequences(loaded, sequences, layers=parse_ints(args.layers, "layers"), kinds=kinds,
+                                progress=not args.quiet)
+    capture.meta["source"] = text_source(args)
+    save_run(capture, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}: {len(sequences)} x {args.tokens} tokens, layers {capture.meta['layers']}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,77 @@
+"""Options every command shares, and the wrapper that turns a UserError into one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from analysis.errors import UserError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="default",
+                       help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a local path")
+    group.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    group.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
+    group.add_argument("--online", action="store_true",
+                       help="allow downloads from the Hugging Face hub (off by default)")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="run model code shipped with the checkpoint (off by default)")
+
+
+def add_text_args(parser: argparse.ArgumentParser, default_corpus: str | None = "books") -> None:
+    group = parser.add_argument_group("text").add_mutually_exclusive_group()
+    group.add_argument("--corpus", default=None,
+                       help=f"embedded corpus: books, web, latex or math (default: {default_corpus})")
+    group.add_argument("--text", default=None, metavar="FILE_OR_DIR", help="your own UTF-8 text file or directory")
+    parser.set_defaults(_default_corpus=default_corpus)
+
+
+def text_source(args) -> dict:
+    """``load_documents`` keyword arguments from --corpus / --text."""
+    if args.text:
+        return {"text": args.text}
+    return {"corpus": args.corpus or args._default_corpus}
+
+
+def add_output_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--out", required=required, metavar="DIR", help="output directory (written atomically)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds results")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse_ints(text: str | None, name: str) -> list[int] | None:
+    """'0,5,10-12' -> [0, 5, 10, 11, 12]; None stays None."""
+    if text is None:
+        return None
+    values: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            values.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise UserError(f"--{name} expects integers like 0,5,10-12, got {text!r}") from None
+    return values
+
+
+def load_model_from_args(args, **kwargs):
+    from analysis.models import load_model
+
+    if not args.online:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return load_model(args.model, device=args.device, dtype=args.dtype, online=args.online,
+                      trust_remote_code=args.trust_remote_code, **kwargs)
+
+
+def run_main(main, argv=None) -> None:
+    """Run ``main(argv)``; a UserError becomes ``error: ...`` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        sys.exit(130)
