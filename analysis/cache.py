@@ -76,6 +76,11 @@ class CompressedLayer(DynamicLayer):
     def batch_select_indices(self, indices: Tensor) -> None:
         raise UserError("CompressedCache does not support beam search")
 
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        # generate()'s beam search reorders each layer through this (not batch_select_indices);
+        # the inherited version would reorder keys/values but not ``state``, silently mixing beams
+        raise UserError("CompressedCache does not support beam search")
+
 
 def _after_attention(module: nn.Module, args, kwargs, output) -> None:
     cache = kwargs.get("past_key_values")

@@ -167,11 +167,16 @@ def record(
     if bad:
         raise UserError(f"layer(s) {bad} out of range: the model has layers 0-{max(modules)}")
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(_IMPL, _capture_attention)
+    # Without a mask function of its own, a registered attention gets attention_mask=None (no causal
+    # mask at all): give it the eager one, which the eager attention it wraps expects.
+    AttentionMaskInterface.register(_IMPL, eager_mask)
     head_dim = config_summary(model.config)["head_dim"]
     device = torch.device("cpu") if offload else None
-    recorder = _Recorder({i: _LayerRecord(tuple(kinds), stats, maps_window, device, dtype) for i in chosen})
+    recorder = _Recorder({i: _LayerRecord(tuple(kinds), stats, maps_window, device, dtype) for i in chosen},
+                         kv_heads=config_summary(model.config)["num_kv_heads"])
     handles = []
     previous = model.config._attn_implementation
     try:
@@ -192,8 +197,9 @@ def record(
 
 
 class _Recorder:
-    def __init__(self, records: dict[int, _LayerRecord]):
+    def __init__(self, records: dict[int, _LayerRecord], kv_heads: int | None = None):
         self.records = records
+        self.kv_heads = kv_heads  # from the config: used when no recorded kind has KV heads
 
     def result(self, meta: dict | None = None) -> Capture:
         tensors = {}
@@ -203,9 +209,11 @@ class _Recorder:
             if rec.received is not None:
                 tensors[f"layers.{i}.attn_received"] = rec.received.to(rec.device or rec.received.device)
                 tensors[f"layers.{i}.attn_count"] = rec.count.to(rec.received.device if rec.device is None else rec.device)
-                kv_heads = tensors.get(f"layers.{i}.value", tensors.get(f"layers.{i}.key_post_rope"))
+                kv_kind = next((tensors[f"layers.{i}.{k}"] for k in ("value", "key_post_rope", "key_pre_rope")
+                                if f"layers.{i}.{k}" in tensors), None)
+                kv_heads = kv_kind.shape[1] if kv_kind is not None else self.kv_heads
                 if kv_heads is not None:
-                    tensors[f"layers.{i}.attn_received_kv"] = group_mean(rec.received, kv_heads.shape[1])
+                    tensors[f"layers.{i}.attn_received_kv"] = group_mean(tensors[f"layers.{i}.attn_received"], kv_heads)
             if rec.maps:
                 tensors[f"layers.{i}.attn_maps"] = torch.cat(rec.maps, dim=2).contiguous()
         first = next(iter(self.records.values()))

@@ -61,6 +61,10 @@ def load_model_from_args(args, **kwargs):
 
     if not args.online:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if getattr(args, "quiet", False):  # --quiet: no progress bars, transformers' "Loading weights" too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return load_model(args.model, device=args.device, dtype=args.dtype, online=args.online,
                       trust_remote_code=args.trust_remote_code, **kwargs)
 

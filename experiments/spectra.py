@@ -1,107 +1,85 @@
 """Singular-value spectra of keys (pre/post RoPE), values and queries: WeightedKV Fig. 1.
 
     python -m experiments.spectra --model default --corpus books --sequences 10 --tokens 1024 --out DIR
+    python -m experiments.spectra --run runs/austen --out DIR      # reuse a capture
 
-Writes DIR/spectra.json and the figures (HTML, PNG) of analysis.plots.spectra; all the logic
-lives in analysis.spectra. DIR is built next to itself and renamed into place when complete.
+Writes DIR/spectra.json (analysis.spectra.SpectraResult.to_json) and the figures of
+analysis.plots.spectra as HTML (plotly.js embedded) and PNG. DIR is built in a temp directory
+beside it and renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from analysis.errors import UserError
+from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
+                                parse_ints, run_main, text_source)
 
 KINDS = ("key_pre_rope", "key_post_rope", "value", "query_post_rope")
 
 
-def parse_layers(text: str | None) -> list[int] | None:
-    """'0,5,10-12' -> [0, 5, 10, 11, 12]; None -> None (all layers)."""
-    if not text:
-        return None
-    out: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            out.extend(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise UserError(f"--layers {text!r}: expected comma-separated layers and ranges, e.g. 0,5,10-12") from None
-    return sorted(set(out))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.spectra", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="default", help="model id or local path (default: the embedded SmolLM2-135M)")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--corpus", default=None, help="corpus name (books, web, latex, math); books if no other source")
-    src.add_argument("--text", default=None, metavar="FILE_OR_DIR", help="your own UTF-8 text file or directory")
-    src.add_argument("--run", default=None, metavar="RUN_DIR", help="use an existing capture run instead of capturing")
-    p.add_argument("--sequences", type=int, default=10, help="number of sequences, documents or chunks (default: %(default)s)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per sequence, at least head_dim (default: %(default)s)")
-    p.add_argument("--layers", default=None, help="layers to analyse, e.g. 0,5,10-12 (default: all)")
-    p.add_argument("--center", action="store_true", help="mean-centre each sequence's T x d matrix over tokens")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... for capture and SVD (default: %(default)s)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (spectra.json + figures)")
-    p.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs chromium)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out directory")
-    return p
+    parser = argparse.ArgumentParser(prog="python -m experiments.spectra", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_text_args(parser)
+    parser.add_argument("--run", default=None, metavar="RUN_DIR",
+                        help="use a saved capture (python -m experiments.capture) instead of capturing; "
+                             "excludes --corpus/--text")
+    parser.add_argument("--sequences", type=int, default=10, help="how many sequences (default: 10)")
+    parser.add_argument("--tokens", type=int, default=1024,
+                        help="tokens per sequence, at least head_dim (default: 1024)")
+    parser.add_argument("--layers", default=None, help="layers to analyse, e.g. 0,5,10-12 (default: all)")
+    parser.add_argument("--center", action="store_true",
+                        help="mean-centre each sequence's T x d matrix over tokens before the SVD")
+    parser.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs chromium)")
+    add_output_args(parser)
+    return parser
 
 
 def get_capture(args, layers):
+    from analysis.errors import UserError
+
     if args.run:
+        if args.corpus or args.text:
+            raise UserError("--run uses a saved capture; do not also give --corpus or --text")
         from analysis.runs import load_run
-        return load_run(args.run)
+        return load_run(args.run, device="cpu" if args.device == "auto" else args.device)
     from analysis.capture import capture_sequences
     from analysis.corpora import load_documents, token_sequences
-    from analysis.models import load_model
 
-    loaded = load_model(args.model, device=args.device)
+    if args.tokens < 1 or args.sequences < 1:
+        raise UserError("--tokens and --sequences must be at least 1")
+    docs = load_documents(**text_source(args))
+    loaded = load_model_from_args(args)
     head_dim = loaded.summary()["head_dim"]
-    if args.tokens < head_dim:  # check before the expensive capture
+    if args.tokens < head_dim:  # checked before the expensive capture
         raise UserError(f"rank is bounded by T={args.tokens}, fewer tokens than head_dim={head_dim}; "
                         f"use --tokens >= {head_dim}")
-    docs = load_documents(corpus=args.corpus or (None if args.text else "books"), text=args.text)
-    seqs = token_sequences(loaded.tokenizer, docs, args.tokens, args.sequences)
-    print(f"capturing {len(seqs)} sequence(s) of {args.tokens} tokens from {loaded.model_id}", file=sys.stderr)
-    return capture_sequences(loaded, seqs, layers=layers, kinds=KINDS, progress=True)
+    sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.sequences)
+    return capture_sequences(loaded, sequences, layers=layers, kinds=KINDS, progress=not args.quiet)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from analysis.plots.export import publish_dir, staging_dir, write_atomic, write_figure
+def main(argv=None) -> None:
+    from analysis.plots.export import write_atomic, write_figure
     from analysis.plots.spectra import standard_figures
+    from analysis.runs import atomic_dir, check_out_dir
     from analysis.spectra import compute_spectra, summary_sentence
 
-    layers = parse_layers(args.layers)
-    staging_dir(args.out, args.overwrite).rmdir()  # fail fast on a non-empty --out, before capturing
+    args = build_parser().parse_args(argv)
+    layers = parse_ints(args.layers, "layers")
+    check_out_dir(args.out, args.overwrite)  # fail before capturing
     capture = get_capture(args, layers)
-    kinds = [k for k in KINDS if k in capture.kinds]
-    result = compute_spectra(capture, kinds=kinds, layers=layers, center=args.center)
-    stage = staging_dir(args.out, args.overwrite)
-    try:
-        data = json.dumps(result.to_json(), indent=1).encode()
-        files = [write_atomic(stage / "spectra.json", data)]
+    result = compute_spectra(capture, kinds=[k for k in KINDS if k in capture.kinds], layers=layers,
+                             center=args.center)
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        files = [write_atomic(tmp / "spectra.json", json.dumps(result.to_json(), indent=1).encode())]
         for stem, fig in standard_figures(result).items():
-            files += write_figure(fig, stage, stem, png=not args.no_png)
-        publish_dir(stage, args.out)
-    except BaseException:
-        import shutil
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+            files += write_figure(fig, tmp, stem, png=not args.no_png)
     print(summary_sentence(result))
-    print(f"wrote {len(files)} file(s) to {args.out}: " + ", ".join(f.name for f in files))
-    return 0
-
-
-def run(argv=None) -> int:
-    try:
-        return main(argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"wrote {args.out}: " + ", ".join(f.name for f in files))
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    run_main(main)

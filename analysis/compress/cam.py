@@ -46,23 +46,20 @@ class CaM(StreamingLLM):
 
     def merge(self, state: LayerState, victim: Tensor) -> None:
         B, H, L, D = state.values.shape
-        device = state.values.device
-        # Targets j+1 .. j+merge_num, clipped to the cache end; clipped ones point at j itself and
+        M = self.merge_num
+        # Slots j, j+1 .. j+M; targets past the cache end are clipped: they point at j itself and
         # add nothing there (j is removed next), so the scatter below has no conflicting writes.
-        offsets = torch.arange(1, self.merge_num + 1, device=device)  # (M,)
-        target = victim[..., None] + offsets  # (B, H, M)
-        valid = target < L  # (B, H, M)
-        target = torch.where(valid, target, victim[..., None])  # (B, H, M)
+        index = victim[..., None] + torch.arange(M + 1, device=victim.device)  # (B, H, 1+M)
+        valid = index[..., 1:] < L  # (B, H, M)
+        index[..., 1:] = torch.where(valid, index[..., 1:], victim[..., None])
 
-        acc_victim = state.acc.gather(2, victim[..., None])[..., 0]  # (B, H)
-        acc_target = state.acc.gather(2, target) * valid  # (B, H, M)
-        mean_target = acc_target.sum(-1) / valid.sum(-1)  # (B, H)
-        p = torch.nan_to_num(acc_victim / mean_target, nan=0.0).clamp(0.0, 1.0)  # (B, H)
-        u = torch.rand((B, H), generator=self.generator(device), device=device)  # (B, H)
-        gate = (u < p).float()  # (B, H)
+        acc = state.acc.gather(2, index)  # (B, H, 1+M)
+        mean = torch.where(valid, acc[..., 1:], 0.0).sum(-1) / valid.sum(-1)  # (B, H)
+        p = torch.nan_to_num(acc[..., 0] / mean, nan=0.0).clamp(0.0, 1.0)  # (B, H); inf -> 1
+        u = torch.rand((B, H), generator=self.generator(victim.device), device=victim.device)
+        gate = (u[..., None] < p[..., None]) & valid  # (B, H, M): Bernoulli(p), in range
 
-        v_victim = state.values.gather(2, victim[:, :, None, None].expand(B, H, 1, D))  # (B, H, 1, D)
-        weight = gate[..., None] * valid / self.merge_num  # (B, H, M)
-        wide = target[..., None].expand(B, H, self.merge_num, D)  # (B, H, M, D)
-        merged = state.values.gather(2, wide).float() + weight[..., None] * v_victim.float()
-        state.values = state.values.scatter(2, wide, merged.to(state.values.dtype))  # (B, H, L, D)
+        wide = index[..., None].expand(B, H, M + 1, D)  # (B, H, 1+M, D)
+        rows = state.values.gather(2, wide).float()  # (B, H, 1+M, D): v_j, then the targets
+        merged = rows[:, :, 1:] + gate[..., None] * rows[:, :, :1] / M  # (B, H, M, D)
+        state.values = state.values.scatter(2, wide[:, :, 1:], merged.to(state.values.dtype))

@@ -39,12 +39,10 @@ class WeightedKV(Policy):
     def merge(self, state: LayerState, victim: Tensor) -> None:
         B, H, L, D = state.values.shape
         pair = torch.stack([victim, victim + 1], dim=-1)  # (B, H, 2): j, j+1
-        avg = state.average_attention().gather(2, pair)  # (B, H, 2)
-        total = avg.sum(-1, keepdim=True)  # (B, H, 1)
-        keep_neighbour = avg.new_tensor([0.0, 1.0])  # (2,): zero denominator -> v_{j+1} as is
-        weight = torch.where(total > 0, avg / total.clamp_min(torch.finfo(avg.dtype).tiny), keep_neighbour)
+        avg = state.average_attention().gather(2, pair)[..., None]  # (B, H, 2, 1): ā_j, ā_{j+1}
+        total = avg.sum(2, keepdim=True)  # (B, H, 1, 1)
         wide = pair[..., None].expand(B, H, 2, D)  # (B, H, 2, D)
-        pair_values = state.values.gather(2, wide).float()  # (B, H, 2, D)
-        merged = (weight[..., None] * pair_values).sum(2, keepdim=True)  # (B, H, 1, D)
-        target = wide[:, :, 1:]  # (B, H, 1, D): index j+1
-        state.values = state.values.scatter(2, target, merged.to(state.values.dtype))
+        rows = state.values.gather(2, wide).float()  # (B, H, 2, D): v_j, v_{j+1}
+        mixed = (avg * rows).sum(2, keepdim=True) / total  # (B, H, 1, D)
+        merged = torch.where(total > 0, mixed, rows[:, :, 1:])  # 0 / 0: v_{j+1} unchanged
+        state.values = state.values.scatter(2, wide[:, :, 1:], merged.to(state.values.dtype))

@@ -54,32 +54,3 @@ def write_figure(fig, out_dir, stem: str, png: bool = True) -> list[Path]:
         written.append(write_atomic(out_dir / f"{stem}.png", data))
     return written
 
-
-def staging_dir(out_dir, overwrite: bool = False) -> Path:
-    """A fresh temporary directory next to ``out_dir`` to build outputs in; see ``publish_dir``.
-
-    Refuses an existing non-empty ``out_dir`` unless ``overwrite``.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError(f"--out {out_dir} exists and is not empty; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-
-
-def publish_dir(staging: Path, out_dir) -> Path:
-    """Move a finished ``staging`` directory to ``out_dir`` (replacing an old one) by renames."""
-    import shutil
-
-    out_dir = Path(out_dir)
-    os.chmod(staging, 0o755)  # mkdtemp creates 0700
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.replace(out_dir, old / "previous")
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir

@@ -104,7 +104,7 @@ def fig_rank_heatmaps(result: SpectraResult, metric: str = "rank_90", kinds=None
 
 def fig_rope_keys(result: SpectraResult, layer: int, head: int) -> go.Figure:
     """Pre- vs post-RoPE keys of one (layer, KV head): sigma_i/sigma_1 and cumulative energy."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"σᵢ/σ₁ ({NORM})",
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[f"normalised spectrum ({NORM})",
                                                         "cumulative energy Σⱼ≤ᵢ σⱼ² / Σ σ² (mean)"])
     x = list(range(1, result.head_dim + 1))
     for kind, dash in (("key_pre_rope", None), ("key_post_rope", "dash")):

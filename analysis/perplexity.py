@@ -1,0 +1,166 @@
+"""Long-text perplexity under a compressed cache, with the paper's protocol (Table I, Fig. 4).
+
+Protocol (the paper leaves details open; these are our choices, stated once here):
+- each document's first N tokens are cut into windows of W tokens with stride W/2;
+- inside a window, decoding starts from an empty cache and goes token by token through the same
+  ``CompressedCache`` that ``generate()`` uses (one policy implementation, no simulation);
+- the first window of a document scores every prediction, later windows only their last W/2
+  targets, so every token of the document from the second on is scored exactly once;
+- positions are the original ones inside the window (0..W-1), so W must fit the model's RoPE range.
+
+Speed: while a window's cache is below the budget no method has anything to do, so those tokens go
+through the model in chunks (identical attention and statistics, fewer forwards); after that, one
+token per forward. Windows are batch rows, which is what makes CPU throughput scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from analysis.cache import CompressedCache
+from analysis.compress import make_policy
+from analysis.errors import UserError
+
+
+@dataclass
+class Windows:
+    ids: Tensor  # (N, W) int64
+    docs: list[str]  # document id of each window
+    starts: list[int]  # first token's index in its document
+    scored_from: list[int]  # first scored target index inside the window (1 or W/2)
+
+    @property
+    def size(self) -> int:
+        return self.ids.shape[1]
+
+
+def make_windows(sequences: list[tuple[str, list[int]]], window: int) -> Windows:
+    """Cut each (doc id, token ids) sequence into half-overlapping windows of ``window`` tokens."""
+    if window < 4 or window % 2:
+        raise UserError(f"--window must be an even number of at least 4 tokens, got {window}")
+    stride = window // 2
+    rows, docs, starts, scored = [], [], [], []
+    for doc, ids in sequences:
+        if len(ids) < window:
+            raise UserError(f"--window {window} is longer than the {len(ids)} tokens of {doc}")
+        for start in range(0, len(ids) - window + 1, stride):
+            rows.append(ids[start : start + window])
+            docs.append(doc)
+            starts.append(start)
+            scored.append(1 if start == 0 else stride)
+    return Windows(torch.tensor(rows, dtype=torch.long), docs, starts, scored)
+
+
+def _nll(logits: Tensor, targets: Tensor) -> Tensor:
+    """(b, q, V), (b, q) -> (b, q) negative log-likelihood in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets[..., None])[..., 0]
+
+
+@torch.inference_mode()
+def window_nll(model, ids: Tensor, method: str, budget: int | None, sinks: int = 4,
+               recent: int | None = None, seed: int = 0, chunk: int = 128) -> Tensor:
+    """NLL (b, W-1) of each next token in each window row of ``ids`` (b, W), decoded under ``method``.
+
+    Token t's prediction sees tokens <= t through a cache compressed to ``budget`` slots per layer.
+    """
+    b, W = ids.shape
+    policy = make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)
+    cache = CompressedCache(model, policy=policy)
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    nll = torch.empty((b, W - 1), device=device)
+    # Below the budget nothing is compressed: feed those tokens in chunks.
+    uncompressed = W - 1 if budget is None or method == "full" else min(budget, W - 1)
+    for start in range(0, uncompressed, chunk):
+        stop = min(start + chunk, uncompressed)
+        positions = torch.arange(start, stop, device=device).expand(b, -1)  # (b, q)
+        logits = model(ids[:, start:stop], past_key_values=cache, position_ids=positions, use_cache=True).logits
+        nll[:, start:stop] = _nll(logits, ids[:, start + 1 : stop + 1])
+    for t in range(uncompressed, W - 1):
+        positions = torch.full((b, 1), t, device=device)
+        logits = model(ids[:, t : t + 1], past_key_values=cache, position_ids=positions, use_cache=True).logits
+        nll[:, t] = _nll(logits, ids[:, t + 1 : t + 2])[:, 0]
+    return nll.cpu()
+
+
+def scored_mask(windows: Windows) -> Tensor:
+    """(N, W-1) bool: which predictions count (target index >= scored_from)."""
+    target = torch.arange(1, windows.size)  # target index of prediction column c is c + 1
+    return target[None, :] >= torch.tensor(windows.scored_from)[:, None]
+
+
+def running_log_ppl(windows: Windows, nll: Tensor, points: int = 400) -> list[float]:
+    """Running mean NLL (log-perplexity) against token position, averaged over documents (Fig. 4)."""
+    mask = scored_mask(windows)
+    per_doc: dict[str, list[Tensor]] = {}
+    for row, doc in enumerate(windows.docs):  # rows are in document order already
+        per_doc.setdefault(doc, []).append(nll[row][mask[row]])
+    streams = [torch.cat(parts) for parts in per_doc.values()]
+    length = min(len(s) for s in streams)
+    curves = torch.stack([s[:length].double().cumsum(0) / torch.arange(1, length + 1) for s in streams])
+    mean = curves.mean(0)  # (length,)
+    step = max(1, length // points)
+    return [round(float(v), 5) for v in mean[step - 1 :: step]]
+
+
+def evaluate(model, windows: Windows, method: str, budget: int | None, batch_size: int = 16,
+             partial: Path | None = None, progress=None, **policy_kwargs) -> dict:
+    """Perplexity of ``method`` at ``budget`` over all windows; resumable through ``partial``.
+
+    Each finished batch of windows is saved in ``partial`` (a directory) and skipped on a rerun.
+    """
+    if budget is not None and method != "full" and budget >= windows.size:
+        raise UserError(f"budget {budget} >= window {windows.size}: nothing is ever compressed, "
+                        "which is the same as method 'full'")
+    tag = f"{method}-{budget}"
+    parts, seconds = [], 0.0
+    for first in range(0, len(windows.docs), batch_size):
+        saved = partial / f"{tag}-{first}.pt" if partial is not None else None
+        if saved is not None and saved.is_file():
+            done = torch.load(saved)
+        else:
+            began = time.perf_counter()
+            nll = window_nll(model, windows.ids[first : first + batch_size], method, budget, **policy_kwargs)
+            done = {"nll": nll, "seconds": time.perf_counter() - began}
+            if saved is not None:
+                tmp = saved.with_suffix(".tmp")
+                torch.save(done, tmp)
+                tmp.replace(saved)
+        parts.append(done["nll"])
+        seconds += done["seconds"]
+        if progress is not None:
+            progress(len(done["nll"]))
+    nll = torch.cat(parts)
+    scored = nll[scored_mask(windows)]
+    return {
+        "method": method,
+        "budget": budget if budget is not None else windows.size,
+        "ppl": math.exp(float(scored.double().mean())),
+        "tokens": int(scored.numel()),
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(nll.numel() / seconds, 2) if seconds else None,
+        "running_log_ppl": running_log_ppl(windows, nll),
+        "nll": nll,
+    }
+
+
+def load_partial_settings(partial: Path, settings: dict) -> None:
+    """Create ``partial`` for these settings, or check an existing one was made with the same."""
+    partial.mkdir(parents=True, exist_ok=True)
+    path = partial / "settings.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != settings:
+            changed = sorted(k for k in settings if before.get(k) != settings[k])
+            raise UserError(f"{partial} holds an unfinished run with other settings ({', '.join(changed)}); "
+                            "pass --overwrite to start again")
+    else:
+        path.write_text(json.dumps(settings, indent=1))

@@ -1,0 +1,54 @@
+"""kvlens dashboard: captures of a real model's KV cache. Start with ``./run.sh`` (or streamlit run app.py)."""
+
+import time
+
+import streamlit as st
+
+from dashboard import RUNS, cached_model, progress_callback, user_errors
+
+st.set_page_config(page_title="kvlens", layout="wide")
+st.title("kvlens — what is inside the KV cache")
+st.caption("Keys, values, queries and attention of a real model on real text. Pages: Spectra (keys are "
+           "low-rank, values are not), Generate (compressed cache in generate()), Perplexity (cost of compression).")
+
+from analysis.capture import capture_sequences  # noqa: E402
+from analysis.corpora import CORPORA, load_documents, token_sequences  # noqa: E402
+from analysis.plots.runs import fig_norms  # noqa: E402
+from analysis.runs import list_runs, load_run, save_run  # noqa: E402
+
+with st.sidebar.form("capture"):
+    st.subheader("New capture (embedded SmolLM2-135M)")
+    corpus = st.selectbox("corpus", list(CORPORA), key="corpus")
+    tokens = st.number_input("tokens", 32, 4096, 256, step=32, key="tokens")
+    sequences = st.number_input("sequences", 1, 16, 1, key="sequences")
+    name = st.text_input("run name", value="", placeholder=f"{corpus}-{tokens}", key="name")
+    start = st.form_submit_button("Capture")
+
+if start:
+    with user_errors():
+        loaded = cached_model()
+        seqs = token_sequences(loaded.tokenizer, load_documents(corpus=corpus), int(tokens), int(sequences))
+        capture = capture_sequences(loaded, seqs, progress=False, on_progress=progress_callback("capturing"))
+        capture.meta["source"] = {"corpus": corpus}
+        out = RUNS / (name or f"{corpus}-{tokens}-{time.strftime('%H%M%S')}")
+        save_run(capture, out)
+        st.success(f"saved {out}")
+
+runs = list_runs(RUNS)
+if not runs:
+    st.info(f"No runs in {RUNS}/ yet: capture one from the sidebar, or run "
+            "`python -m experiments.capture --corpus books --tokens 1024 --out runs/austen`.")
+    st.stop()
+
+chosen = st.selectbox("run", runs, format_func=lambda p: p.name, key="run")
+with user_errors():
+    capture = load_run(chosen)
+    meta = capture.meta
+    cols = st.columns(4)
+    cols[0].metric("model", meta.get("model", "?"))
+    cols[1].metric("sequences × tokens", f"{len(meta.get('text_ids', []))} × {meta.get('tokens')}")
+    cols[2].metric("layers", len(meta["layers"]))
+    cols[3].metric("KV heads × head dim", f"{meta['config']['num_kv_heads']} × {meta['config']['head_dim']}")
+    st.plotly_chart(fig_norms(capture), key="norms")
+    with st.expander("metadata"):
+        st.json({k: v for k, v in meta.items() if k not in ("token_ids", "positions")})

@@ -1,0 +1,115 @@
+"""Sliding-window perplexity under compressed KV caches (the WeightedKV paper's Table I and Fig. 4).
+
+    python -m experiments.perplexity --model default --corpus books --tokens 4096 --window 1024 \\
+        --budget 128,256 --methods weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm --out DIR
+
+Writes DIR/perplexity.json, DIR/table.csv, DIR/table.md, DIR/nll.safetensors and figures
+(HTML + PNG). A killed run resumes where it stopped: finished batches are kept in a hidden
+.DIR.partial directory beside DIR until the whole sweep is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
+                                parse_ints, run_main, text_source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m experiments.perplexity", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_text_args(parser)
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per document (default: 4096)")
+    parser.add_argument("--documents", type=int, default=1, help="documents to evaluate (default: 1)")
+    parser.add_argument("--window", type=int, default=1024, help="window W, stride W/2 (default: 1024)")
+    parser.add_argument("--budget", default="128,256", help="cache sizes m per layer (default: 128,256)")
+    parser.add_argument("--methods", default="weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm",
+                        help="comma list; 'full' adds the uncompressed reference (default: all compressing)")
+    parser.add_argument("--sinks", type=int, default=4, help="attention sinks kept (default: 4)")
+    parser.add_argument("--recent", type=int, default=None, help="recent window (default: budget/2 - sinks)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows decoded together (default: 16)")
+    parser.add_argument("--no-png", action="store_true", help="write figures as HTML only")
+    add_output_args(parser)
+    return parser
+
+
+def main(argv=None) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    from analysis.compress import METHODS, make_policy
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.errors import UserError
+    from analysis.perplexity import evaluate, load_partial_settings, make_windows
+    from analysis.plots.export import write_figure
+    from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
+    from analysis.runs import atomic_dir, check_out_dir, write_json
+
+    args = build_parser().parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    budgets = parse_ints(args.budget, "budget")
+    for method in methods:
+        for budget in budgets:  # validate every combination before any work
+            make_policy(method, budget, sinks=args.sinks, recent=args.recent)
+    if args.tokens < args.window:
+        raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
+    out = check_out_dir(args.out, args.overwrite)
+    partial = out.parent / f".{out.name}.partial"
+    if args.overwrite:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    docs = load_documents(**text_source(args))
+    loaded = load_model_from_args(args)
+    if loaded.summary()["max_positions"] and args.window > loaded.summary()["max_positions"]:
+        raise UserError(f"--window {args.window} exceeds the model's {loaded.summary()['max_positions']} positions")
+    sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
+    windows = make_windows(sequences, args.window)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png", "batch_size")}
+    load_partial_settings(partial, settings)
+
+    jobs = [(m, None) for m in methods if m == "full"] + [(m, b) for m in methods if m != "full" for b in budgets]
+    for m, b in jobs:
+        if b is not None and b >= args.window:
+            raise UserError(f"budget {b} >= window {args.window}: nothing is ever compressed, "
+                            "which is the same as method 'full'")
+    bar = tqdm(total=len(jobs) * len(windows.docs), unit="window", desc="perplexity", disable=args.quiet)
+    results, tensors = [], {}
+    for method, budget in jobs:
+        bar.set_postfix_str(f"{method}@{budget or 'full'}")
+        result = evaluate(loaded.model, windows, method, budget, batch_size=args.batch_size, partial=partial,
+                          progress=bar.update, sinks=args.sinks, recent=args.recent, seed=args.seed)
+        tensors[f"{method}@{result['budget']}"] = result.pop("nll").to(torch.float32).contiguous()
+        results.append(result | {"corpus": args.corpus or args._default_corpus if not args.text else "text"})
+    bar.close()
+
+    summary = {
+        "model": loaded.model_id, "source": text_source(args), "tokens": args.tokens, "documents": args.documents,
+        "window": args.window, "stride": args.window // 2, "windows": len(windows.docs), "sinks": args.sinks,
+        "recent": args.recent, "seed": args.seed, "device": str(loaded.device), "text_ids": [d for d, _ in sequences],
+        "methods": [m for m in METHODS if m in methods], "budgets": budgets, "results": results,
+    }
+    rows = table_rows(results)
+    with atomic_dir(out, args.overwrite) as tmp:
+        write_json(tmp / "perplexity.json", summary)
+        save_file(tensors, str(tmp / "nll.safetensors"))
+        header = list(rows[0])
+        (tmp / "table.csv").write_text("\n".join(",".join(str(r[h]) for h in header) for r in [dict(zip(header, header))] + rows) + "\n")
+        md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+        (tmp / "table.md").write_text("\n".join(md) + "\n")
+        write_figure(fig_ppl_vs_budget(summary), tmp, "ppl_vs_budget", png=not args.no_png)
+        write_figure(fig_running_log_ppl(summary), tmp, "running_log_ppl", png=not args.no_png)
+    shutil.rmtree(partial, ignore_errors=True)
+    for r in results:
+        print(f"{r['method']:>16} m={r['budget']:<5} ppl {r['ppl']:.3f}  ({r['tokens']} tokens, {r['seconds']:.1f} s)")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)

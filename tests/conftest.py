@@ -1,0 +1,80 @@
+"""Shared fixtures: the embedded SmolLM2 model (loaded once) and tiny random models per family.
+
+Tiny models are built from configs in code (nothing is downloaded), seeded and eager, so the
+capture and cache tests can compare against the model's own attention without a tokenizer: they
+feed random token ids.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 101
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
+
+
+def tiny_config(family: str):
+    """A 4-layer config of ``family``; every rotary family has GQA except GPT-NeoX (no KV heads)."""
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=128, max_position_embeddings=256)
+    if family == "llama":
+        return LlamaConfig(num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return Qwen2Config(num_key_value_heads=2, **common)
+    if family == "mistral":
+        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=256,
+                          bos_token_id=0, eos_token_id=0)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(rotary_pct=0.25, **common)
+    raise ValueError(family)
+
+
+def build_tiny(family: str, attn_implementation: str = "eager", seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation,
+                                             dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """Factory: ``tiny_model(family, attn_implementation="eager")``, each built once per session."""
+    built = {}
+
+    def make(family: str, attn_implementation: str = "eager"):
+        key = (family, attn_implementation)
+        if key not in built:
+            built[key] = build_tiny(family, attn_implementation)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def random_ids():
+    """Factory: ``random_ids(batch, length, seed=0)`` -> (batch, length) int64 token ids."""
+    def make(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randint(0, VOCAB, (batch, length), generator=gen)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The embedded SmolLM2-135M-Instruct (LoadedModel), on CPU in float32, eager attention."""
+    from analysis.models import load_model
+
+    return load_model(device="cpu")
