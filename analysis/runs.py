@@ -40,6 +40,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     out = check_out_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
     try:
         yield tmp
         if out.exists():

@@ -3,7 +3,9 @@
 For every sequence b, layer l, head h and kind, the T x d matrix X (tokens x head_dim) is
 decomposed with one batched ``torch.linalg.svdvals`` per kind over all layers x heads x sequences.
 Optionally X is mean-centred over tokens first (``center=True``), which removes the rank-1
-contribution of a constant offset shared by all tokens.
+contribution of a constant offset shared by all tokens. The SVD runs in the capture's dtype
+(float32, or float64 if given float64; half precision is upcast) on the tensors' device; every
+metric below is computed in float64 from those singular values.
 
 Normalisations (what each number and figure uses):
 
