@@ -164,3 +164,71 @@ def load_partial_settings(partial: Path, settings: dict) -> None:
                             "pass --overwrite to start again")
     else:
         path.write_text(json.dumps(settings, indent=1))
+
+
+def sweep_jobs(methods: list[str], budgets: list[int], window: int, sinks: int = 4,
+               recent: int | None = None) -> list[tuple[str, int | None]]:
+    """The (method, budget) runs of a sweep, every combination validated before any work.
+
+    ``full`` runs once (budget None), first; every other method once per budget.
+    """
+    for method in methods:
+        for budget in budgets:
+            make_policy(method, budget, sinks=sinks, recent=recent)
+    jobs = [(m, None) for m in methods if m == "full"] + [(m, b) for m in methods if m != "full" for b in budgets]
+    for m, b in jobs:
+        if b is not None and b >= window:
+            raise UserError(f"budget {b} >= window {window}: nothing is ever compressed, "
+                            "which is the same as method 'full'")
+    return jobs
+
+
+def run_sweep(loaded, windows: Windows, methods: list[str], budgets: list[int], *, source: dict, tokens: int,
+              documents: int, sinks: int = 4, recent: int | None = None, seed: int = 0, batch_size: int = 16,
+              partial: Path | None = None, progress=None, on_job=None) -> tuple[dict, dict[str, Tensor]]:
+    """Evaluate every job of the sweep on ``windows``: (summary for perplexity.json, NLL per run).
+
+    ``progress(n)`` is called with each finished batch's window count (total: jobs x windows),
+    ``on_job(method, budget)`` before each run; ``source`` is ``load_documents``' keyword arguments.
+    """
+    from analysis.compress import METHODS
+
+    corpus = source.get("corpus", "text")
+    results, tensors = [], {}
+    for method, budget in sweep_jobs(methods, budgets, windows.size, sinks, recent):
+        if on_job is not None:
+            on_job(method, budget)
+        result = evaluate(loaded.model, windows, method, budget, batch_size=batch_size, partial=partial,
+                          progress=progress, sinks=sinks, recent=recent, seed=seed)
+        tensors[f"{method}@{result['budget']}"] = result.pop("nll").to(torch.float32).contiguous()
+        results.append(result | {"corpus": corpus})
+    summary = {
+        "model": loaded.model_id, "source": source, "tokens": tokens, "documents": documents,
+        "window": windows.size, "stride": windows.size // 2, "windows": len(windows.docs), "sinks": sinks,
+        "recent": recent, "seed": seed, "device": str(loaded.device), "text_ids": list(dict.fromkeys(windows.docs)),
+        "methods": [m for m in METHODS if m in methods], "budgets": budgets, "results": results,
+    }
+    return summary, tensors
+
+
+def save_sweep(out: Path, summary: dict, tensors: dict[str, Tensor], overwrite: bool = False,
+               png: bool = True) -> Path:
+    """Write a sweep's directory atomically: perplexity.json, nll.safetensors, table.csv/md, figures."""
+    from safetensors.torch import save_file
+
+    from analysis.plots.export import write_figure
+    from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
+    from analysis.runs import atomic_dir, write_json
+
+    rows = table_rows(summary["results"])
+    with atomic_dir(out, overwrite) as tmp:
+        write_json(tmp / "perplexity.json", summary)
+        save_file(tensors, str(tmp / "nll.safetensors"))
+        header = list(rows[0])
+        (tmp / "table.csv").write_text("\n".join(",".join(str(r[h]) for h in header) for r in [dict(zip(header, header))] + rows) + "\n")
+        md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+        (tmp / "table.md").write_text("\n".join(md) + "\n")
+        write_figure(fig_ppl_vs_budget(summary), tmp, "ppl_vs_budget", png=png)
+        write_figure(fig_running_log_ppl(summary), tmp, "running_log_ppl", png=png)
+    return Path(out)

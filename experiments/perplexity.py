@@ -39,24 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    import torch
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from analysis.compress import METHODS, make_policy
     from analysis.corpora import load_documents, token_sequences
     from analysis.errors import UserError
-    from analysis.perplexity import evaluate, load_partial_settings, make_windows
-    from analysis.plots.export import write_figure
-    from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
-    from analysis.runs import atomic_dir, check_out_dir, write_json
+    from analysis.perplexity import load_partial_settings, make_windows, run_sweep, save_sweep, sweep_jobs
+    from analysis.runs import check_out_dir
 
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = parse_ints(args.budget, "budget")
-    for method in methods:
-        for budget in budgets:  # validate every combination before any work
-            make_policy(method, budget, sinks=args.sinks, recent=args.recent)
+    jobs = sweep_jobs(methods, budgets, args.window, sinks=args.sinks, recent=args.recent)  # validate before any work
     if args.tokens < args.window:
         raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
     out = check_out_dir(args.out, args.overwrite)
@@ -73,40 +66,15 @@ def main(argv=None) -> None:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png", "batch_size")}
     load_partial_settings(partial, settings)
 
-    jobs = [(m, None) for m in methods if m == "full"] + [(m, b) for m in methods if m != "full" for b in budgets]
-    for m, b in jobs:
-        if b is not None and b >= args.window:
-            raise UserError(f"budget {b} >= window {args.window}: nothing is ever compressed, "
-                            "which is the same as method 'full'")
     bar = tqdm(total=len(jobs) * len(windows.docs), unit="window", desc="perplexity", disable=args.quiet)
-    results, tensors = [], {}
-    for method, budget in jobs:
-        bar.set_postfix_str(f"{method}@{budget or 'full'}")
-        result = evaluate(loaded.model, windows, method, budget, batch_size=args.batch_size, partial=partial,
-                          progress=bar.update, sinks=args.sinks, recent=args.recent, seed=args.seed)
-        tensors[f"{method}@{result['budget']}"] = result.pop("nll").to(torch.float32).contiguous()
-        results.append(result | {"corpus": args.corpus or args._default_corpus if not args.text else "text"})
+    summary, tensors = run_sweep(loaded, windows, methods, budgets, source=text_source(args), tokens=args.tokens,
+                                 documents=args.documents, sinks=args.sinks, recent=args.recent, seed=args.seed,
+                                 batch_size=args.batch_size, partial=partial, progress=bar.update,
+                                 on_job=lambda m, b: bar.set_postfix_str(f"{m}@{b or 'full'}"))
     bar.close()
-
-    summary = {
-        "model": loaded.model_id, "source": text_source(args), "tokens": args.tokens, "documents": args.documents,
-        "window": args.window, "stride": args.window // 2, "windows": len(windows.docs), "sinks": args.sinks,
-        "recent": args.recent, "seed": args.seed, "device": str(loaded.device), "text_ids": [d for d, _ in sequences],
-        "methods": [m for m in METHODS if m in methods], "budgets": budgets, "results": results,
-    }
-    rows = table_rows(results)
-    with atomic_dir(out, args.overwrite) as tmp:
-        write_json(tmp / "perplexity.json", summary)
-        save_file(tensors, str(tmp / "nll.safetensors"))
-        header = list(rows[0])
-        (tmp / "table.csv").write_text("\n".join(",".join(str(r[h]) for h in header) for r in [dict(zip(header, header))] + rows) + "\n")
-        md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-        (tmp / "table.md").write_text("\n".join(md) + "\n")
-        write_figure(fig_ppl_vs_budget(summary), tmp, "ppl_vs_budget", png=not args.no_png)
-        write_figure(fig_running_log_ppl(summary), tmp, "running_log_ppl", png=not args.no_png)
+    save_sweep(out, summary, tensors, overwrite=args.overwrite, png=not args.no_png)
     shutil.rmtree(partial, ignore_errors=True)
-    for r in results:
+    for r in summary["results"]:
         print(f"{r['method']:>16} m={r['budget']:<5} ppl {r['ppl']:.3f}  ({r['tokens']} tokens, {r['seconds']:.1f} s)")
     print(f"wrote {out}")
 

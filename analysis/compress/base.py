@@ -97,24 +97,20 @@ class LayerState:
         self.count = self.count + seen
         self.last = grouped[:, :, -1]
 
-    def gather(self, index: Tensor) -> None:
-        """Keep only the slots in ``index`` (B, H, L') in every tensor."""
-        # keys and values may have different head dims (e.g. MLA-style models): one index each
-        wide_k = index[..., None].expand(*index.shape, self.keys.shape[-1])  # (B, H, L', Dk)
-        wide_v = index[..., None].expand(*index.shape, self.values.shape[-1])  # (B, H, L', Dv)
-        self.keys = self.keys.gather(2, wide_k)
-        self.values = self.values.gather(2, wide_v)
-        self.positions = self.positions.gather(2, index)
-        self.acc = self.acc.gather(2, index)
-        self.count = self.count.gather(2, index)
-        self.last = self.last.gather(2, index)
-
     def remove(self, victim: Tensor) -> None:
-        """Delete one slot per (B, H): ``victim`` (B, H) int64."""
-        B, H = victim.shape
-        L = self.length
-        keep = torch.arange(L - 1, device=victim.device).expand(B, H, L - 1)  # (B, H, L-1)
-        self.gather(keep + (keep >= victim[..., None]).long())
+        """Delete one slot per (B, H): ``victim`` (B, H) int64.
+
+        Slots at or after the victim take their right neighbour's contents: a shift done with
+        ``where`` on two views, which reads and writes each tensor once (cheaper than a gather).
+        """
+        after = torch.arange(self.length - 1, device=victim.device) >= victim[..., None]  # (B, H, L-1)
+        wide = after[..., None]  # (B, H, L-1, 1)
+        self.keys = torch.where(wide, self.keys[:, :, 1:], self.keys[:, :, :-1])
+        self.values = torch.where(wide, self.values[:, :, 1:], self.values[:, :, :-1])
+        self.positions = torch.where(after, self.positions[:, :, 1:], self.positions[:, :, :-1])
+        self.acc = torch.where(after, self.acc[:, :, 1:], self.acc[:, :, :-1])
+        self.count = torch.where(after, self.count[:, :, 1:], self.count[:, :, :-1])
+        self.last = torch.where(after, self.last[:, :, 1:], self.last[:, :, :-1])
 
     def average_attention(self) -> Tensor:
         """WeightedKV's score a / n (B, H, L); a slot nobody has seen yet scores 0."""

@@ -1,0 +1,125 @@
+"""Generate: run ``model.generate`` on the embedded model with a compressed KV cache, beside the full cache.
+
+Shows both continuations, the slots each layer holds afterwards and which original positions a
+layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-length rows).
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
+    sys.path.insert(0, str(ROOT))
+
+from analysis.compress import METHODS  # noqa: E402
+from analysis.errors import UserError  # noqa: E402
+from analysis.plots.generate import fig_kept_positions, fig_occupancy  # noqa: E402
+from dashboard import cached_model, user_errors  # noqa: E402
+
+INSTRUCTION = "Write three sentences about why a language model caches keys and values."
+
+
+@st.cache_data(show_spinner=False)
+def default_prompt(tokens: int = 300) -> str:
+    """The opening ``tokens`` tokens of an Austen novel, or a short instruction without the corpus."""
+    from analysis.corpora import load_documents, token_sequences
+
+    try:
+        docs = load_documents(corpus="books")
+        docs = [d for d in docs if d.id.startswith("austen/")] or docs
+        tokenizer = cached_model().tokenizer
+        (_, ids), = token_sequences(tokenizer, docs, tokens, 1)
+        return tokenizer.decode(ids)
+    except UserError:
+        return INSTRUCTION
+
+
+@st.cache_data(show_spinner="Generating…", max_entries=32)
+def generate(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
+             sample: bool, temperature: float, seed: int) -> dict:
+    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data."""
+    import torch
+
+    from analysis.cache import CompressedCache
+
+    loaded = cached_model()
+    tok = loaded.tokenizer
+    ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
+    if ids.shape[1] == 0:
+        raise UserError("the prompt is empty")
+    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed)
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    with torch.inference_mode():
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                    max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)
+    seconds = time.perf_counter() - began
+    generated = out[0, ids.shape[1]:]
+    return {
+        "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
+        "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
+        "seen": [layer.seen for layer in cache.layers], "sinks": cache.policy.sinks, "recent": cache.policy.recent,
+        "kept": [cache.kept_positions(i)[0].tolist() for i in range(len(cache.layers))],
+    }
+
+
+def show_text(col, title: str, result: dict) -> None:
+    col.subheader(title)
+    col.caption(f"{result['new_tokens']} new tokens in {result['seconds']:.1f} s "
+                f"({result['new_tokens'] / max(result['seconds'], 1e-9):.1f} tokens/s)")
+    col.markdown(f"> {result['text']}" if result["text"].strip() else "*(no text: end of sequence at once)*")
+
+
+def main() -> None:
+    st.title("Generate with a compressed cache")
+    st.caption("The embedded model continues the prompt twice: through a cache held to the budget by the chosen "
+               "method, and with the full cache. Keys are cached post-RoPE at their original positions.")
+    with st.sidebar:
+        method = st.selectbox("method", list(METHODS), index=list(METHODS).index("weightedkv"), key="method")
+        budget = st.slider("budget (slots per layer and KV head)", 16, 512, 64, key="budget")
+        sinks = st.number_input("sinks", 0, 64, 4, key="sinks")
+        recent = st.number_input("recent window", 0, 512, value=None, placeholder="budget/2 - sinks", key="recent")
+        new = st.number_input("max new tokens", 1, 512, 48, key="new")
+        sample = st.radio("decoding", ["greedy", "sampling"], key="decoding", horizontal=True) == "sampling"
+        temperature = st.slider("temperature", 0.05, 2.0, 0.7, disabled=not sample, key="temperature")
+        seed = st.number_input("seed", 0, 2**31 - 1, 0, key="seed")
+    prompt = st.text_area("prompt", value=default_prompt(), height=200, key="prompt")
+    settings = (prompt, method, int(budget), int(sinks), None if recent is None else int(recent), int(new),
+                sample, float(temperature) if sample else 1.0, int(seed))
+    if st.button("Generate", type="primary", key="generate"):
+        st.session_state["generated"] = settings
+    chosen = st.session_state.get("generated")
+    if chosen is None:
+        st.info("Choose a method and budget in the sidebar, then press Generate. The prompt must be longer "
+                "than the budget for anything to be compressed.")
+        return
+    if chosen != settings:
+        st.caption("Showing the previous generation; press Generate to apply the new settings.")
+    prompt, method, budget = chosen[:3]
+    result = generate(*chosen)
+    full = generate(prompt, "full", None, 4, None, *chosen[5:])  # cached per prompt and decoding settings
+    if result["prompt_tokens"] <= budget and method != "full":
+        st.warning(f"The prompt has {result['prompt_tokens']} tokens, no more than the budget {budget}: "
+                   "only the generated tokens can push the cache past it.")
+    left, right = st.columns(2)
+    show_text(left, f"{method} (budget {budget})", result)
+    show_text(right, "full cache", full)
+
+    st.plotly_chart(fig_occupancy({method: result["occupancy"], "full": full["occupancy"]},
+                                  None if method == "full" else budget), key="fig_occupancy")
+    layers = len(result["kept"])
+    c1, c2 = st.columns(2)
+    layer = c1.slider("layer", 0, layers - 1, layers // 2, key="layer")
+    kv_heads = len(result["kept"][layer])
+    head = c2.selectbox("KV head", ["all"] + list(range(kv_heads)), key="head")
+    heads = None if head == "all" else [int(head)]
+    st.plotly_chart(fig_kept_positions(result["kept"][layer], result["seen"][layer], layer, result["sinks"],
+                                       result["recent"], result["prompt_tokens"], heads), key="fig_kept")
+
+
+with user_errors():
+    main()
