@@ -36,7 +36,8 @@ def fig_kept_positions(kept: list[list[int]], seen: int, layer: int, sinks: int 
         fig.add_vrect(x0=max(seen - recent, 0) - 0.5, x1=seen - 0.5, fillcolor="green", opacity=0.15, line_width=0,
                       annotation_text="recent", annotation_position="top right")
     if prompt_tokens is not None and prompt_tokens < seen:
-        fig.add_vline(x=prompt_tokens - 0.5, line_dash="dot", line_color="grey", annotation_text="end of prompt")
+        fig.add_vline(x=prompt_tokens - 0.5, line_dash="dot", line_color="grey", annotation_text="end of prompt",
+                      annotation_position="bottom left")
     held = len(kept[heads[0]]) if heads else 0
     fig.update_layout(title=f"Layer {layer}: {held} of {seen} positions kept", xaxis_title="original token position",
                       xaxis_range=[-1, seen], yaxis_title="KV head", showlegend=False, template="plotly_white",

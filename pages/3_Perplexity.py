@@ -1,0 +1,116 @@
+"""Perplexity: what compressing the cache costs (WeightedKV Table I and Fig. 4).
+
+Shows a sweep directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``perplexity.json``
+(from ``python -m experiments.perplexity``), or runs a quick sweep here on the embedded model and
+saves it there with the same files as the command.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
+    sys.path.insert(0, str(ROOT))
+
+import dashboard  # noqa: E402
+from analysis.compress import METHODS  # noqa: E402
+from analysis.corpora import CORPORA  # noqa: E402
+from analysis.errors import UserError  # noqa: E402
+from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows  # noqa: E402
+
+QUICK_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
+
+
+def sweep_dirs(root: Path) -> list[Path]:
+    """Directories directly under ``root`` that hold a perplexity.json, newest first."""
+    found = [p for p in root.iterdir() if (p / "perplexity.json").is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def quick_sweep(root: Path) -> None:
+    """Sidebar form: a small sweep on the embedded model, saved as root/<name>."""
+    with st.sidebar.form("quick_sweep"):
+        st.subheader("Run a quick sweep (embedded model)")
+        corpus = st.selectbox("corpus", list(CORPORA), key="corpus")
+        tokens = st.number_input("tokens", 64, 8192, 512, step=64, key="tokens")
+        window = st.number_input("window", 8, 2048, 256, step=8, key="window")
+        budgets = st.text_input("budgets", "64,128", key="budgets")
+        methods = st.multiselect("methods", list(METHODS), default=QUICK_METHODS, key="methods")
+        png = st.checkbox("PNG figures too (needs chromium)", key="png")
+        name = st.text_input("run name", "", placeholder=f"ppl-{corpus}-{tokens}", key="name")
+        start = st.form_submit_button("Run sweep")
+    if not start:
+        return
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.perplexity import make_windows, run_sweep, save_sweep, sweep_jobs
+    from analysis.runs import check_out_dir
+    from experiments.common import parse_ints
+
+    tokens, window = int(tokens), int(window)
+    if not methods:
+        raise UserError("choose at least one method")
+    budgets = parse_ints(budgets, "budget")
+    jobs = sweep_jobs(methods, budgets, window)
+    if tokens < window:
+        raise UserError(f"tokens {tokens} is shorter than the window {window}")
+    out = check_out_dir(root / (name.strip() or f"ppl-{corpus}-{tokens}-{time.strftime('%H%M%S')}"))
+    loaded = dashboard.cached_model()
+    windows = make_windows(token_sequences(loaded.tokenizer, load_documents(corpus=corpus), tokens, 1), window)
+    total, done = len(jobs) * len(windows.docs), [0]
+    bar = dashboard.progress_callback("perplexity")
+
+    def progress(n: int) -> None:
+        done[0] += n
+        bar(done[0] / total)
+
+    summary, tensors = run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens,
+                                 documents=1, progress=progress)
+    save_sweep(out, summary, tensors, png=png)
+    st.session_state["sweep"] = out.name  # show the new sweep
+    st.success(f"saved {out}")
+
+
+def show(summary: dict) -> None:
+    st.caption(f"{summary['model']} · {summary['windows']} window(s) of {summary['window']} tokens "
+               f"(stride {summary['stride']}) from {summary['documents']} document(s) of {summary['tokens']} tokens")
+    results = summary["results"]
+    st.subheader("Perplexity (Table I layout)")
+    st.dataframe(table_rows(results), key="table", hide_index=True)
+    st.plotly_chart(fig_ppl_vs_budget(summary), key="fig_ppl_vs_budget")
+
+    st.subheader("Running log-perplexity")
+    present = [m for m in summary["methods"] if any(r["method"] == m for r in results)]
+    budgets = sorted({r["budget"] for r in results if r["method"] != "full"})
+    c1, c2 = st.columns([3, 1])
+    methods = c1.multiselect("methods", present, default=present, key="curve_methods")
+    budget = c2.selectbox("budget", budgets, key="curve_budget") if budgets else None
+    st.plotly_chart(fig_running_log_ppl(summary, methods, budget), key="fig_running_log_ppl")
+
+    st.subheader("Speed")
+    st.dataframe([{"method": r["method"], "budget": r["budget"], "tokens/s": r["tokens_per_second"],
+                   "seconds": r["seconds"]} for r in results], key="speed", hide_index=True)
+
+
+def main() -> None:
+    st.title("Perplexity under a compressed cache")
+    root = dashboard.RUNS
+    quick_sweep(root)
+    dirs = sweep_dirs(root)
+    if not dirs:
+        st.info(f"No perplexity sweeps in {root}/ yet: run a quick one from the sidebar, or "
+                f"`python -m experiments.perplexity --tokens 1024 --window 512 --out {root}/ppl`.")
+        return
+    names = [p.name for p in dirs]
+    if st.session_state.get("sweep") not in names:
+        st.session_state["sweep"] = names[0]
+    name = st.selectbox("sweep", names, key="sweep")
+    import json
+
+    show(json.loads((root / name / "perplexity.json").read_text()))
+
+
+with dashboard.user_errors():
+    main()

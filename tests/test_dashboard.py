@@ -1,0 +1,124 @@
+"""Dashboard pages under Streamlit's AppTest: home (captures), Generate (embedded model), Perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def app(name: str):
+    from streamlit.testing.v1 import AppTest
+
+    return AppTest.from_file(str(ROOT / name), default_timeout=120)
+
+
+def titles(at) -> list[str]:
+    return [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """An empty runs folder that the pages use (dashboard.RUNS is read once, at import)."""
+    import dashboard
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setenv("KVLENS_RUNS", str(root))
+    monkeypatch.setattr(dashboard, "RUNS", root)
+    return root
+
+
+@pytest.fixture
+def tiny_capture(runs, tiny_model):
+    """A saved capture of the tiny llama (4 layers, 2 KV heads, head_dim 16): 1 x 24 tokens."""
+    from analysis.capture import capture_sequences
+    from analysis.models import LoadedModel
+    from analysis.runs import save_run
+
+    loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 100, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+    return save_run(capture_sequences(loaded, [("s0", ids)], progress=False), runs / "tiny")
+
+
+def test_home_with_a_capture(tiny_capture):
+    at = app("app.py").run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="run").value.name == "tiny"
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["model"] == "tiny-llama" and metrics["KV heads × head dim"] == "2 × 16"
+    assert len(at.get("plotly_chart")) == 1
+
+
+def test_home_without_runs(runs):
+    at = app("app.py").run()
+    assert not at.exception and not at.error
+    assert "No runs in" in at.info[0].value and not at.get("plotly_chart")
+
+
+@pytest.mark.slow
+def test_generate_page():
+    at = app("pages/2_Generate.py").run()
+    assert not at.exception and not at.error
+    assert "Emma" in at.text_area(key="prompt").value or "Write" in at.text_area(key="prompt").value
+    assert not at.get("plotly_chart")  # nothing before Generate
+    at.slider(key="budget").set_value(16)
+    at.number_input(key="new").set_value(4)
+    at.button(key="generate").click().run()
+    assert not at.exception and not at.error
+    assert [s.value for s in at.subheader] == ["weightedkv (budget 16)", "full cache"]
+    assert [c.value for c in at.caption if c.value.startswith("4 new tokens")] and len(at.markdown) == 2
+    assert all(m.value.startswith("> ") and len(m.value) > 3 for m in at.markdown)
+    assert titles(at)[0] == "Cache occupancy per layer after generation"
+    occupancy = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert max(occupancy[0]["y"]) == 16 and min(occupancy[1]["y"]) > 16  # compressed vs full
+    at.slider(key="layer").set_value(2).run()
+    at.selectbox(key="head").set_value(1).run()
+    assert not at.exception and titles(at)[1].startswith("Layer 2: 16 of ")
+    at.number_input(key="sinks").set_value(16)
+    at.button(key="generate").click().run()
+    assert not at.exception and "leaves no room" in at.error[0].value
+
+
+def write_sweep(root: Path) -> Path:
+    """A tiny perplexity.json as experiments.perplexity writes it."""
+    curve = [3.0, 2.9, 2.8, 2.75]
+    results = [{"method": "full", "budget": 32, "ppl": 10.0, "tokens": 95, "seconds": 0.5,
+                "tokens_per_second": 190.0, "running_log_ppl": curve, "corpus": "books"}]
+    for method, slower in (("weightedkv", 1.1), ("streaming_llm", 1.3)):
+        for budget in (8, 16):
+            results.append({"method": method, "budget": budget, "ppl": 10.0 * slower * (32 / budget) ** 0.1,
+                            "tokens": 95, "seconds": 1.0, "tokens_per_second": 95.0,
+                            "running_log_ppl": [v * slower for v in curve], "corpus": "books"})
+    summary = {"model": "tiny", "source": {"corpus": "books"}, "tokens": 64, "documents": 1, "window": 32,
+               "stride": 16, "windows": 3, "sinks": 4, "recent": None, "seed": 0, "device": "cpu",
+               "text_ids": ["austen/emma"], "methods": ["full", "streaming_llm", "weightedkv"], "budgets": [8, 16],
+               "results": results}
+    out = root / "sweep"
+    out.mkdir()
+    (out / "perplexity.json").write_text(json.dumps(summary))
+    return out
+
+
+def test_perplexity_page(runs):
+    at = app("pages/3_Perplexity.py").run()
+    assert not at.exception and "No perplexity sweeps" in at.info[0].value
+    write_sweep(runs)
+    at = app("pages/3_Perplexity.py").run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="sweep").value == "sweep"
+    table = at.dataframe[0].value
+    assert list(table["method"]) == ["full", "streaming_llm", "weightedkv"]
+    assert list(table.columns) == ["method", "m=8", "m=16"] and table["m=16"][0] == 10.0
+    assert titles(at)[0].startswith("Perplexity vs cache size — tiny")
+    assert titles(at)[1].startswith("Running log-perplexity, m=8")
+    assert len(json.loads(at.get("plotly_chart")[1].proto.spec)["data"]) == 3
+    at.selectbox(key="curve_budget").set_value(16).run()
+    at.multiselect(key="curve_methods").set_value(["weightedkv"]).run()
+    assert not at.exception and titles(at)[1].startswith("Running log-perplexity, m=16")
+    assert [t["name"] for t in json.loads(at.get("plotly_chart")[1].proto.spec)["data"]] == ["weightedkv (m=16)"]
+    assert list(at.dataframe[1].value["tokens/s"]) == [190.0, 95.0, 95.0, 95.0, 95.0]

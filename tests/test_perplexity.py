@@ -1,0 +1,118 @@
+"""The perplexity evaluator: protocol, exactness of its fast path, resumability, the command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import analysis.perplexity as ppl
+from analysis.errors import UserError
+from analysis.perplexity import evaluate, make_windows, scored_mask, window_nll
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plain_nll(model, ids):
+    with torch.inference_mode():
+        logits = model(ids).logits
+    return -torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def test_windows_score_every_token_once():
+    sequences = [("a", list(range(100))), ("b", list(range(1000, 1100)))]
+    w = make_windows(sequences, 40)
+    assert w.starts == [0, 20, 40, 60] * 2 and w.scored_from == [1, 20, 20, 20] * 2
+    mask = scored_mask(w)
+    for doc in ("a", "b"):
+        scored = [w.starts[r] + c + 1 for r in range(len(w.docs)) if w.docs[r] == doc
+                  for c in range(w.size - 1) if mask[r, c]]
+        assert sorted(scored) == list(range(1, 100))  # targets 1..99, each exactly once
+
+
+def test_bad_windows():
+    with pytest.raises(UserError, match="even"):
+        make_windows([("a", list(range(50)))], 15)
+    with pytest.raises(UserError, match="longer than the 30 tokens"):
+        make_windows([("a", list(range(30)))], 40)
+
+
+def test_full_equals_one_forward(tiny_model, random_ids):
+    model, ids = tiny_model("llama"), random_ids(2, 40)
+    got = window_nll(model, ids, "full", None, chunk=16)
+    assert torch.allclose(got, plain_nll(model, ids), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["weightedkv", "h2o", "cam"])
+def test_chunked_prefill_below_budget_is_exact(tiny_model, random_ids, method):
+    """The fast path (chunks until the budget is reached) equals one token per forward."""
+    model, ids = tiny_model("llama"), random_ids(2, 48, seed=1)
+    fast = window_nll(model, ids, method, 24, sinks=2, chunk=128)
+    slow = window_nll(model, ids, method, 24, sinks=2, chunk=1)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    full = window_nll(model, ids, "full", None)
+    assert torch.allclose(fast[:, :23], full[:, :23], atol=1e-5)  # before any compression
+    assert not torch.allclose(fast[:, 30:], full[:, 30:], atol=1e-3)  # compression changes the rest
+
+
+def test_rows_do_not_leak(tiny_model, random_ids):
+    model = tiny_model("llama")
+    a, b, c = random_ids(1, 40, 2), random_ids(1, 40, 3), random_ids(1, 40, 4)
+    ab = window_nll(model, torch.cat([a, b]), "weightedkv", 16, sinks=2)
+    ac = window_nll(model, torch.cat([a, c]), "weightedkv", 16, sinks=2)
+    assert torch.allclose(ab[0], ac[0], atol=1e-5) and not torch.allclose(ab[1], ac[1], atol=1e-3)
+
+
+def test_evaluate_resumes(tiny_model, random_ids, tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    w = make_windows([("a", random_ids(1, 120, 5)[0].tolist())], 40)  # 5 windows
+    first = evaluate(model, w, "weightedkv", 16, batch_size=2, partial=tmp_path, sinks=2)
+    assert len(list(tmp_path.glob("weightedkv-16-*.pt"))) == 3
+    (tmp_path / "weightedkv-16-2.pt").unlink()  # as if killed during the second batch
+    calls = []
+    real = ppl.window_nll
+    monkeypatch.setattr(ppl, "window_nll", lambda m, ids, *a, **k: calls.append(len(ids)) or real(m, ids, *a, **k))
+    again = evaluate(model, w, "weightedkv", 16, batch_size=2, partial=tmp_path, sinks=2)
+    assert calls == [2]  # only the missing batch was recomputed
+    assert again["ppl"] == pytest.approx(first["ppl"], rel=1e-6) and again["tokens"] == 119
+    with pytest.raises(UserError, match="same as method 'full'"):
+        evaluate(model, w, "weightedkv", 40)
+
+
+def _command(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "experiments.perplexity", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_command_writes_results(tmp_path):
+    out = tmp_path / "ppl"
+    done = _command("--corpus", "books", "--tokens", "96", "--window", "64", "--budget", "16,32",
+                    "--methods", "full,weightedkv,weightedkv_evict", "--out", str(out), "--quiet", "--no-png", cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "perplexity.json").read_text())
+    runs = {(r["method"], r["budget"]) for r in summary["results"]}
+    assert runs == {("full", 64), ("weightedkv", 16), ("weightedkv", 32), ("weightedkv_evict", 16), ("weightedkv_evict", 32)}
+    assert all(r["ppl"] > 1 and r["tokens"] == 95 and r["corpus"] == "books" for r in summary["results"])
+    assert len(summary["results"][0]["running_log_ppl"]) > 10
+    assert "| weightedkv |" in (out / "table.md").read_text()
+    assert (out / "ppl_vs_budget.html").is_file() and (out / "nll.safetensors").is_file()
+    assert not list(tmp_path.glob(".ppl*"))  # no partial or temp directory left
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "64"], "same as method 'full'"),
+    (["--budget", "32", "--methods", "weightedkv,nope"], "valid: full, streaming_llm"),
+    (["--budget", "4"], "must exceed sinks"),
+    (["--budget", "32", "--tokens", "32"], "shorter than --window"),
+])
+def test_command_bad_input(tmp_path, args, message):
+    done = _command("--tokens", "128", "--window", "64", *args, "--out", str(tmp_path / "x"), "--quiet", cwd=ROOT)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not (tmp_path / "x").exists()
