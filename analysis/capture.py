@@ -75,7 +75,8 @@ class _LayerRecord:
 
     def keep(self, name: str, tensor: Tensor) -> None:
         if name in self.kinds:
-            out = tensor.detach().to(self.device or tensor.device, self.dtype)
+            # a copy, never a view: a compressed cache later merges into its values in place
+            out = tensor.detach().to(self.device or tensor.device, self.dtype, copy=True)
             self.chunks.setdefault(name, []).append(out)
 
     def observe(self, weights: Tensor) -> None:

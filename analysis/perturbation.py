@@ -19,7 +19,6 @@ also report ``attn_cosine_padded``: full-length weights, the compressed run hold
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
@@ -100,7 +99,7 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
     w_full, o_full = _attend(q, torch.cat([state.keys, keys], 2), torch.cat([state.values, values], 2), t)
     out, victims = {}, {}
     for method in methods:
-        small = dataclasses.replace(state)  # policies replace tensors, never write in place
+        small = state.clone()  # merges write into values in place
         policy = make_policy(method, t - 1, sinks, recent)
         victim = policy.select(small)  # (B, H): the single slot this method gives up
         policy.merge(small, victim)

@@ -40,6 +40,10 @@ class LayerState:
 
     Statistics are per KV head: attention of the query heads of one GQA group is averaged over the
     group, so each query still contributes a distribution that sums to 1 over the slots.
+
+    The state owns its tensors: ``append`` and ``remove`` always build new ones, so a merge may
+    write into ``values`` in place (one slot, not a copy of the cache). Take ``clone()`` before
+    compressing a state whose tensors you keep elsewhere.
     """
 
     keys: Tensor  # (B, H, L, D), post-RoPE, as the model's attention reads them
@@ -61,6 +65,9 @@ class LayerState:
             count=stats.clone(),
             last=stats.clone(),
         )
+
+    def clone(self) -> "LayerState":
+        return LayerState(*(t.clone() for t in (self.keys, self.values, self.positions, self.acc, self.count, self.last)))
 
     @property
     def length(self) -> int:

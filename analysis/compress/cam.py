@@ -62,4 +62,4 @@ class CaM(StreamingLLM):
         wide = index[..., None].expand(B, H, M + 1, D)  # (B, H, 1+M, D)
         rows = state.values.gather(2, wide).float()  # (B, H, 1+M, D): v_j, then the targets
         merged = rows[:, :, 1:] + gate[..., None] * rows[:, :, :1] / M  # (B, H, M, D)
-        state.values = state.values.scatter(2, wide[:, :, 1:], merged.to(state.values.dtype))
+        state.values.scatter_(2, wide[:, :, 1:], merged.to(state.values.dtype))  # in place: see LayerState

@@ -45,4 +45,4 @@ class WeightedKV(Policy):
         rows = state.values.gather(2, wide).float()  # (B, H, 2, D): v_j, v_{j+1}
         mixed = (avg * rows).sum(2, keepdim=True) / total  # (B, H, 1, D)
         merged = torch.where(total > 0, mixed, rows[:, :, 1:])  # 0 / 0: v_{j+1} unchanged
-        state.values = state.values.scatter(2, wide[:, :, 1:], merged.to(state.values.dtype))
+        state.values.scatter_(2, wide[:, :, 1:], merged.to(state.values.dtype))  # in place: see LayerState
