@@ -128,19 +128,21 @@ def _pre_rope_key_hook(attn: nn.Module, head_dim: int):
             B, T, _ = out.shape
             return out.view(B, T, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
         return attn.k_proj, split
-    if isinstance(getattr(attn, "query_key_value", None), nn.Module):  # GPT-NeoX: per-head [q|k|v]
+    family = type(attn).__name__
+    # Fused projections differ between families (Falcon's is not NeoX's): only known layouts.
+    if family.startswith("GPTNeoX") and isinstance(getattr(attn, "query_key_value", None), nn.Module):
         def neox(out):
             B, T, _ = out.shape
             return out.view(B, T, -1, 3 * head_dim)[..., head_dim : 2 * head_dim].transpose(1, 2)
         return attn.query_key_value, neox
-    if isinstance(getattr(attn, "c_attn", None), nn.Module):  # GPT-2: [q | k | v] along features
+    if family.startswith("GPT2") and isinstance(getattr(attn, "c_attn", None), nn.Module):  # [q | k | v]
         def gpt2(out):
             B, T, E3 = out.shape
             return out[..., E3 // 3 : 2 * E3 // 3].reshape(B, T, -1, head_dim).transpose(1, 2)
         return attn.c_attn, gpt2
     raise UserError(
-        f"cannot capture keys of {type(attn).__name__}: no k_proj, query_key_value or c_attn "
-        "projection to read pre-RoPE keys from"
+        f"cannot capture pre-RoPE keys of {family}: it has no separate k_proj, and its fused "
+        "projection layout is not one kvlens knows (GPT-NeoX, GPT-2); leave key_pre_rope out of --kinds"
     )
 
 
@@ -203,6 +205,11 @@ class _Recorder:
         self.kv_heads = kv_heads  # from the config: used when no recorded kind has KV heads
 
     def result(self, meta: dict | None = None) -> Capture:
+        silent = [i for i, rec in self.records.items() if rec.seen == 0]
+        if silent:
+            raise UserError(f"nothing was recorded for layer(s) {silent}: either the model was not run inside "
+                            "record(), or its attention does not go through transformers' AttentionInterface "
+                            "and cannot be captured")
         tensors = {}
         for i, rec in self.records.items():
             for name, chunks in rec.chunks.items():

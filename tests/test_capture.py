@@ -282,3 +282,18 @@ def test_embedded_model_on_books(embedded):
         with record(embedded.model, layers=[0]):
             recorded = embedded.model(ids).logits
     assert (recorded - plain).abs().max() <= 1e-4
+
+
+def test_unknown_fused_layout_is_refused():
+    """Falcon fuses q/k/v differently from GPT-NeoX: refuse rather than return wrong pre-RoPE keys."""
+    from transformers import AutoModelForCausalLM, FalconConfig
+
+    config = FalconConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with pytest.raises(UserError, match="cannot capture pre-RoPE keys of Falcon"):
+        with record(model):
+            pass
+    with record(model, kinds=("value",)) as rec, torch.inference_mode():
+        model(torch.randint(0, 101, (1, 8)))  # Falcon's attention bypasses AttentionInterface
+    with pytest.raises(UserError, match="cannot be captured"):
+        rec.result()
