@@ -47,7 +47,8 @@ def test_rank_r_matrix():
         assert row.rank_99 == r and row.rank_99_mean == r
         assert row.rank_90 <= r
         assert 1 <= row.effective_rank <= r + 1e-9
-        assert row.singular_values[0] == 1.0 and max(row.singular_values[r:]) < 1e-10
+        # zero singular values come out at the float64-Gram floor, ~sqrt(eps) = 1e-8 of sigma_1
+        assert row.singular_values[0] == 1.0 and max(row.singular_values[r:]) < 1e-7
 
 
 def test_rotation_invariance():
@@ -79,7 +80,7 @@ def test_centering_removes_constant_offset():
     plain = compute_spectra(cap, kinds=["value"])
     centred = compute_spectra(cap, kinds=["value"], center=True)
     assert all(r.rank_99_mean == 3 for r in plain.heads)
-    assert all(r.rank_99_mean == 2 and r.singular_values[2] < 1e-10 for r in centred.heads)
+    assert all(r.rank_99_mean == 2 and r.singular_values[2] < 1e-7 for r in centred.heads)
 
 
 def test_json_round_trip_and_summary():
