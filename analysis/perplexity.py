@@ -66,12 +66,13 @@ def _nll(logits: Tensor, targets: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def window_nll(model, ids: Tensor, method: str, budget: int | None, sinks: int = 4,
-               recent: int | None = None, seed: int = 0, chunk: int = 128) -> Tensor:
+               recent: int | None = None, seed: int = 0, chunk: int | None = None) -> Tensor:
     """NLL (b, W-1) of each next token in each window row of ``ids`` (b, W), decoded under ``method``.
 
     Token t's prediction sees tokens <= t through a cache compressed to ``budget`` slots per layer.
     """
     b, W = ids.shape
+    chunk = chunk or max(8, 4096 // b)  # bounds the (b, chunk, vocab) logits of a prefill chunk
     policy = make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)
     cache = CompressedCache(model, policy=policy)
     device = next(model.parameters()).device
@@ -111,7 +112,7 @@ def running_log_ppl(windows: Windows, nll: Tensor, points: int = 400) -> list[fl
     return [round(float(v), 5) for v in mean[step - 1 :: step]]
 
 
-def evaluate(model, windows: Windows, method: str, budget: int | None, batch_size: int = 16,
+def evaluate(model, windows: Windows, method: str, budget: int | None, batch_size: int = 32,
              partial: Path | None = None, progress=None, **policy_kwargs) -> dict:
     """Perplexity of ``method`` at ``budget`` over all windows; resumable through ``partial``.
 
@@ -184,7 +185,7 @@ def sweep_jobs(methods: list[str], budgets: list[int], window: int, sinks: int =
 
 
 def run_sweep(loaded, windows: Windows, methods: list[str], budgets: list[int], *, source: dict, tokens: int,
-              documents: int, sinks: int = 4, recent: int | None = None, seed: int = 0, batch_size: int = 16,
+              documents: int, sinks: int = 4, recent: int | None = None, seed: int = 0, batch_size: int = 32,
               partial: Path | None = None, progress=None, on_job=None) -> tuple[dict, dict[str, Tensor]]:
     """Evaluate every job of the sweep on ``windows``: (summary for perplexity.json, NLL per run).
 

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sinks", type=int, default=4, help="attention sinks kept (default: 4)")
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: budget/2 - sinks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows decoded together (default: 16)")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows decoded together (default: 32)")
     parser.add_argument("--no-png", action="store_true", help="write figures as HTML only")
     add_output_args(parser)
     return parser
