@@ -124,6 +124,16 @@ class LayerState:
         return self.acc / self.count.clamp_min(1.0)
 
 
+class Seeded:
+    """For randomised methods (a ``seed`` field): one generator, seeded, made on the device of first use."""
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        gen = self.__dict__.get("_generator")
+        if gen is None or gen.device != device:
+            gen = self.__dict__["_generator"] = torch.Generator(device=device).manual_seed(self.seed)
+        return gen
+
+
 @dataclass
 class Policy:
     """A KV-cache compression method with a per-layer budget of ``budget`` slots.

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from analysis.compress.base import LayerState
+from analysis.compress.base import LayerState, Seeded
 from analysis.compress.streaming_llm import StreamingLLM
 
 
 @dataclass
-class CaM(StreamingLLM):
+class CaM(Seeded, StreamingLLM):
     """Evict as StreamingLLM; before removal, maybe add the victim's value to the next values.
 
     Victim j is the oldest non-sink slot (the token leaving the window). Per (batch row, KV head),
@@ -34,15 +34,9 @@ class CaM(StreamingLLM):
 
     merge_num: int = 16
     seed: int = 0
-    _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
 
     name: ClassVar[str] = "cam"
     needs_attention: ClassVar[bool] = True
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
 
     def merge(self, state: LayerState, victim: Tensor) -> None:
         B, H, L, D = state.values.shape

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from analysis.compress.base import LayerState, Policy
+from analysis.compress.base import LayerState, Policy, Seeded
 
 
 @dataclass
-class RandomPolicy(Policy):
+class RandomPolicy(Seeded, Policy):
     """Evict a uniformly random candidate per (batch row, KV head).
 
     Scores are U[0, 1) draws from a generator seeded with ``seed`` and created lazily on the
@@ -23,15 +23,9 @@ class RandomPolicy(Policy):
     """
 
     seed: int = 0
-    _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
 
     name: ClassVar[str] = "random"
     needs_attention: ClassVar[bool] = False
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
 
     def score(self, state: LayerState) -> Tensor:
         B, H, L, _ = state.keys.shape
