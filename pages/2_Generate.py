@@ -29,7 +29,7 @@ def default_prompt(tokens: int = 300) -> str:
 
     try:
         docs = load_documents(corpus="books")
-        docs = [d for d in docs if d.id.startswith("austen/")] or docs
+        docs = [d for d in docs if "/austen/" in d.id] or docs
         tokenizer = cached_model().tokenizer
         (_, ids), = token_sequences(tokenizer, docs, tokens, 1)
         return tokenizer.decode(ids)

@@ -29,6 +29,6 @@ def fig_norms(capture: Capture, kinds=NORM_KINDS) -> go.Figure:
         fig.update_xaxes(title_text="KV head", row=1, col=col)
     fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_layout(title=f"Mean L2 norm per token — {capture.meta.get('model', '')}",
-                      coloraxis=dict(colorscale="Viridis", colorbar=dict(x=-0.12, title="keys")),
-                      template="plotly_white", height=520)
+                      coloraxis=dict(colorscale="Viridis", colorbar=dict(x=-0.2, title="keys")),
+                      template="plotly_white", height=520, margin=dict(l=150))
     return fig
