@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, default=1024,
                         help="tokens per sequence, at least head_dim (default: 1024)")
     parser.add_argument("--layers", default=None, help="layers to analyse, e.g. 0,5,10-12 (default: all)")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma list of what to decompose (default: {','.join(KINDS)})")
     parser.add_argument("--center", action="store_true",
                         help="mean-centre each sequence's T x d matrix over tokens before the SVD")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only (PNG needs chromium)")
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def get_capture(args, layers):
+def get_capture(args, layers, kinds):
     from analysis.errors import UserError
 
     if args.run:
@@ -58,21 +60,29 @@ def get_capture(args, layers):
         raise UserError(f"rank is bounded by T={args.tokens}, fewer tokens than head_dim={head_dim}; "
                         f"use --tokens >= {head_dim}")
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.sequences)
-    return capture_sequences(loaded, sequences, layers=layers, kinds=KINDS, progress=not args.quiet)
+    return capture_sequences(loaded, sequences, layers=layers, kinds=kinds, progress=not args.quiet)
 
 
 def main(argv=None) -> None:
     from analysis.plots.export import write_atomic, write_figure
     from analysis.plots.spectra import standard_figures
+    from analysis.errors import UserError
     from analysis.runs import atomic_dir, check_out_dir
     from analysis.spectra import compute_spectra, summary_sentence
 
     args = build_parser().parse_args(argv)
     layers = parse_ints(args.layers, "layers")
     check_out_dir(args.out, args.overwrite)  # fail before capturing
-    capture = get_capture(args, layers)
-    result = compute_spectra(capture, kinds=[k for k in KINDS if k in capture.kinds], layers=layers,
-                             center=args.center)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        raise UserError(f"--kinds: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(KINDS)}")
+    capture = get_capture(args, layers, tuple(kinds))
+    missing = [k for k in kinds if k not in capture.kinds]
+    if missing:
+        raise UserError(f"{args.run} has no {', '.join(missing)}: capture it again with them, "
+                        f"or pass --kinds {','.join(k for k in kinds if k in capture.kinds) or 'value'}")
+    result = compute_spectra(capture, kinds=kinds, layers=layers, center=args.center)
     with atomic_dir(args.out, args.overwrite) as tmp:
         files = [write_atomic(tmp / "spectra.json", json.dumps(result.to_json(), indent=1).encode())]
         for stem, fig in standard_figures(result).items():

@@ -201,3 +201,21 @@ def test_dashboard_page(tiny_run, monkeypatch):
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert "layer 2, head 1" in spec["layout"]["title"]["text"]
     assert at.metric[0].value.endswith("/ 16")
+
+
+def test_command_bad_inputs_leave_nothing(tiny_model, tmp_path):
+    from analysis.capture import capture_sequences
+    from analysis.models import LoadedModel
+    from analysis.runs import save_run
+    from experiments.spectra import main
+
+    loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
+    values_only = save_run(capture_sequences(loaded, [("s", list(range(40)))], kinds=("value",), progress=False),
+                           tmp_path / "values-only")
+    with pytest.raises(UserError, match="has no key_pre_rope, key_post_rope, query_post_rope.*--kinds value"):
+        main(["--run", str(values_only), "--no-png", "--out", str(tmp_path / "o1"), "--quiet"])
+    empty = tmp_path / "empty-corpus"
+    empty.mkdir()
+    with pytest.raises(UserError, match="empty-corpus"):
+        main(["--text", str(empty), "--no-png", "--out", str(tmp_path / "o2"), "--quiet"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty-corpus", "values-only"]  # no output, no temp dir
