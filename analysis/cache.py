@@ -22,12 +22,13 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
+from analysis import attention
 from analysis.compress import LayerState, Policy, make_policy
 from analysis.errors import UserError
 from analysis.models import attention_modules
 
 _HOOKED: "WeakKeyDictionary[nn.Module, list]" = WeakKeyDictionary()
-_WEIGHT_IMPLS = ("eager", "kvlens_capture")
+_WEIGHT_IMPLS = ("eager", "kvlens_capture", attention.NAME)
 
 
 class CompressedLayer(DynamicLayer):
@@ -116,7 +117,9 @@ class CompressedCache(Cache):
         impl = model.config._attn_implementation
         if self.policy.needs_attention and impl not in _WEIGHT_IMPLS:
             warnings.warn(f"{self.policy.name} needs attention weights; switching the model from {impl} to eager")
-            model.set_attn_implementation("eager")
+        if impl == "eager" or (self.policy.needs_attention and impl not in _WEIGHT_IMPLS):
+            # the same arithmetic as eager, without copying K/V per query head (analysis.attention)
+            model.set_attn_implementation(attention.register())
 
     def occupancy(self) -> list[int]:
         """Slots held per layer."""
