@@ -12,6 +12,7 @@ handed to the family's own eager function.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -57,3 +58,17 @@ def register() -> str:
     AttentionInterface.register(NAME, grouped_eager)
     AttentionMaskInterface.register(NAME, eager_mask)
     return NAME
+
+
+@contextmanager
+def grouped_attention(model: nn.Module):
+    """Run an eager model with ``grouped_eager`` inside the block; other implementations are left alone."""
+    previous = model.config._attn_implementation
+    if previous != "eager":
+        yield model
+        return
+    model.set_attn_implementation(register())
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)

@@ -117,9 +117,7 @@ class CompressedCache(Cache):
         impl = model.config._attn_implementation
         if self.policy.needs_attention and impl not in _WEIGHT_IMPLS:
             warnings.warn(f"{self.policy.name} needs attention weights; switching the model from {impl} to eager")
-        if impl == "eager" or (self.policy.needs_attention and impl not in _WEIGHT_IMPLS):
-            # the same arithmetic as eager, without copying K/V per query head (analysis.attention)
-            model.set_attn_implementation(attention.register())
+            model.set_attn_implementation("eager")
 
     def occupancy(self) -> list[int]:
         """Slots held per layer."""

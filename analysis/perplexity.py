@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from analysis.attention import grouped_attention
 from analysis.cache import CompressedCache
 from analysis.compress import make_policy
 from analysis.errors import UserError
@@ -74,7 +75,14 @@ def window_nll(model, ids: Tensor, method: str, budget: int | None, sinks: int =
     b, W = ids.shape
     chunk = chunk or max(8, 4096 // b)  # bounds the (b, chunk, vocab) logits of a prefill chunk
     policy = make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)
-    cache = CompressedCache(model, policy=policy)
+    cache = CompressedCache(model, policy=policy)  # switches an sdpa model to eager (with a warning)
+    with grouped_attention(model):
+        return _decode_windows(model, ids, cache, budget, method, chunk).cpu()
+
+
+def _decode_windows(model, ids: Tensor, cache: CompressedCache, budget: int | None, method: str,
+                    chunk: int) -> Tensor:
+    b, W = ids.shape
     device = next(model.parameters()).device
     ids = ids.to(device)
     nll = torch.empty((b, W - 1), device=device)
@@ -89,7 +97,7 @@ def window_nll(model, ids: Tensor, method: str, budget: int | None, sinks: int =
         positions = torch.full((b, 1), t, device=device)
         logits = model(ids[:, t : t + 1], past_key_values=cache, position_ids=positions, use_cache=True).logits
         nll[:, t] = _nll(logits, ids[:, t + 1 : t + 2])[:, 0]
-    return nll.cpu()
+    return nll
 
 
 def scored_mask(windows: Windows) -> Tensor:

@@ -116,3 +116,10 @@ def test_command_bad_input(tmp_path, args, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert not (tmp_path / "x").exists()
+
+
+def test_evaluator_leaves_the_model_as_it_was(tiny_model, random_ids):
+    model = tiny_model("llama")
+    assert model.config._attn_implementation == "eager"
+    window_nll(model, random_ids(1, 24), "weightedkv", 12, sinks=2)
+    assert model.config._attn_implementation == "eager"  # grouped attention only inside the call
