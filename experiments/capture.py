@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
+from experiments.common import (add_output_args, command_parser, load_model_from_args,
                                 parse_ints, run_main, text_source)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.capture", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    add_text_args(parser)
+    parser = command_parser("capture", __doc__)
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per sequence (default: 1024)")
     parser.add_argument("--sequences", type=int, default=1, help="how many sequences (default: 1)")
     parser.add_argument("--layers", default=None, help="layers to record, e.g. 0,5,10-12 (default: all)")

@@ -9,6 +9,15 @@ import sys
 from analysis.errors import UserError
 
 
+def command_parser(name: str, doc: str) -> argparse.ArgumentParser:
+    """What every model-running command starts from: its docstring as --help, model and text options."""
+    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    add_text_args(parser)
+    return parser
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="default",

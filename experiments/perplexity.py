@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from pathlib import Path
 
-from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
+from experiments.common import (add_output_args, command_parser, load_model_from_args,
                                 parse_ints, run_main, text_source)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.perplexity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    add_text_args(parser)
+    parser = command_parser("perplexity", __doc__)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens per document (default: 4096)")
     parser.add_argument("--documents", type=int, default=1, help="documents to evaluate (default: 1)")
     parser.add_argument("--window", type=int, default=1024, help="window W, stride W/2 (default: 1024)")

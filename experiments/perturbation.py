@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
+from experiments.common import (add_output_args, command_parser, load_model_from_args,
                                 parse_ints, run_main, text_source)
 
 KINDS = ("query_post_rope", "key_post_rope", "value")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.perturbation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    add_text_args(parser)
+    parser = command_parser("perturbation", __doc__)
     parser.add_argument("--tokens", type=int, default=1024, help="tokens per sequence (default: 1024)")
     parser.add_argument("--sequences", type=int, default=2, help="how many sequences (default: 2)")
     parser.add_argument("--layers", default=None, help="layers, e.g. 0,5,10-12 (default: all)")

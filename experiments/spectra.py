@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
+from experiments.common import (add_output_args, command_parser, load_model_from_args,
                                 parse_ints, run_main, text_source)
 
 KINDS = ("key_pre_rope", "key_post_rope", "value", "query_post_rope")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.spectra", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(parser)
-    add_text_args(parser)
+    parser = command_parser("spectra", __doc__)
     parser.add_argument("--run", default=None, metavar="RUN_DIR",
                         help="use a saved capture (python -m experiments.capture) instead of capturing; "
                              "excludes --corpus/--text")
