@@ -106,13 +106,18 @@ def scored_mask(windows: Windows) -> Tensor:
     return target[None, :] >= torch.tensor(windows.scored_from)[:, None]
 
 
-def running_log_ppl(windows: Windows, nll: Tensor, points: int = 400) -> list[float]:
-    """Running mean NLL (log-perplexity) against token position, averaged over documents (Fig. 4)."""
+def scored_streams(windows: Windows, nll: Tensor) -> dict[str, Tensor]:
+    """Each document's scored NLLs in token order: every target from the second token on, once."""
     mask = scored_mask(windows)
     per_doc: dict[str, list[Tensor]] = {}
     for row, doc in enumerate(windows.docs):  # rows are in document order already
         per_doc.setdefault(doc, []).append(nll[row][mask[row]])
-    streams = [torch.cat(parts) for parts in per_doc.values()]
+    return {doc: torch.cat(parts) for doc, parts in per_doc.items()}
+
+
+def running_log_ppl(windows: Windows, nll: Tensor, points: int = 400) -> list[float]:
+    """Running mean NLL (log-perplexity) against token position, averaged over documents (Fig. 4)."""
+    streams = list(scored_streams(windows, nll).values())
     length = min(len(s) for s in streams)
     curves = torch.stack([s[:length].double().cumsum(0) / torch.arange(1, length + 1) for s in streams])
     mean = curves.mean(0)  # (length,)
@@ -126,6 +131,8 @@ def evaluate(model, windows: Windows, method: str, budget: int | None, batch_siz
 
     Each finished batch of windows is saved in ``partial`` (a directory) and skipped on a rerun.
     """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if budget is not None and method != "full" and budget >= windows.size:
         raise UserError(f"budget {budget} >= window {windows.size}: nothing is ever compressed, "
                         "which is the same as method 'full'")
@@ -156,6 +163,8 @@ def evaluate(model, windows: Windows, method: str, budget: int | None, batch_siz
         "tokens": int(scored.numel()),
         "seconds": round(seconds, 3),
         "tokens_per_second": round(nll.numel() / seconds, 2) if seconds else None,
+        "per_document_ppl": {doc: round(math.exp(float(s.double().mean())), 4)
+                             for doc, s in scored_streams(windows, nll).items()},
         "running_log_ppl": running_log_ppl(windows, nll),
         "nll": nll,
     }

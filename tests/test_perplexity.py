@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,15 @@ def test_evaluator_leaves_the_model_as_it_was(tiny_model, random_ids):
     assert model.config._attn_implementation == "eager"
     window_nll(model, random_ids(1, 24), "weightedkv", 12, sinks=2)
     assert model.config._attn_implementation == "eager"  # grouped attention only inside the call
+
+
+def test_per_document_perplexity(tiny_model, random_ids):
+    """Equal-length documents: the overall log-perplexity is the mean of the per-document ones."""
+    model = tiny_model("llama")
+    docs = [("a", random_ids(1, 80, 8)[0].tolist()), ("b", random_ids(1, 80, 9)[0].tolist())]
+    result = evaluate(model, make_windows(docs, 40), "weightedkv", 16, sinks=2)
+    per = result["per_document_ppl"]
+    assert set(per) == {"a", "b"} and per["a"] != per["b"]
+    assert result["ppl"] == pytest.approx(math.exp((math.log(per["a"]) + math.log(per["b"])) / 2), rel=1e-4)
+    with pytest.raises(UserError, match="--batch-size"):
+        evaluate(model, make_windows(docs, 40), "weightedkv", 16, batch_size=0)
