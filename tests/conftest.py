@@ -48,6 +48,13 @@ def build_tiny(family: str, attn_implementation: str = "eager", seed: int = 0):
     return model.eval()
 
 
+def needs_setup(reason: str) -> None:
+    """Skip locally when something the set-up provides is missing; under CI (which ran the set-up) fail."""
+    if os.environ.get("CI"):
+        pytest.fail(f"set-up should have provided this: {reason}")
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     """Factory: ``tiny_model(family, attn_implementation="eager")``, each built once per session."""

@@ -12,6 +12,7 @@ from analysis.corpora import (CORPORA, Document, fetch_corpora, is_fetched, load
                               load_documents, load_text, token_sequences)
 from analysis.errors import UserError
 from analysis.paths import corpora_dir
+from tests.conftest import needs_setup
 
 # ------------------------------------------------------------- a tiny R serialiser for fixtures
 
@@ -92,7 +93,7 @@ def test_rdata_bad_entries(tmp_path):
 def _austen_dir():
     found = sorted((corpora_dir() / "root").glob("usr/lib/R/site-library/janeaustenr/data"))
     if not found:
-        pytest.skip("r-cran-janeaustenr not fetched (python -m analysis.corpora fetch books)")
+        needs_setup("r-cran-janeaustenr not fetched (python -m analysis.corpora fetch books)")
     return found[0]
 
 
@@ -113,7 +114,7 @@ EXPECTED_IDS = {"books": "books/austen/emma", "web": "web/python3.11-doc/library
 @pytest.mark.parametrize("name", list(CORPORA))
 def test_load_corpus(name):
     if not is_fetched(name):
-        pytest.skip(f"corpus {name!r} not fetched (python -m analysis.corpora fetch {name})")
+        needs_setup(f"corpus {name!r} not fetched (python -m analysis.corpora fetch {name})")
     docs = load_corpus(name)
     ids = [d.id for d in docs]
     assert docs and len(set(ids)) == len(ids) and EXPECTED_IDS[name] in ids
@@ -128,7 +129,7 @@ def test_load_corpus(name):
 
 def test_second_fetch_is_instant():
     if not all(is_fetched(n) for n in CORPORA):
-        pytest.skip("not all corpora fetched (python -m analysis.corpora fetch)")
+        needs_setup("not all corpora fetched (python -m analysis.corpora fetch)")
     start = time.perf_counter()
     fetch_corpora(progress=False)
     assert time.perf_counter() - start < 1.0

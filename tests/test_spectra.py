@@ -13,6 +13,7 @@ import torch
 
 from analysis.errors import UserError
 from analysis.spectra import SpectraResult, compute_spectra, summary_sentence
+from tests.conftest import needs_setup
 
 ROOT = Path(__file__).resolve().parent.parent
 KV = ("key_pre_rope", "key_post_rope", "value")
@@ -150,7 +151,7 @@ def test_write_figure(tmp_path, monkeypatch):
         write_figure(fig, tmp_path, "b")
     monkeypatch.delenv("BROWSER_PATH")
     if not (shutil.which("chromium") or shutil.which("google-chrome")):
-        pytest.skip("PNG export: no chromium installed (apt-get install chromium)")
+        needs_setup("PNG export: no chromium installed (apt-get install chromium)")
     files = write_figure(fig, tmp_path, "c")
     assert [p.name for p in files] == ["c.html", "c.png"]
     assert files[1].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
