@@ -4,15 +4,14 @@ import time
 
 import streamlit as st
 
-from dashboard import RUNS, cached_model, progress_callback, user_errors
+from dashboard import capture_embedded, runs_root, user_errors
 
 st.set_page_config(page_title="kvlens", layout="wide")
 st.title("kvlens — what is inside the KV cache")
 st.caption("Keys, values, queries and attention of a real model on real text. Pages: Spectra (keys are "
            "low-rank, values are not), Generate (compressed cache in generate()), Perplexity (cost of compression).")
 
-from analysis.capture import capture_sequences  # noqa: E402
-from analysis.corpora import CORPORA, load_documents, token_sequences  # noqa: E402
+from analysis.corpora import CORPORA  # noqa: E402
 from analysis.plots.runs import fig_norms  # noqa: E402
 from analysis.runs import list_runs, load_run, save_run  # noqa: E402
 
@@ -26,14 +25,12 @@ with st.sidebar.form("capture"):
 
 if start:
     with user_errors():
-        loaded = cached_model()
-        seqs = token_sequences(loaded.tokenizer, load_documents(corpus=corpus), int(tokens), int(sequences))
-        capture = capture_sequences(loaded, seqs, progress=False, on_progress=progress_callback("capturing"))
-        capture.meta["source"] = {"corpus": corpus}
-        out = RUNS / (name or f"{corpus}-{tokens}-{time.strftime('%H%M%S')}")
+        capture = capture_embedded(corpus, tokens, sequences)
+        out = runs_root() / (name or f"{corpus}-{tokens}-{time.strftime('%H%M%S')}")
         save_run(capture, out)
         st.success(f"saved {out}")
 
+RUNS = runs_root()
 runs = list_runs(RUNS)
 if not runs:
     st.info(f"No runs in {RUNS}/ yet: capture one from the sidebar, or run "

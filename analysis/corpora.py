@@ -344,7 +344,7 @@ def token_sequences(tokenizer, docs: list[Document], tokens: int,
     longest documents when there are fewer long documents than ``count``.
     """
     if tokens < 1 or count < 1:
-        raise UserError(f"tokens and count must be positive (got {tokens} and {count})")
+        raise UserError(f"--tokens and the number of sequences/documents must be at least 1 (got {tokens} and {count})")
     out, longest, used = [], 0, []
     for doc in docs:
         ids = _prefix_ids(tokenizer, doc.text, tokens)

@@ -49,8 +49,10 @@ def main(argv=None) -> None:
     bad = [m for m in methods if m not in METHODS or m == "full"]
     if bad:
         raise UserError(f"unknown or non-compressing method(s) {bad}; valid: {', '.join(sorted(set(METHODS) - {'full'}))}")
+    if args.future + 2 > args.tokens:
+        raise UserError(f"--future {args.future} leaves no room in --tokens {args.tokens}: need tokens >= future + 2")
     if not steps or min(steps) < 2 or max(steps) + args.future > args.tokens:
-        raise UserError(f"--steps must lie in 2..tokens - future = {args.tokens - args.future}, got {args.steps}")
+        raise UserError(f"--steps must lie in 2..{args.tokens - args.future} (tokens - future), got {args.steps}")
     check_out_dir(args.out, args.overwrite)  # fail before the expensive part
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,7 +5,6 @@ Source: a directory under runs/ (``$KVLENS_RUNS`` overrides), either a spectra o
 small capture computed here on the embedded default model. All logic lives in analysis/.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -15,11 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
     sys.path.insert(0, str(ROOT))
 
+from analysis.corpora import CORPORA  # noqa: E402
 from analysis.errors import UserError  # noqa: E402
 from analysis.plots.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys  # noqa: E402
-from analysis.spectra import LABELS, SpectraResult, compute_spectra, summary_sentence  # noqa: E402
+from analysis.spectra import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence  # noqa: E402
+from dashboard import capture_embedded, runs_root  # noqa: E402
 
-RUNS = Path(os.environ.get("KVLENS_RUNS") or ROOT / "runs")
 METRICS = {"rank_90": "rank at 90% energy", "rank_99": "rank at 99% energy", "effective_rank": "effective rank"}
 
 
@@ -36,25 +36,11 @@ def result_from_dir(path: str, stamp: float, center: bool) -> dict:
 
 
 def _kinds_of(capture) -> list[str]:
-    return [k for k in ("key_pre_rope", "key_post_rope", "value", "query_post_rope") if k in capture.kinds]
-
-
-@st.cache_resource(show_spinner="Loading the embedded model...")
-def embedded_model():
-    from analysis.models import load_model
-    return load_model("default", device="cpu")
+    return [k for k in DEFAULT_KINDS if k in capture.kinds]
 
 
 def compute_small(corpus: str, tokens: int, sequences: int, center: bool) -> dict:
-    from analysis.capture import capture_sequences
-    from analysis.corpora import load_documents, token_sequences
-
-    loaded = embedded_model()
-    seqs = token_sequences(loaded.tokenizer, load_documents(corpus=corpus), tokens, sequences)
-    bar = st.progress(0.0, text="capturing...")
-    capture = capture_sequences(loaded, seqs, progress=False,
-                                on_progress=lambda f: bar.progress(f, text=f"capturing... {f:.0%}"))
-    bar.empty()
+    capture = capture_embedded(corpus, tokens, sequences)
     return compute_spectra(capture, kinds=_kinds_of(capture), center=center).to_json()
 
 
@@ -64,16 +50,17 @@ def choose_source() -> dict | None:
                                  help="Ignored for spectra.json runs, which were computed with their own setting.")
     mode = st.sidebar.radio("data", ["run directory", "compute (embedded model)"], key="mode")
     if mode == "run directory":
-        runs = sorted(p.name for p in RUNS.iterdir()
-                      if (p / "spectra.json").is_file() or (p / "meta.json").is_file()) if RUNS.is_dir() else []
+        root = runs_root()
+        runs = sorted(p.name for p in root.iterdir()
+                      if (p / "spectra.json").is_file() or (p / "meta.json").is_file()) if root.is_dir() else []
         if not runs:
-            st.info(f"No run directories under {RUNS}. Make one with `python -m experiments.spectra --out "
-                    f"{RUNS}/spectra`, or compute a small capture here.")
+            st.info(f"No run directories under {root}. Make one with `python -m experiments.spectra --out "
+                    f"{root}/spectra`, or compute a small capture here.")
             return None
         name = st.sidebar.selectbox("run", runs, key="run")
-        path = RUNS / name
+        path = root / name
         return result_from_dir(str(path), path.stat().st_mtime, center)
-    corpus = st.sidebar.selectbox("corpus", ["books", "web", "latex", "math"], key="corpus")
+    corpus = st.sidebar.selectbox("corpus", list(CORPORA), key="corpus")
     tokens = st.sidebar.number_input("tokens", 64, 2048, 256, step=64, key="tokens")
     sequences = st.sidebar.number_input("sequences", 1, 10, 1, key="sequences")
     wanted = (corpus, int(tokens), int(sequences), center)

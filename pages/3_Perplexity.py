@@ -96,7 +96,7 @@ def show(summary: dict) -> None:
 
 def main() -> None:
     st.title("Perplexity under a compressed cache")
-    root = dashboard.RUNS
+    root = dashboard.runs_root()
     quick_sweep(root)
     dirs = sweep_dirs(root)
     if not dirs:

@@ -23,13 +23,10 @@ def titles(at) -> list[str]:
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
-    """An empty runs folder that the pages use (dashboard.RUNS is read once, at import)."""
-    import dashboard
-
+    """An empty runs folder that the pages use."""
     root = tmp_path / "runs"
     root.mkdir()
     monkeypatch.setenv("KVLENS_RUNS", str(root))
-    monkeypatch.setattr(dashboard, "RUNS", root)
     return root
 
 
@@ -122,3 +119,17 @@ def test_perplexity_page(runs):
     assert not at.exception and titles(at)[1].startswith("Running log-perplexity, m=16")
     assert [t["name"] for t in json.loads(at.get("plotly_chart")[1].proto.spec)["data"]] == ["weightedkv (m=16)"]
     assert list(at.dataframe[1].value["tokens/s"]) == [190.0, 95.0, 95.0, 95.0, 95.0]
+
+
+def test_home_captures_a_run_on_the_embedded_model(runs):
+    """The sidebar form captures real text with the embedded model and saves a run that then loads."""
+    at = app("app.py").run()
+    at.number_input(key="tokens").set_value(32)
+    at.text_input(key="name").set_value("quick")
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    from analysis.runs import load_run
+
+    capture = load_run(runs / "quick")
+    assert capture.meta["source"] == {"corpus": "books"} and capture.meta["tokens"] == 32
+    assert capture.get(29, "value").shape == (1, 3, 32, 64)

@@ -155,7 +155,7 @@ class Policy:
         if self.recent is None:
             self.recent = max(self.budget // 2 - self.sinks, 0)
         if self.budget <= 0 or self.sinks < 0 or self.recent < 0:
-            raise UserError(f"budget, sinks and recent must be positive, got {self._split()}")
+            raise UserError(f"budget must be positive and sinks, recent not negative, got {self._split()}")
         if self.budget <= self.sinks + self.recent:
             raise UserError(
                 f"budget {self.budget} leaves no room to compress: it must exceed sinks + recent "
