@@ -3,6 +3,7 @@
     python -m experiments.bench_compress step        # decode step per method vs streaming_llm / full
     python -m experiments.bench_compress memory      # cache bytes and peak RSS from 1k to 8k tokens
     python -m experiments.bench_compress throughput  # batched perplexity evaluator vs naive loop
+    python -m experiments.bench_compress profile --batch 32   # where a decode step's time goes
 
 Every timing is the median of interleaved repeats, so slow drift on a shared machine hits every
 method alike. Prints markdown tables.
@@ -11,6 +12,7 @@ method alike. Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import time
@@ -31,7 +33,7 @@ def _decode_timer(model, method, budget, length, batch, steps, device):
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, length + steps + 2), generator=torch.Generator().manual_seed(0)).to(device)
 
-    def run() -> float:
+    def run(around_steps=contextlib.nullcontext) -> float:
         cache = CompressedCache(model, method, budget)
         with torch.inference_mode():
             for start in range(0, length, 256):  # chunks: same state, bounded attention memory
@@ -41,8 +43,9 @@ def _decode_timer(model, method, budget, length, batch, steps, device):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             began = time.perf_counter()
-            for t in range(length + 1, length + 1 + steps):
-                model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((batch, 1), t, device=device))
+            with around_steps():
+                for t in range(length + 1, length + 1 + steps):
+                    model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((batch, 1), t, device=device))
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return (time.perf_counter() - began) / steps
@@ -128,10 +131,29 @@ def bench_throughput(loaded, args) -> None:
     print(f"| window_nll, {args.batch} windows as batch rows | {batched:.1f} | {batched / naive:.1f} |")
 
 
+def bench_profile(loaded, args) -> None:
+    """Where a decode step's time goes: torch profiler over 10 steps, top operators by self time."""
+    from torch.profiler import profile
+
+    from analysis.attention import grouped_attention
+
+    run = _decode_timer(loaded.model, "weightedkv", args.budget, args.budget, args.batch, 10, loaded.device)
+    with grouped_attention(loaded.model):  # the attention the perplexity evaluator uses
+        run()  # warm-up
+        prof = profile()
+        step = run(lambda: prof)
+    print(f"\n### Profile of a weightedkv m={args.budget} decode step, batch {args.batch}: {step * 1000:.0f} ms\n")
+    print("| operator | ms per step | share |\n|---|---|---|")
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    for e in events[:8]:
+        print(f"| {e.key} | {e.self_cpu_time_total / 1000 / 10:.1f} | {e.self_cpu_time_total / total:.0%} |")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("step", "memory", "throughput"))
+    parser.add_argument("what", choices=("step", "memory", "throughput", "profile"))
     add_model_args(parser)
     parser.add_argument("--budgets", default="128,256,1024", help="budgets for 'step' (default: 128,256,1024)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths (default: 1k..8k)")
@@ -146,7 +168,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     loaded = load_model_from_args(args)
     print(f"model {loaded.model_id}, device {loaded.device}, torch threads {torch.get_num_threads()}")
-    {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput}[args.what](loaded, args)
+    benches = {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput, "profile": bench_profile}
+    benches[args.what](loaded, args)
 
 
 if __name__ == "__main__":
