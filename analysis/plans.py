@@ -60,6 +60,10 @@ class Plan:
     def max_budget(self) -> int:
         return max(map(max, self.budgets))
 
+    @property
+    def min_budget(self) -> int:
+        return min(map(min, self.budgets))
+
     def head_recent(self, budget: int) -> int:
         return self.recent if self.recent is not None else max(budget // 2 - self.sinks, 0)
 

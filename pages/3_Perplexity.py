@@ -45,7 +45,8 @@ def quick_sweep(root: Path) -> None:
     if not start:
         return
     from analysis.corpora import load_documents, token_sequences
-    from analysis.perplexity import make_windows, run_sweep, save_sweep, sweep_jobs
+    from analysis.perplexity import make_windows
+    from analysis.sweep import run_sweep, save_sweep, sweep_jobs
     from analysis.runs import check_out_dir
     from experiments.common import parse_ints
 
