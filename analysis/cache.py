@@ -13,8 +13,8 @@ Side effects on the model, and how to undo them: building a cache registers two 
 every attention module (they act only for a ``CompressedCache``) and switches the model's attention
 implementation to ``"kvlens"`` (eager arithmetic that returns weights). ``cache.close()``, or leaving
 the ``with`` block, removes the hooks and restores the previous implementation once the last open
-cache of that model is closed. A cache that is never closed leaves the model on ``"kvlens"``, which
-computes the same attention as eager for any other cache.
+cache of that model is closed; so does dropping the last reference to the cache. ``restore(model)``
+undoes everything at once.
 
 Keys are cached post-RoPE with their original positions (``generate`` passes explicit
 ``position_ids``), so nothing is re-rotated after eviction. ``get_seq_length()`` is the number of
@@ -27,6 +27,7 @@ Batches must be unpadded (equal-length rows).
 from __future__ import annotations
 
 import warnings
+import weakref
 from weakref import WeakKeyDictionary
 
 import torch
@@ -83,7 +84,8 @@ class CompressedLayer(DynamicLayer):
         if self.state is None:
             self._start(key_states, value_states)
         self.state.append(key_states, value_states)
-        self.pending = True
+        # full keeps dense, ordered slots that any attention implementation reads correctly
+        self.pending = self.policy.name != "full"
         self.keys, self.values = self.state.keys, self.state.values
         return self.keys, self.values
 
@@ -96,8 +98,8 @@ class CompressedLayer(DynamicLayer):
             raise UserError(f"{self.policy.name} needs attention weights, which this model's attention did not return")
         self.policy.compress(state)
         high = state.budget_range[1] if state.budget_range else self.policy.budget
-        if self.policy.name != "full" and state.capacity > 2 * (high + 1):
-            state.compact(high + 1)  # after a long prompt: give the memory back
+        if self.policy.name != "full" and state.capacity > high + 1:
+            state.compact(high + 1)  # after a long prompt: one copy gives the memory back
         self.keys, self.values = state.keys, state.values
         self.pending = False
 
@@ -216,15 +218,16 @@ class CompressedCache(Cache):
                 recent=plan.recent_row(i) if plan else None, row_ids=row_ids, row_budgets=rows,
                 track_mixing=track_mixing))
         super().__init__(layers=layers)
-        self.model = model
-        _open(model)
-        self.closed = False
+        self._model = model
+        if self.policy.name != "full":  # full needs no hook or switch: see CompressedLayer.update
+            _open(model)
+            self._release = weakref.finalize(self, _close, model)  # also when the cache is dropped
 
     def close(self) -> None:
         """Remove the hooks and restore the model's attention implementation (once no cache is open)."""
-        if not self.closed:
-            self.closed = True
-            _close(self.model)
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
 
     def __enter__(self) -> "CompressedCache":
         return self
