@@ -84,8 +84,11 @@ def kvlens_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     if layer is not None:
         state = layer.state
         q = query.shape[2]
-        query_positions = (state.step - q + torch.arange(q, device=query.device)).expand(query.shape[0], q)
-        allowed = slot_mask(state.positions, query_positions)  # (B, H, q or 1, C)
+        if q == 1:  # the newest token sees every held slot
+            allowed = (state.positions >= 0)[:, :, None, :]  # (B, H, 1, C)
+        else:
+            query_positions = (state.step - q + torch.arange(q, device=query.device)).expand(query.shape[0], q)
+            allowed = slot_mask(state.positions, query_positions)  # (B, H, q, C)
     if _plain(module, kwargs):
         mask = None if (attention_mask is None or allowed is not None) else attention_mask[:, :, :, : key.shape[2]]
         output, weights = slot_attention(query, key, value, allowed, kwargs.get("scaling"), mask)

@@ -21,7 +21,7 @@ from weakref import WeakKeyDictionary
 import torch
 from torch import Tensor, nn
 
-from analysis.compress.base import group_mean
+from analysis.compress.base import group_mean, seen_counts
 from analysis.errors import UserError
 from analysis.models import LoadedModel, attention_modules, config_summary
 
@@ -84,11 +84,10 @@ class _LayerRecord:
         B, Hq, q, L = weights.shape
         if self.stats:
             received = weights.float().sum(dim=2)  # (B, Hq, L)
-            seen = torch.full((L,), float(q), device=weights.device)
-            seen[L - q :] = torch.arange(q, 0, -1, device=weights.device, dtype=torch.float32)
+            seen = seen_counts(torch.arange(L, device=weights.device), L - q, q)  # (L,): key i at position i
             if self.received is not None:  # earlier keys: pad the running sums to the new length
                 received[..., : self.received.shape[-1]] += self.received.to(weights.device)
-                seen = seen + nn.functional.pad(self.count.to(weights.device), (0, L - self.count.shape[-1]))
+                seen = seen + nn.functional.pad(self.count[0].to(weights.device), (0, L - self.count.shape[-1]))
             self.received, self.count = received, seen.expand(B, L).clone()
         if self.maps_window is not None:
             start, stop = self.maps_window

@@ -45,14 +45,18 @@ def group_mean(attn: Tensor, kv_heads: int) -> Tensor:
     return attn.float().view(B, kv_heads, Hq // kv_heads, *attn.shape[2:]).mean(dim=2)
 
 
-def seen_counts(positions: Tensor, query_positions: Tensor) -> Tensor:
-    """How many of the queries at ``query_positions`` (B, q) see each slot: (B, H, C) float32.
+def seen_counts(positions: Tensor, first: Tensor | int, q: int, window: int | None = None) -> Tensor:
+    """How many of the q queries at positions first .. first+q-1 see each slot: float32, shaped like ``positions``.
 
-    Causal by structure: a valid slot is seen by every query at or after its position, so a weight
-    that underflows to 0 still counts as "seen". Shared by the cache statistics and the capture.
+    Causal by structure: a held slot (position >= 0) is seen by every query at or after its position
+    (and, with a sliding ``window``, less than ``window`` positions after it), so a weight that
+    underflows to 0 still counts as "seen". In closed form per slot, with no (q, C) mask. Shared by
+    the cache statistics and the capture.
     """
-    seen = (positions[:, :, None, :] <= query_positions[:, None, :, None]) & (positions >= 0)[:, :, None, :]
-    return seen.sum(dim=2, dtype=torch.float32)  # (B, H, q, C) -> (B, H, C)
+    last = first + q  # one past the newest query
+    until = last if window is None else torch.minimum(torch.as_tensor(last), positions + window)
+    seen = (until - torch.clamp(positions, min=first)).clamp_min(0)
+    return torch.where(positions >= 0, seen, 0).float()
 
 
 def uniform(*keys) -> Tensor:
@@ -236,8 +240,7 @@ class LayerState:
             if q == 1:  # every valid slot is at or before the newest position
                 self.count += self.valid
             else:
-                query_positions = (self.step - q + torch.arange(q, device=attn.device)).expand(attn.shape[0], q)
-                self.count += seen_counts(self.positions, query_positions)
+                self.count += seen_counts(self.positions, self.step - q, q)
         if "last" in self.stats:
             self.last.copy_(grouped[:, :, -1])
 
