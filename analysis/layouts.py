@@ -74,13 +74,16 @@ def check_attention_inputs(where: str, query: Tensor, key: Tensor, value: Tensor
 
 
 # --- keys before RoPE --------------------------------------------------------------------------------
-def _projection_layouts(B: int, T: int, H: int, D: int) -> dict[tuple[int, ...], Callable[[Tensor], Tensor]]:
-    """Known layouts of the key projection (B, T, H*D) -> how to bring each to (B, H, T, D)."""
-    return {
-        (B, T, H * D): lambda x: x.reshape(B, T, H, D).transpose(1, 2),  # OLMo 2: norm on the whole projection
-        (B, T, H, D): lambda x: x.transpose(1, 2),  # Qwen3: norm per head, before the transpose
-        (B, H, T, D): lambda x: x,  # Gemma 3: norm per head, after the transpose
-    }
+def _projection_layouts(B: int, T: int, H: int, D: int) -> list[tuple[tuple[int, ...], Callable[[Tensor], Tensor]]]:
+    """Known layouts of the key projection (B, T, H*D): (shape, how to bring it to (B, H, T, D)).
+
+    A list, not a dict: when T == H two layouts have the same shape.
+    """
+    return [
+        ((B, T, H * D), lambda x: x.reshape(B, T, H, D).transpose(1, 2)),  # OLMo 2: norm on the whole projection
+        ((B, T, H, D), lambda x: x.transpose(1, 2)),  # Qwen3: norm per head, before the transpose
+        ((B, H, T, D), lambda x: x),  # Gemma 3: norm per head, after the transpose
+    ]
 
 
 def keys_from_norm(where: str, norm_in: Tensor | None, norm_out: Tensor, projected: Tensor | None,
@@ -95,7 +98,7 @@ def keys_from_norm(where: str, norm_in: Tensor | None, norm_out: Tensor, project
         raise refuse(where, f"the key norm turned {tuple(norm_in.shape)} into {tuple(norm_out.shape)}")
     B, T = projected.shape[:2]
     reference = projected.reshape(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-    for shape, to_bhtd in _projection_layouts(B, T, H, D).items():
+    for shape, to_bhtd in _projection_layouts(B, T, H, D):
         if tuple(norm_in.shape) == shape and torch.equal(to_bhtd(norm_in), reference):
             return to_bhtd(norm_out)  # (B, H, T, D)
     raise refuse(where, f"the key norm's input {tuple(norm_in.shape)} is not the key projection "
