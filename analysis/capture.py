@@ -4,7 +4,13 @@ Two public transformers mechanisms, nothing patched:
 - an attention function registered with ``AttentionInterface`` ("kvlens_capture") that records the
   post-RoPE query, key and value it is handed, computes the model's own eager attention, and folds
   the weights into per-key statistics (attention received, number of queries that saw the key);
-- forward hooks on the key projection, which see keys before RoPE is applied.
+- forward hooks on the key projection (or the key norm, where there is one), which see keys before
+  RoPE is applied (``analysis.layouts``).
+
+Every tensor layout this relies on is checked on every call (``analysis.layouts``): a model whose
+attention hands over anything else is refused with a one-line error naming the module. Sliding-window
+layers (Gemma 2/3, Mistral-style) are recorded as the model runs them: keys outside a query's window
+receive 0 attention and are not counted as seen by it.
 
 Memory is layers x heads x T x d: a T x T map is kept only for ``maps_window`` query positions.
 Recording works in a prefill and in every ``generate()`` step (tokens are appended along T).

@@ -429,3 +429,21 @@ def test_tokens_cached_before_recording_are_refused(tiny_model, random_ids):
         with pytest.raises(UserError, match=r"keys cover 10 tokens but 4 were recorded"):
             with record(model, kinds=("value",)):
                 model(ids[:, 6:], past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_chunked_prefill_records_what_one_forward_records(prefill, family):
+    """Two chunks through one cache inside one record(): on Gemma 3's sliding layers the second chunk is
+    handed only the keys its window reaches, and the statistics and maps must not notice."""
+    model, ids, whole = prefill(family)
+    with torch.no_grad(), record(model, maps_window=(3, 8)) as rec:
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :6], past_key_values=cache, use_cache=True)
+        model(ids[:, 6:], past_key_values=cache, use_cache=True)
+    chunked = rec.result()
+    assert set(chunked.tensors) == set(whole.tensors)
+    if family == "gemma3":
+        assert cache.layers[0].keys.shape[2] == SLIDING_WINDOW - 1  # the dropping path was taken
+    for key, ref in whole.tensors.items():
+        assert chunked.tensors[key].shape == ref.shape, key
+        assert (chunked.tensors[key] - ref).abs().max() <= 1e-5, key
