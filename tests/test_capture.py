@@ -16,10 +16,10 @@ from transformers import DynamicCache
 from analysis.capture import KINDS, apply_rope, capture_sequences, record
 from analysis.errors import UserError
 from analysis.models import attention_modules, config_summary
-from tests.conftest import FAMILIES, KEY_NORM_FAMILIES, SLIDING_WINDOW
+from tests.conftest import CAPTURE_FAMILIES, KEY_NORM_FAMILIES, SLIDING_WINDOW
 
 B, T = 2, 10
-ALL = FAMILIES + KEY_NORM_FAMILIES
+ALL = CAPTURE_FAMILIES
 ROTARY = [f for f in ALL if f != "gpt2"]
 
 
@@ -64,9 +64,11 @@ def test_key_norm_families_cover_every_norm_layout_and_a_sliding_window(tiny_mod
         handle.remove()
     h, d = 2, {"qwen3": 16, "gemma3": 32, "olmo2": 16}
     assert fed == {"qwen3": (1, 3, h, d["qwen3"]), "gemma3": (1, h, 3, d["gemma3"]), "olmo2": (1, 3, h * d["olmo2"])}
-    gemma = tiny_model("gemma3")
-    assert [window_of(gemma, i) for i in range(4)] == [SLIDING_WINDOW, None, SLIDING_WINDOW, None]
-    assert SLIDING_WINDOW < T and gemma.config.query_pre_attn_scalar != gemma.config.head_dim
+    for family in ("gemma2", "gemma3"):
+        gemma = tiny_model(family)
+        assert [window_of(gemma, i) for i in range(4)] == [SLIDING_WINDOW, None, SLIDING_WINDOW, None]
+        assert SLIDING_WINDOW < T and gemma.config.query_pre_attn_scalar != gemma.config.head_dim
+    assert tiny_model("gemma2").config.attn_logit_softcapping == 0.05  # small enough to change the weights
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,11 @@ def test_attention_statistics_match_direct_attention(prefill, family):
         q, k = cap.get(i, "query_post_rope"), cap.get(i, "key_post_rope")
         k = k.repeat_interleave(hq // hkv, dim=1)
         logits = (q @ k.transpose(-1, -2)) / math.sqrt(scale)
+        cap_at = getattr(model.config, "attn_logit_softcapping", None)  # Gemma 2: tanh soft cap
+        if cap_at:
+            uncapped = logits.masked_fill(~seen, float("-inf")).softmax(dim=-1)
+            assert (uncapped - attn).abs().max() > 1e-3, i  # the cap matters here
+            logits = torch.tanh(logits / cap_at) * cap_at
         manual = logits.masked_fill(~seen, float("-inf")).softmax(dim=-1)
         assert (manual - attn).abs().max() <= 1e-5, i
 
@@ -431,7 +438,7 @@ def test_tokens_cached_before_recording_are_refused(tiny_model, random_ids):
                 model(ids[:, 6:], past_key_values=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
 def test_chunked_prefill_records_what_one_forward_records(prefill, family):
     """Two chunks through one cache inside one record(): on Gemma 3's sliding layers the second chunk is
     handed only the keys its window reaches, and the statistics and maps must not notice."""
@@ -442,7 +449,7 @@ def test_chunked_prefill_records_what_one_forward_records(prefill, family):
         model(ids[:, 6:], past_key_values=cache, use_cache=True)
     chunked = rec.result()
     assert set(chunked.tensors) == set(whole.tensors)
-    if family == "gemma3":
+    if family != "llama":
         assert cache.layers[0].keys.shape[2] == SLIDING_WINDOW - 1  # the dropping path was taken
     for key, ref in whole.tensors.items():
         assert chunked.tensors[key].shape == ref.shape, key
