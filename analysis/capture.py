@@ -123,8 +123,10 @@ class _LayerRecord:
 def queries_seeing(keys: int, first: int, q: int, window: int | None, device=None) -> Tensor:
     """(keys,) float32: how many of the queries at positions first..first+q-1 see each key position.
 
-    Query p sees key k iff k <= p (causal) and, on a sliding-window layer, p - k < window.
+    Query p sees key k iff k <= p (causal) and, on a sliding-window layer, p - k < window. O(keys),
+    no (q, keys) mask: a whole prompt is one call here.
     """
+    # TODO(core-v2): one rule with analysis.compress.base.seen_counts once that takes a window.
     k = torch.arange(keys, device=device)
     lo = k.clamp(min=first)
     hi = torch.full_like(k, first + q) if window is None else (k + window).clamp(max=first + q)
@@ -133,10 +135,11 @@ def queries_seeing(keys: int, first: int, q: int, window: int | None, device=Non
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     """Eager attention of the module's own model family, plus recording when the layer is watched."""
+    record = _ACTIVE.get(module)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
-        raise UserError(f"{type(module).__name__} has no eager attention to capture weights from")
-    record = _ACTIVE.get(module)
+        where = record.where if record is not None else type(module).__name__
+        raise UserError(f"cannot capture {where}: its model family has no eager attention to take weights from")
     if record is None:
         return eager(module, query, key, value, attention_mask, **kwargs)
     watched = record.where

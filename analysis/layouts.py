@@ -68,9 +68,9 @@ def check_attention_inputs(where: str, query: Tensor, key: Tensor, value: Tensor
         return total - L
     if L < q:
         raise refuse(where, f"it was handed {L} keys for {q} queries")
-    raise UserError(f"cannot capture {where}: its keys cover {L} tokens but {total} were recorded; record() "
-                    "must see every token from the first (a cache filled before recording, a compressed "
-                    "cache, or several sequences inside one record())")
+    raise UserError(f"cannot capture {where}: its keys cover {L} tokens but {total} were recorded; record() must "
+                    "see every token from the first, through a cache that holds exactly them (not one filled before "
+                    "recording, a static or compressed cache, or several sequences inside one record())")
 
 
 # --- keys before RoPE --------------------------------------------------------------------------------
