@@ -293,14 +293,20 @@ def test_bad_inputs_raise_user_error_and_leave_the_model_alone(tiny_model, kwarg
     assert model.config._attn_implementation == "eager"
 
 
-def test_attention_implementation_restored_after_an_error_inside(tiny_model, random_ids):
-    model = tiny_model("qwen2")
+def hook_count(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # qwen3: two hooks per layer (k_proj and k_norm)
+def test_attention_implementation_and_hooks_restored_after_an_error_inside(tiny_model, random_ids, family):
+    model = tiny_model(family)
+    before = hook_count(model)
     with pytest.raises(RuntimeError, match="boom"):
         with record(model):
+            assert hook_count(model) > before  # the guard: record() did install hooks
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "eager"
-    with torch.no_grad():  # and no recording hooks remain
-        model(random_ids(1, 4))
+    assert hook_count(model) == before  # and none of them remain
 
 
 # --- the real embedded model on real text ------------------------------------------------------------
@@ -395,7 +401,7 @@ def test_key_norm_of_a_wrong_shape_is_refused_naming_the_module(random_ids):
     message = str(err.value)
     assert "\n" not in message and "WrongShapeNorm model.layers.2.self_attn.k_norm" in message
     assert f"turned {(B, T, 2, 16)} into {(B, T, 32)}" in message
-    assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "eager" and hook_count(model) == 0  # nothing left behind
 
 
 def test_key_norm_fed_something_else_than_the_projection_is_refused(random_ids):
