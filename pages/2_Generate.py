@@ -4,20 +4,14 @@ Shows both continuations, the slots each layer holds afterwards and which origin
 layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-length rows).
 """
 
-import sys
 import time
-from pathlib import Path
 
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
-    sys.path.insert(0, str(ROOT))
-
-from analysis.compress import METHODS  # noqa: E402
-from analysis.errors import UserError  # noqa: E402
-from analysis.plots.generate import fig_kept_positions, fig_occupancy  # noqa: E402
-from dashboard import cached_model, user_errors  # noqa: E402
+from analysis.compress import METHODS
+from analysis.errors import UserError
+from analysis.plots.generate import fig_kept_positions, fig_occupancy
+from dashboard import cached_model, user_errors
 
 INSTRUCTION = "Write three sentences about why a language model caches keys and values."
 
