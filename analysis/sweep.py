@@ -10,7 +10,7 @@ over one document's few windows then runs its methods side by side, not one afte
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from analysis.perplexity import Windows, decode_rows, default_chunk, summarise
 class Job:
     method: str
     budget: int | None  # None: full, or a plan
-    plan: object = None
+    plan: object = field(default=None, compare=False)  # a Plan (unhashable); ``key`` names it
 
     @property
     def key(self) -> str:
@@ -90,7 +90,7 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]], sinks: 
     ids = windows.ids[[w for _, w in batch]]
     window_ids = [w for _, w in batch]
     first = batch[0][0]
-    jobs = list(dict.fromkeys(job for job, _ in batch))
+    jobs = list({job.key: job for job, _ in batch}.values())
     if len(jobs) == 1:
         policy = make_policy(first.method, first.plan.max_budget if first.plan else first.budget,
                              sinks=first.plan.sinks if first.plan else sinks,
@@ -101,7 +101,8 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]], sinks: 
             uncompressed = min(first.plan.min_budget if first.plan else first.budget, windows.size - 1)
         return decode_rows(model, ids, policy, uncompressed, default_chunk(len(batch)), window_ids, plan=first.plan)
     policies = [make_policy(j.method, j.budget, sinks=sinks, recent=recent, seed=seed) for j in jobs]
-    rows = RowPolicies(policies, [jobs.index(job) for job, _ in batch])
+    keys = [j.key for j in jobs]
+    rows = RowPolicies(policies, [keys.index(job.key) for job, _ in batch])
     return decode_rows(model, ids, rows, min(first.budget, windows.size - 1), default_chunk(len(batch)), window_ids,
                        row_budgets=[job.budget for job, _ in batch])
 
