@@ -108,13 +108,20 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
+            return cls.from_text(path.read_text(), str(path))
         except FileNotFoundError:
             raise UserError(f"plan file {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except UnicodeDecodeError as err:
             raise UserError(f"plan file {path} is not valid JSON ({err})") from None
+
+    @classmethod
+    def from_text(cls, text: str, where: str = "the plan") -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"plan file {where} is not valid JSON ({err})") from None
         if not isinstance(data, dict) or "budgets" not in data:
-            raise UserError(f"plan file {path} has no 'budgets' (a list of per-head budgets per layer)")
+            raise UserError(f"plan file {where} has no 'budgets' (a list of per-head budgets per layer)")
         known = {"budgets", "sinks", "recent", "merge", "name", "model"}
         return cls(**{k: v for k, v in data.items() if k in known})
 

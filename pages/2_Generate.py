@@ -33,22 +33,27 @@ def default_prompt(tokens: int = 300) -> str:
 
 @st.cache_data(show_spinner="Generating…", max_entries=32)
 def generate(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
-             sample: bool, temperature: float, seed: int) -> dict:
-    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data."""
+             sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
+    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data.
+
+    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/plans.py), replacing the budget.
+    """
     import torch
 
     from analysis.cache import CompressedCache
+    from analysis.plans import Plan
 
     loaded = cached_model()
     tok = loaded.tokenizer
     ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
     if ids.shape[1] == 0:
         raise UserError("the prompt is empty")
-    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed)
+    plan = Plan.from_text(plan_json) if plan_json else None
+    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan)
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     torch.manual_seed(seed)
     began = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), cache:
         out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
                                     max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)
     seconds = time.perf_counter() - began
@@ -56,8 +61,10 @@ def generate(prompt: str, method: str, budget: int | None, sinks: int, recent: i
     return {
         "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
         "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
-        "seen": [layer.seen for layer in cache.layers], "sinks": cache.policy.sinks, "recent": cache.policy.recent,
-        "kept": [cache.kept_positions(i)[0].tolist() for i in range(len(cache.layers))],
+        "seen": [layer.get_seq_length() for layer in cache.layers], "sinks": cache.policy.sinks,
+        "recent": cache.policy.recent, "memory": cache.memory(),
+        "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
+                 for i in range(len(cache.layers))],
     }
 
 
@@ -81,9 +88,11 @@ def main() -> None:
         sample = st.radio("decoding", ["greedy", "sampling"], key="decoding", horizontal=True) == "sampling"
         temperature = st.slider("temperature", 0.05, 2.0, 0.7, disabled=not sample, key="temperature")
         seed = st.number_input("seed", 0, 2**31 - 1, 0, key="seed")
+        upload = st.file_uploader("per-head plan (JSON, replaces the budget)", type="json", key="plan")
     prompt = st.text_area("prompt", value=default_prompt(), height=200, key="prompt")
+    plan_json = upload.getvalue().decode("utf-8", "replace") if upload is not None else None
     settings = (prompt, method, int(budget), int(sinks), None if recent is None else int(recent), int(new),
-                sample, float(temperature) if sample else 1.0, int(seed))
+                sample, float(temperature) if sample else 1.0, int(seed), plan_json)
     if st.button("Generate", type="primary", key="generate"):
         st.session_state["generated"] = settings
     chosen = st.session_state.get("generated")
@@ -95,7 +104,11 @@ def main() -> None:
         st.caption("Showing the previous generation; press Generate to apply the new settings.")
     prompt, method, budget = chosen[:3]
     result = generate(*chosen)
-    full = generate(prompt, "full", None, 4, None, *chosen[5:])  # cached per prompt and decoding settings
+    full = generate(prompt, "full", None, 4, None, *chosen[5:9])  # cached per prompt and decoding settings
+    if chosen[9] is not None:
+        st.caption(f"Per-head budgets from the uploaded plan. Cache memory: "
+                   f"{result['memory']['logical_bytes'] / 2**20:.2f} MB logical (sum of the budgets), "
+                   f"{result['memory']['physical_bytes'] / 2**20:.2f} MB physical (the slots allocated).")
     if result["prompt_tokens"] <= budget and method != "full":
         st.warning(f"The prompt has {result['prompt_tokens']} tokens, no more than the budget {budget}: "
                    "only the generated tokens can push the cache past it.")
