@@ -207,3 +207,23 @@ def test_gemma3_sliding_layers_keep_their_window_and_full_equals_generate(random
     assert type(cache.layers[0]).__name__ == "DynamicSlidingWindowLayer"
     assert cache.occupancy()[1] == 12 and cache.occupancy()[3] == 12  # full-attention layers compressed
     assert out.shape == plain.shape
+
+
+@pytest.mark.parametrize("method", ["weightedkv", "cam"])
+def test_tracked_mixtures_reproduce_every_slot_value(llama, random_ids, method):
+    """Layer 0's values depend only on the tokens, so each slot's value must be its mixture of the originals."""
+    ids = random_ids(2, 40, seed=9)
+    with CompressedCache(llama, method, BUDGET, sinks=SINKS, track_mixing=40) as cache:
+        out = gen(llama, ids, cache, new=10)
+    state = cache.layers[0].state
+    with torch.no_grad():
+        original = llama(out[:, :-1], use_cache=True).past_key_values.layers[0].values  # (B, H, T, D)
+    T = original.shape[2]
+    mixing = state.mixing[..., :T]  # (B, H, C, T)
+    rebuilt = mixing @ original  # (B, H, C, D)
+    held = state.valid[..., None]
+    assert ((rebuilt - state.values).abs() * held).max() < 1e-4
+    merged = (mixing > 0).sum(-1)[state.valid]
+    if method == "weightedkv":
+        assert merged.max() >= 3  # cascaded merges are visible in the mixtures
+        torch.testing.assert_close(mixing.sum(-1)[state.valid], torch.ones(int(state.valid.sum())))  # convex

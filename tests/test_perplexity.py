@@ -179,3 +179,21 @@ def test_per_document_perplexity(tiny_model, random_ids):
     assert result["ppl"] == pytest.approx(math.exp((math.log(per["a"]) + math.log(per["b"])) / 2), rel=1e-4)
     with pytest.raises(UserError, match="--batch-size"):
         evaluate(model, make_windows(docs, 40), "weightedkv", 16, batch_size=0)
+
+
+def test_running_log_ppl_is_the_mean_of_each_documents_running_mean():
+    """Hand-made NLLs: doc a scores 1, 2, 3, ... and doc b a constant 4, in token order."""
+    w = make_windows([("a", list(range(40))), ("b", list(range(40)))], 20)  # windows start 0, 10, 20 each
+    nll = torch.zeros(len(w.docs), w.size - 1)
+    mask = scored_mask(w)
+    for row, doc in enumerate(w.docs):
+        targets = torch.arange(1, w.size) + w.starts[row]  # target index of each prediction
+        nll[row] = targets.float() if doc == "a" else 4.0
+    curve = ppl.running_log_ppl(w, nll, points=39)
+    assert len(curve) == 39  # 39 scored targets per document, one point each
+    for i, value in enumerate(curve):
+        a = sum(range(1, i + 2)) / (i + 1)  # running mean of 1..i+1
+        assert value == pytest.approx((a + 4.0) / 2, abs=1e-5)
+    assert mask.sum() == 2 * 39
+    halved = ppl.running_log_ppl(w, nll, points=13)  # fewer points: every third target
+    assert halved == [curve[i] for i in range(2, 39, 3)]
