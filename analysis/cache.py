@@ -222,6 +222,7 @@ class CompressedCache(Cache):
         if self.policy.name != "full":  # full needs no hook or switch: see CompressedLayer.update
             _open(model)
             self._release = weakref.finalize(self, _close, model)  # also when the cache is dropped
+            self._release.atexit = False  # not during interpreter shutdown
 
     def close(self) -> None:
         """Remove the hooks and restore the model's attention implementation (once no cache is open)."""

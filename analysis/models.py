@@ -170,6 +170,8 @@ def load_model(
         raise UserError(f"cannot load model {model!r}: {str(err).splitlines()[0]}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(f"{model} is not a causal language model (model_type {config.model_type!r})")
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        _check_splittable(config, model, device_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
         placement = {"device_map": device_map} if device_map else {}
@@ -186,6 +188,19 @@ def load_model(
         lm.to(torch_device).eval()
     model_id = EMBEDDED_NAME if model in (DEFAULT_MODEL, EMBEDDED_NAME) else model
     return LoadedModel(lm, tokenizer, model_id, torch_device, torch_dtype)
+
+
+def _check_splittable(config, model: str, device_map: str) -> None:
+    """accelerate spreads a model over devices only along the blocks its class declares unsplittable."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return  # remote code: transformers decides
+    if not getattr(cls, "_no_split_modules", None):
+        raise UserError(f"{cls.__name__} ({model}) does not declare which blocks may not be split across devices, "
+                        f"so --device-map {device_map} is not supported for it; use --device instead")
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
