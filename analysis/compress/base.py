@@ -23,7 +23,7 @@ slots may overflow, when to grow) uses Python ints that do not depend on tensor 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -103,7 +103,6 @@ class LayerState:
     mixing: Tensor | None = None  # (B, H, C, T) float32: original tokens each slot's value mixes
     max_valid: int = 0  # host-side upper bound on valid slots in any (row, head)
     pending: int = 0  # tokens appended since the last compression
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def empty(cls, like_keys: Tensor, like_values: Tensor, capacity: int = 0, stats=STATS, layer: int = 0,
