@@ -363,10 +363,17 @@ class Policy:
         order = scores.masked_fill(~allowed, float("inf")).argsort(dim=-1, stable=True)[..., :rounds]
         victims = order.expand(B, H, rounds)  # (B, H, rounds): victims in the order they go
         active = torch.arange(rounds, device=over.device) < over[..., None]  # (B, H, rounds)
-        if not self.merges:  # eviction only: free them all at once
-            freed = torch.where(active, -1, state.positions.gather(2, victims))
-            state.positions.scatter_(2, victims, freed)
-            return
-        for i in range(rounds):
+        if self.merges:
+            self.merge_ranked(state, victims, active)
+        freed = torch.where(active, -1, state.positions.gather(2, victims))  # then free them all at once
+        state.positions.scatter_(2, victims, freed)
+
+    def merge_ranked(self, state: LayerState, victims: Tensor, active: Tensor) -> None:
+        """Merge a pass's victims (B, H, R) in rank order; they are freed afterwards, all at once.
+
+        This default frees each victim right after its merge, as a decoding step would; methods
+        override it to work out neighbours and weights once for the whole pass.
+        """
+        for i in range(victims.shape[-1]):
             self.merge(state, victims[..., i], active[..., i])
             state.remove(victims[..., i], active[..., i])

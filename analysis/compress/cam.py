@@ -41,29 +41,47 @@ class CaM(StreamingLLM):
     stats: ClassVar[tuple[str, ...]] = ("acc",)
     merges: ClassVar[bool] = True
 
-    def merge(self, state: LayerState, victim: Tensor, active: Tensor) -> None:
+    def _plan(self, state: LayerState, victims: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+        """For victims (B, H, R) taken oldest first: (index (B, H, R, 1+M) = victim then targets, gate (B, H, R, M)).
+
+        The targets of a victim are the next ``merge_num`` held slots by position. Victims leave
+        oldest first, so those are the same before and during a pass: one sort serves them all.
+        """
         B, H, C = state.positions.shape
         M = self.merge_num
         pos = state.positions
         by_position = torch.where(pos >= 0, pos, FAR).argsort(dim=-1)  # (B, H, C): slots oldest first
-        rank = ((pos >= 0) & (pos < pos.gather(2, victim[..., None]))).sum(-1, keepdim=True)  # (B, H, 1)
-        target_rank = rank + 1 + torch.arange(M, device=victim.device)  # (B, H, M)
-        valid = target_rank < state.n_valid()[..., None]  # (B, H, M): clipped to the newest token
-        targets = by_position.gather(2, target_rank.clamp_max(C - 1))
-        # Out-of-range targets point at j itself and add nothing there (j is freed next).
-        index = torch.cat([victim[..., None], torch.where(valid, targets, victim[..., None])], -1)  # (B, H, 1+M)
+        mine = pos.gather(2, victims)  # (B, H, R)
+        rank = ((pos[:, :, None, :] >= 0) & (pos[:, :, None, :] < mine[..., None])).sum(-1, keepdim=True)  # (B, H, R, 1)
+        target_rank = rank + 1 + torch.arange(M, device=pos.device)  # (B, H, R, M)
+        valid = target_rank < state.n_valid()[..., None, None]  # clipped to the newest token
+        targets = by_position.gather(2, target_rank.clamp_max(C - 1).flatten(2)).view(B, H, -1, M)
+        # Out-of-range targets point at the victim itself and add nothing there (it is freed next).
+        index = torch.cat([victims[..., None], torch.where(valid, targets, victims[..., None])], -1)  # (B, H, R, 1+M)
 
-        acc = state.acc.gather(2, index)  # (B, H, 1+M)
-        mean = torch.where(valid, acc[..., 1:], 0.0).sum(-1) / valid.sum(-1)  # (B, H)
-        p = torch.nan_to_num(acc[..., 0] / mean, nan=0.0).clamp(0.0, 1.0)  # (B, H); inf -> 1
-        heads = torch.arange(H, device=victim.device)[None, :]  # (1, H)
-        mine = pos.gather(2, victim[..., None])[..., 0]  # (B, H): each token leaves a (row, head) once
-        u = uniform(self.seed, row_ids(state)[..., 0], state.layer, heads, mine)  # (B, H)
-        gate = ((u < p) & active)[..., None] & valid  # (B, H, M): Bernoulli(p), in range
+        acc = state.acc.gather(2, index.flatten(2)).view(index.shape)  # (B, H, R, 1+M)
+        mean = torch.where(valid, acc[..., 1:], 0.0).sum(-1) / valid.sum(-1)  # (B, H, R)
+        p = torch.nan_to_num(acc[..., 0] / mean, nan=0.0).clamp(0.0, 1.0)  # inf -> 1
+        heads = torch.arange(H, device=pos.device)[None, :, None]  # (1, H, 1)
+        u = uniform(self.seed, row_ids(state), state.layer, heads, mine)  # (B, H, R): a token leaves once
+        gate = ((u < p) & active)[..., None] & valid  # (B, H, R, M): Bernoulli(p), in range
+        return index, gate
 
+    def _add(self, state: LayerState, index: Tensor, gate: Tensor) -> None:
+        """v[targets] += gate * v[victim] / merge_num for one victim per (B, H): index (B, H, 1+M)."""
+        B, H, M1 = index.shape
         for tensor in state.value_tensors():
-            D = tensor.shape[-1]
-            wide = index[..., None].expand(B, H, M + 1, D)  # (B, H, 1+M, D)
+            wide = index[..., None].expand(B, H, M1, tensor.shape[-1])  # (B, H, 1+M, D)
             rows = tensor.gather(2, wide).float()  # (B, H, 1+M, D): v_j, then the targets
-            merged = rows[:, :, 1:] + gate[..., None] * rows[:, :, :1] / M  # (B, H, M, D)
+            merged = rows[:, :, 1:] + gate[..., None] * rows[:, :, :1] / self.merge_num  # (B, H, M, D)
             tensor.scatter_(2, wide[:, :, 1:], merged.to(tensor.dtype))  # in place
+
+    def merge(self, state: LayerState, victim: Tensor, active: Tensor) -> None:
+        index, gate = self._plan(state, victim[..., None], active[..., None])
+        self._add(state, index[:, :, 0], gate[:, :, 0])
+
+    def merge_ranked(self, state: LayerState, victims: Tensor, active: Tensor) -> None:
+        """A long prompt's merges: every target and gate once, then one gather-add per victim, oldest first."""
+        index, gate = self._plan(state, victims, active)
+        for i in range(victims.shape[-1]):
+            self._add(state, index[:, :, i], gate[:, :, i])

@@ -60,3 +60,37 @@ class WeightedKV(Policy):
             mixed = (avg * rows).sum(2, keepdim=True) / total  # (B, H, 1, D)
             merged = torch.where(keep, mixed, rows[:, :, 1:])  # 0 / 0 or inactive: v_n unchanged
             tensor.scatter_(2, wide[:, :, 1:], merged.to(tensor.dtype))  # one slot, in place
+
+    def merge_ranked(self, state: LayerState, victims: Tensor, active: Tensor) -> None:
+        """A long prompt's merges: neighbours and weights once, then only two-row gathers per victim.
+
+        Victim i (rank i) merges into the nearest slot to its right that is still there when its turn
+        comes: the first position after it held by a survivor or by a victim of higher rank. Scores
+        never change during the pass (merges leave the neighbour's statistics alone), so every
+        neighbour and weight is known before the first merge; the values still flow in rank order.
+        """
+        B, H, R = victims.shape
+        if state.merge_mask is not None:
+            active = active & state.merge_mask[..., None]
+        pos = state.positions  # (B, H, C)
+        rank = torch.full_like(pos, R)  # survivors (and inactive victims) outrank every victim
+        rank.scatter_(2, victims, torch.where(active, torch.arange(R, device=pos.device), R))
+        mine = pos.gather(2, victims)  # (B, H, R)
+        later = torch.arange(R, device=pos.device)[:, None]  # (R, 1)
+        neighbour = torch.empty_like(victims)
+        for lo in range(0, R, 256):  # (B, H, 256, C) at a time: bounded memory for long prompts
+            hi = min(lo + 256, R)
+            right = (pos[:, :, None, :] > mine[..., lo:hi, None]) & (rank[:, :, None, :] > later[lo:hi])
+            neighbour[..., lo:hi] = torch.where(right, pos[:, :, None, :], FAR).argmin(dim=-1)
+        avg = state.average_attention()
+        a_j, a_n = avg.gather(2, victims)[..., None], avg.gather(2, neighbour)[..., None]  # (B, H, R, 1)
+        total = a_j + a_n
+        keep = (total > 0) & active[..., None]  # (B, H, R, 1)
+        for tensor in state.value_tensors():
+            D = tensor.shape[-1]
+            for i in range(R):
+                j = victims[..., i, None, None].expand(B, H, 1, D)
+                n = neighbour[..., i, None, None].expand(B, H, 1, D)
+                v_j, v_n = tensor.gather(2, j).float(), tensor.gather(2, n).float()
+                mixed = (a_j[:, :, i : i + 1] * v_j + a_n[:, :, i : i + 1] * v_n) / total[:, :, i : i + 1]
+                tensor.scatter_(2, n, torch.where(keep[:, :, i : i + 1], mixed, v_n).to(tensor.dtype))
