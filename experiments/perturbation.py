@@ -1,82 +1,151 @@
-"""One-step perturbation of future attention: WeightedKV merge vs eviction of the same token (Fig. 2).
+"""Merging effects, head by head and end to end: WeightedKV merge vs eviction and the other methods.
 
-    python -m experiments.perturbation --model default --corpus books --tokens 1024 --sequences 2 \\
-        --layers 0,5,10,15,20,25,29 --steps 256,512,768 --future 200 --out DIR
+    python -m experiments.perturbation fig2 --out DIR      # the paper's Fig. 2: t0=100, next 800 steps
+    python -m experiments.perturbation sweep --budget 128,256 --tokens 1024 --out DIR
+    python -m experiments.perturbation end2end --budget 128 --tokens 512 --out DIR
+    python -m experiments.perturbation ideal --steps 100,300 --future 64 --out DIR
 
-Writes DIR/perturbation.json (analysis.perturbation.perturbation_study), built atomically.
+Modes:
+  fig2     at step t0 one WeightedKV merge of the lowest-average-attention token, and separately the
+           eviction of the same token; relative output error and attention cosine of the next N queries.
+  sweep    teacher-forced: each layer's captured queries/keys/values through a cache held to budget m by
+           each method, token by token; relative attention-output error per step, layer and KV head.
+  end2end  the model decoding the text with a CompressedCache next to a full-cache run: KL of the
+           next-token distribution, change in NLL, per-layer attention-output deviation.
+  ideal    the paper's exact ideal merge (§III-B) vs its convex approximation vs WeightedKV vs eviction.
+
+Every mode averages over --sequences sequences (default 8; from books and web when neither --corpus nor
+--text is given) and writes DIR/perturbation.json, perturbation.csv, curves.safetensors and figures/
+(HTML + PNG), atomically. Results are mean ± std over sequences.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from experiments.common import (add_output_args, command_parser, load_model_from_args,
-                                parse_ints, run_main, text_source)
+from experiments.common import add_model_args, add_output_args, parse_ints, run_main
 
-KINDS = ("query_post_rope", "key_post_rope", "value")
+MIXED = ("books", "web")  # corpora used when none is named
+ALL_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm,random"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = command_parser("perturbation", __doc__)
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens per sequence (default: 1024)")
-    parser.add_argument("--sequences", type=int, default=2, help="how many sequences (default: 2)")
-    parser.add_argument("--layers", default=None, help="layers, e.g. 0,5,10-12 (default: all)")
-    parser.add_argument("--steps", default="256,512,768", help="compression positions t (default: 256,512,768)")
-    parser.add_argument("--future", type=int, default=200, help="future queries scored (default: 200)")
-    parser.add_argument("--methods", default="weightedkv,weightedkv_evict",
-                        help="comma list of methods (default: weightedkv,weightedkv_evict)")
-    parser.add_argument("--sinks", type=int, default=4, help="protected first slots (default: 4)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    add_output_args(parser)
+    parser = argparse.ArgumentParser(prog="python -m experiments.perturbation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
+    specs = {
+        "fig2": ("the paper's Fig. 2 protocol (merge vs evict of one token)", "weightedkv,weightedkv_evict", 800),
+        "sweep": ("teacher-forced budget sweep per layer and KV head", ALL_METHODS, None),
+        "end2end": ("KL / NLL / per-layer deviation of the model decoding under a compressed cache",
+                    "weightedkv,weightedkv_evict,h2o,tova,streaming_llm", None),
+        "ideal": ("ideal merge (§III-B) vs convex merges vs eviction", None, 64),
+    }
+    for mode, (help_text, methods, future) in specs.items():
+        p = sub.add_parser(mode, help=help_text, description=help_text)
+        add_model_args(p)
+        text = p.add_argument_group("text").add_mutually_exclusive_group()
+        text.add_argument("--corpus", default=None, help="books, web, latex or math (default: half books, half web)")
+        text.add_argument("--text", default=None, metavar="FILE_OR_DIR", help="your own UTF-8 text file or directory")
+        p.add_argument("--sequences", type=int, default=8, help="sequences averaged over (default: 8)")
+        p.add_argument("--layers", default=None, help="layers, e.g. 0,5,10-12 (default: all)")
+        p.add_argument("--heads", default=None, help="KV heads reported, e.g. 0,2 (default: all)")
+        p.add_argument("--sinks", type=int, default=4, help="protected first positions (default: 4)")
+        p.add_argument("--recent", type=int, default=None, help="protected newest positions (default: budget/2 - sinks)")
+        p.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+        p.add_argument("--no-png", action="store_true", help="write figures as HTML only")
+        if mode == "fig2":
+            p.add_argument("--t0", type=int, default=100, help="step of the one compression (default: 100)")
+        if future is not None:
+            p.add_argument("--future", type=int, default=future, help=f"queries scored after it (default: {future})")
+        if mode in ("sweep", "end2end"):
+            p.add_argument("--tokens", type=int, default=1024 if mode == "sweep" else 512,
+                           help=f"tokens per sequence (default: {1024 if mode == 'sweep' else 512})")
+            p.add_argument("--budget", default="128,256" if mode == "sweep" else "128",
+                           help="cache sizes m, comma list (default: %(default)s)")
+        if mode == "ideal":
+            p.add_argument("--tokens", type=int, default=512, help="tokens per sequence (default: 512)")
+            p.add_argument("--steps", default="100,200,300", help="merge steps t (default: 100,200,300)")
+        if methods is not None:
+            p.add_argument("--methods", default=methods, help="comma list; 'full' adds the reference (default: %(default)s)")
+        add_output_args(p)
     return parser
+
+
+def settings_from(args):
+    from analysis.errors import UserError
+    from analysis.perturbation_study import Settings
+
+    ints = lambda name: parse_ints(getattr(args, name), name)  # noqa: E731
+    methods = [m.strip() for m in getattr(args, "methods", "weightedkv").split(",") if m.strip()]
+    if args.sequences < 1 or args.sinks < 0:
+        raise UserError("--sequences >= 1 and --sinks >= 0 are required")
+    if args.mode == "fig2":
+        if args.t0 < 2 or args.future < 1:
+            raise UserError(f"--t0 >= 2 and --future >= 1 are required (got {args.t0}, {args.future})")
+        tokens = args.t0 + args.future
+    else:
+        tokens = args.tokens
+    settings = Settings(mode=args.mode, tokens=tokens, layers=ints("layers"), heads=ints("heads"), methods=methods,
+                        budgets=ints("budget") if hasattr(args, "budget") else [],
+                        t0=getattr(args, "t0", 100), future=getattr(args, "future", 0),
+                        steps=ints("steps") if hasattr(args, "steps") else [100], sinks=args.sinks,
+                        recent=args.recent, seed=args.seed)
+    if args.mode == "ideal" and (settings.future < 1 or not settings.steps):
+        raise UserError("--future >= 1 and at least one --steps value are required")
+    settings.validate()
+    return settings
+
+
+def load_sequences(args, tokenizer, tokens: int) -> list[tuple[str, list[int]]]:
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.errors import UserError
+
+    if args.text or args.corpus:
+        sources = [{"text": args.text} if args.text else {"corpus": args.corpus}]
+    else:
+        sources = [{"corpus": c} for c in MIXED]
+    counts = [args.sequences // len(sources) + (i < args.sequences % len(sources)) for i in range(len(sources))]
+    out = []
+    for source, count in zip(sources, counts):
+        if count == 0:
+            continue
+        try:
+            out += token_sequences(tokenizer, load_documents(**source), tokens, count)
+        except UserError as err:
+            what = "t0 + N" if args.mode == "fig2" else "--tokens"
+            raise UserError(f"{what} = {tokens} tokens is beyond the text ({next(iter(source.values()))}): {err}") from None
+    return out
 
 
 def main(argv=None) -> None:
     import torch
+    from tqdm.auto import tqdm
 
-    from analysis.capture import capture_sequences
-    from analysis.compress import METHODS
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.errors import UserError
-    from analysis.perturbation import perturbation_study
-    from analysis.runs import atomic_dir, check_out_dir, write_json
+    from analysis.models import EMBEDDED_NAME
+    from analysis.perturbation_study import check_result_dir, run_study, save_study
+    from analysis.runs import check_out_dir
+    from experiments.common import load_model_from_args
 
     args = build_parser().parse_args(argv)
-    layers, steps = parse_ints(args.layers, "layers"), parse_ints(args.steps, "steps")
-    methods = tuple(m.strip() for m in args.methods.split(","))
-    if args.tokens < 2 or args.sequences < 1 or args.future < 1 or args.sinks < 0:
-        raise UserError("--tokens >= 2, --sequences >= 1, --future >= 1 and --sinks >= 0 are required")
-    bad = [m for m in methods if m not in METHODS or m == "full"]
-    if bad:
-        raise UserError(f"unknown or non-compressing method(s) {bad}; valid: {', '.join(sorted(set(METHODS) - {'full'}))}")
-    if args.future + 2 > args.tokens:
-        raise UserError(f"--future {args.future} leaves no room in --tokens {args.tokens}: need tokens >= future + 2")
-    if not steps or min(steps) < 2 or max(steps) + args.future > args.tokens:
-        raise UserError(f"--steps must lie in 2..{args.tokens - args.future} (tokens - future), got {args.steps}")
+    settings = settings_from(args)
+    check_result_dir(args.out, EMBEDDED_NAME if args.model == "default" else args.model)
     check_out_dir(args.out, args.overwrite)  # fail before the expensive part
     if args.threads:
         torch.set_num_threads(args.threads)
-    docs = load_documents(**text_source(args))
     loaded = load_model_from_args(args)
-    n_layers = loaded.summary().get("num_layers") or loaded.model.config.num_hidden_layers
-    if layers and (min(layers) < 0 or max(layers) >= n_layers):
-        raise UserError(f"--layers must lie in 0..{n_layers - 1}, got {args.layers}")
-    sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.sequences)
-    capture = capture_sequences(loaded, sequences, layers=layers, kinds=KINDS, progress=not args.quiet)
-    with torch.inference_mode():
-        study = perturbation_study(capture, layers=layers, steps=steps, future=args.future, methods=methods,
-                                   sinks=args.sinks)
-    study |= {"model": loaded.model_id, "source": text_source(args), "tokens": args.tokens,
-              "text_ids": [text_id for text_id, _ in sequences]}
-    with atomic_dir(args.out, args.overwrite) as tmp:
-        write_json(tmp / "perturbation.json", study)
-    for name, res in study["methods"].items():
-        err, cos = res["rel_error"], res["attn_cosine_padded"]
-        print(f"{name}: rel. output error {err['mean']:.3g} ± {err['std']:.3g}, "
-              f"padded attention cosine {cos['mean']:.6f} ± {cos['std']:.2g}")
-    if "merge_vs_evict" in study:
-        mv = study["merge_vs_evict"]
-        print(f"merge closer than evict in {mv['merge_wins']:.1%} of {mv['cases']} (layer, row, KV head, t) cases")
+    settings.check_model(loaded.summary())
+    sequences = load_sequences(args, loaded.tokenizer, settings.tokens)
+    bar = tqdm(total=len(sequences), unit="seq", desc=args.mode, disable=args.quiet)
+    summary, tensors = run_study(loaded, sequences, settings, progress=bar.update)
+    bar.close()
+    summary["source"] = {"text": args.text} if args.text else {"corpus": args.corpus} if args.corpus else {"corpora": list(MIXED)}
+    save_study(args.out, summary, tensors, overwrite=args.overwrite, png=not args.no_png)
+    for r in summary["results"]:
+        if r["layer"] is None and r["kv_head"] is None:
+            budget = f" m={r['budget']}" if r["budget"] is not None else ""
+            print(f"{r['metric']:>18} {r['method']:>16}{budget}: {r['mean']:.4g} ± {r['std']:.2g}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
