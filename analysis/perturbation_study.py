@@ -72,7 +72,8 @@ def jobs_of(settings: Settings) -> list[tuple[str, int | None]]:
     return jobs + [(m, b) for m in settings.methods if m != "full" for b in settings.budgets]
 
 
-def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings, progress=None) -> tuple[dict, dict]:
+def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings, progress=None,
+              source: dict | None = None) -> tuple[dict, dict]:
     """(summary, tensors) of one study; ``progress(n)`` is called after each unit of work."""
     from analysis.capture import capture_sequences
     from analysis.merge_study import fig2_sequence, sweep_sequence
@@ -115,7 +116,7 @@ def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings
     rows, tensors = _summarise(settings, per_seq, layers)
     if settings.heads is not None:
         rows = [r for r in rows if r["kv_head"] is None or r["kv_head"] in settings.heads]
-    summary = {"mode": settings.mode, "model": loaded.model_id, "config": config, "sequences": len(sequences),
+    summary = {"mode": settings.mode, "model": loaded.model_id, "source": source, "config": config, "sequences": len(sequences),
                "tokens": settings.tokens, "text_ids": [t for t, _ in sequences], "layers": layers,
                "methods": settings.methods, "budgets": settings.budgets if settings.mode in ("sweep", "end2end") else None,
                "t0": settings.t0, "future": settings.future, "steps": settings.steps, "sinks": settings.sinks,

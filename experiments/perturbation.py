@@ -137,9 +137,9 @@ def main(argv=None) -> None:
     settings.check_model(loaded.summary())
     sequences = load_sequences(args, loaded.tokenizer, settings.tokens)
     bar = tqdm(total=len(sequences), unit="seq", desc=args.mode, disable=args.quiet)
-    summary, tensors = run_study(loaded, sequences, settings, progress=bar.update)
+    source = {"text": args.text} if args.text else {"corpus": args.corpus} if args.corpus else {"corpora": list(MIXED)}
+    summary, tensors = run_study(loaded, sequences, settings, progress=bar.update, source=source)
     bar.close()
-    summary["source"] = {"text": args.text} if args.text else {"corpus": args.corpus} if args.corpus else {"corpora": list(MIXED)}
     save_study(args.out, summary, tensors, overwrite=args.overwrite, png=not args.no_png)
     for r in summary["results"]:
         if r["layer"] is None and r["kv_head"] is None:

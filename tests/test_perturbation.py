@@ -112,3 +112,123 @@ def test_merge_perturbs_less_than_evicting_the_same_token(books_capture):
     study = perturbation_study(books_capture, steps=(96, 192, 288), future=16)
     merge, evict = (study["methods"][m]["rel_error"]["mean"] for m in PAIR)
     assert merge < evict, (merge, evict, study["merge_vs_evict"])
+
+
+# --- the study modes (analysis.merge_study, end_to_end, ideal_merge, perturbation_study) ------------------
+
+def tiny_loaded(tiny_model):
+    from analysis.models import LoadedModel
+
+    return LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
+
+
+def tiny_capture(tiny_model, random_ids, T=40, seed=0):
+    model = tiny_model("llama")
+    with record(model, kinds=("query_post_rope", "key_post_rope", "value")) as rec, torch.inference_mode():
+        model(random_ids(1, T, seed=seed))
+    return rec.result()
+
+
+def test_ideal_merge_is_exact_at_its_own_query_and_the_convex_ones_are_not(tiny_model, random_ids):
+    from analysis.ideal_merge import VARIANTS, ideal_errors
+
+    for seed in range(3):
+        errors = ideal_errors(tiny_capture(tiny_model, random_ids, seed=seed), 1, 20, 8, sinks=2)
+        assert set(errors) == set(VARIANTS) and errors["ideal"].shape == (4, 9)
+        assert errors["ideal"][:, 0].max() < 1e-5  # zero error at the merging query (every query head)
+        assert errors["ideal"][:, 1:].max() > 1e-4  # query-dependent: not exact for the next queries
+        for other in ("convex_query", "weightedkv", "evict"):
+            assert errors[other][:, 0].min() > 1e-4, other
+
+
+def test_end_to_end_kl_is_zero_without_compression(tiny_model, random_ids):
+    from analysis.end_to_end import end_to_end
+
+    jobs = [("full", None), ("weightedkv", 12), ("weightedkv", 99), ("h2o", 12)]
+    res = end_to_end(tiny_model("llama"), random_ids(1, 40, seed=1)[0], jobs, sinks=2)
+    assert res["kl"].shape == (4, 39) and res["delta_nll"].shape == (4, 39) and res["deviation"].shape == (4, 4, 39)
+    for j in (0, 2):  # full, and a budget above the sequence: nothing is ever compressed
+        assert res["kl"][j].abs().max() < 1e-6 and res["delta_nll"][j].abs().max() < 1e-5
+        assert res["deviation"][j].max() < 1e-5
+    for j in (1, 3):
+        assert torch.equal(res["kl"][j, :12], torch.zeros(12))  # before the cache first fills
+        assert res["kl"][j, 13:].mean() > 1e-6 and res["deviation"][j, :, 13:].mean() > 1e-4
+
+
+def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
+    import json
+
+    from analysis.perturbation_study import Settings, check_result_dir, run_study, save_study
+
+    loaded = tiny_loaded(tiny_model)
+    seqs = [(f"s{i}", random_ids(1, 40, seed=i)[0].tolist()) for i in range(2)]
+    cases = {"fig2": Settings("fig2", 40, t0=20, future=20, sinks=2),
+             "sweep": Settings("sweep", 40, methods=["full", "weightedkv", "weightedkv_evict"], budgets=[12, 40],
+                               sinks=2),
+             "end2end": Settings("end2end", 40, methods=["full", "weightedkv"], budgets=[12], sinks=2),
+             "ideal": Settings("ideal", 40, steps=[15, 25], future=8, sinks=2, layers=[0, 3])}
+    for mode, settings in cases.items():
+        settings.validate()
+        summary, tensors = run_study(loaded, seqs, settings, source={"corpus": "random"})
+        out = save_study(tmp_path / mode, summary, tensors, png=False)
+        data = json.loads((out / "perturbation.json").read_text())
+        assert {"mode", "model", "source", "sequences", "tokens", "methods", "budgets", "results"} <= set(data)
+        assert data["mode"] == mode and data["sequences"] == 2 and data["model"] == "tiny-llama"
+        for row in data["results"]:
+            assert {"method", "budget", "layer", "kv_head", "mean", "std", "metric"} <= set(row), row
+        assert (out / "perturbation.csv").read_text().startswith("mode,metric,method,budget,layer,kv_head,mean,std")
+        assert list((out / "figures").glob("*.html"))
+        if mode == "sweep":
+            for row in data["results"]:
+                if row["method"] == "full" or row["budget"] == 40:  # budget >= T: nothing compressed
+                    assert row["mean"] == 0.0 and row["std"] == 0.0, row
+            assert len([r for r in data["results"] if r["layer"] is not None]) == 5 * 4 * 2  # jobs (full + 2 methods x 2 budgets) x layers x heads
+        if mode == "end2end":
+            kl = {r["method"]: r for r in data["results"] if r["metric"] == "kl"}
+            assert kl["full"]["layer"] is None and kl["full"]["mean"] < 1e-6 and kl["weightedkv"]["mean"] > 0
+        if mode == "ideal":
+            overall = {(r["metric"], r["method"]): r["mean"] for r in data["results"] if r["layer"] is None}
+            assert overall["at_merge", "ideal"] < 1e-5 < overall["at_merge", "convex_query"]
+    check_result_dir(tmp_path / "fig2", "tiny-llama")
+    with pytest.raises(UserError, match="tiny-llama.*other-model"):
+        check_result_dir(tmp_path / "fig2", "other-model")
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(mode="bogus", tokens=40), "unknown mode"),
+    (dict(mode="sweep", tokens=40, methods=["nope"], budgets=[12]), "unknown method"),
+    (dict(mode="sweep", tokens=40, budgets=[8], sinks=4, recent=4), "leaves no room"),
+    (dict(mode="end2end", tokens=40, budgets=[]), "at least one --budget"),
+    (dict(mode="ideal", tokens=40, steps=[35], future=8), "--steps must lie in"),
+])
+def test_bad_settings_are_one_line_errors(settings, message):
+    from analysis.perturbation_study import Settings
+
+    with pytest.raises(UserError, match=message) as err:
+        Settings(**settings).validate()
+    assert "\n" not in str(err.value)
+
+
+def test_layers_and_heads_out_of_range():
+    from analysis.perturbation_study import Settings
+
+    config = {"num_layers": 30, "num_kv_heads": 3}
+    with pytest.raises(UserError, match="0..29"):
+        Settings("fig2", 900, layers=[30]).check_model(config)
+    with pytest.raises(UserError, match="0..2"):
+        Settings("fig2", 900, heads=[3]).check_model(config)
+
+
+@pytest.mark.slow
+def test_command_refuses_text_too_short_and_writes_nothing(tmp_path, capsys):
+    from experiments.perturbation import main
+    from experiments.common import run_main
+
+    text = tmp_path / "short.txt"
+    text.write_text("A short text. " * 20)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as code:
+        run_main(main, ["fig2", "--text", str(text), "--sequences", "1", "--quiet", "--no-png", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and not out.exists() and not list(tmp_path.glob(".out*"))
+    assert err.startswith("error: t0 + N = 900 tokens is beyond the text") and "has" in err and "\n" not in err
