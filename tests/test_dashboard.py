@@ -133,3 +133,34 @@ def test_home_captures_a_run_on_the_embedded_model(runs):
     capture = load_run(runs / "quick")
     assert capture.meta["source"] == {"corpus": "books"} and capture.meta["tokens"] == 32
     assert capture.get(29, "value").shape == (1, 3, 32, 64)
+
+
+def test_perturbation_page(runs, tiny_model):
+    """A saved study of every mode opens with its figures; moving a selector redraws without error."""
+    from analysis.models import LoadedModel
+    from analysis.perturbation_study import Settings, run_study, save_study
+
+    at = app("pages/4_Perturbation.py").run()
+    assert not at.exception and "No perturbation studies" in at.info[0].value
+    loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [(f"s{i}", torch.randint(0, 100, (40,), generator=gen).tolist()) for i in range(2)]
+    for settings in (Settings("fig2", 40, t0=20, future=20, sinks=2),
+                     Settings("sweep", 40, methods=["weightedkv", "weightedkv_evict"], budgets=[12, 16], sinks=2),
+                     Settings("end2end", 40, methods=["weightedkv", "h2o"], budgets=[12], sinks=2),
+                     Settings("ideal", 40, steps=[20], future=8, sinks=2)):
+        save_study(runs / settings.mode, *run_study(loaded, seqs, settings), png=False)
+    for mode, charts in (("fig2", 3), ("sweep", 2), ("end2end", 3), ("ideal", 1)):
+        at = app("pages/4_Perturbation.py")
+        at.session_state["study"] = mode
+        at.run()
+        assert not at.exception and not at.error, mode
+        assert len(at.get("plotly_chart")) == charts, mode
+    at.selectbox(key="layer").set_value(0).run()
+    assert not at.exception and "layer 0" in titles(at)[0]
+    at = app("pages/4_Perturbation.py")
+    at.session_state["study"] = "sweep"
+    at.run()
+    at.selectbox(key="budget").set_value(16).run()
+    at.selectbox(key="method").set_value("weightedkv_evict").run()
+    assert not at.exception and "weightedkv_evict, m=16" in titles(at)[0]

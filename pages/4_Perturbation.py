@@ -1,0 +1,131 @@
+"""Perturbation: where does merging the value help, where does it hurt, and does the prediction move?
+
+Opens a study directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``perturbation.json`` (from
+``python -m experiments.perturbation MODE``), or runs a small study here on the embedded model and
+saves it there with the same files as the command. All logic lives in analysis/.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import streamlit as st
+
+import dashboard
+from analysis.compress import METHODS
+from analysis.corpora import CORPORA
+from analysis.errors import UserError
+from analysis.perturbation_study import MODES, RESULTS, Settings, run_study, save_study
+from analysis.plots.perturbation import fig_fig2, fig_head_heatmap, fig_ideal, fig_layer_deviation, fig_positions
+
+
+def study_dirs(root: Path) -> list[Path]:
+    """Directories directly under ``root`` holding a perturbation.json, newest first."""
+    found = [p for p in root.iterdir() if (p / RESULTS).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+@st.cache_data(show_spinner=False)
+def load_summary(path: str, stamp: float) -> dict:
+    """The study's JSON; ``stamp`` (mtime) invalidates the cache when the directory is replaced."""
+    return json.loads(Path(path).read_text())
+
+
+def small_study(root: Path) -> None:
+    """Sidebar form: a small study on the embedded model, saved as root/<name>."""
+    with st.sidebar.form("small_study"):
+        st.subheader("Run a small study (embedded model)")
+        mode = st.selectbox("mode", MODES, key="new_mode")
+        corpus = st.selectbox("corpus", list(CORPORA), key="new_corpus")
+        sequences = st.number_input("sequences", 1, 16, 2, key="new_sequences")
+        tokens = st.number_input("tokens (sweep, end2end, ideal)", 32, 2048, 256, step=32, key="new_tokens")
+        t0 = st.number_input("t0 (fig2)", 8, 1024, 100, key="new_t0")
+        future = st.number_input("future queries (fig2, ideal)", 1, 1024, 100, key="new_future")
+        budgets = st.text_input("budgets (sweep, end2end)", "64", key="new_budgets")
+        methods = st.multiselect("methods (sweep, end2end)", list(METHODS),
+                                 default=["weightedkv", "weightedkv_evict"], key="new_methods")
+        layers = st.text_input("layers (empty: all)", "0,10,20,29", key="new_layers")
+        name = st.text_input("run name", "", placeholder=f"perturb-{mode}", key="new_name")
+        start = st.form_submit_button("Run study")
+    if not start:
+        return
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.runs import check_out_dir
+    from experiments.common import parse_ints
+
+    n_tokens = int(t0) + int(future) if mode == "fig2" else int(tokens)
+    settings = Settings(mode=mode, tokens=n_tokens, layers=parse_ints(layers.strip() or None, "layers"),
+                        methods=list(methods) if mode in ("sweep", "end2end") else ["weightedkv", "weightedkv_evict"],
+                        budgets=parse_ints(budgets, "budget") if mode in ("sweep", "end2end") else [],
+                        t0=int(t0), future=int(future), steps=[max(2, n_tokens - int(future) - 1)] if mode == "ideal" else [100])
+    if mode in ("sweep", "end2end") and not methods:
+        raise UserError("choose at least one method")
+    settings.validate()
+    out = check_out_dir(root / (name.strip() or f"perturb-{mode}-{time.strftime('%H%M%S')}"))
+    loaded = dashboard.cached_model()
+    seqs = token_sequences(loaded.tokenizer, load_documents(corpus=corpus), n_tokens, int(sequences))
+    bar, done = dashboard.progress_callback(f"{mode} study"), [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        bar(done[0] / len(seqs))
+
+    summary, tensors = run_study(loaded, seqs, settings, progress=progress, source={"corpus": corpus})
+    save_study(out, summary, tensors, png=False)
+    st.session_state["study"] = out.name
+    st.success(f"saved {out}")
+
+
+def show(summary: dict) -> None:
+    mode = summary["mode"]
+    st.caption(f"{mode} · {summary['model']} · {summary['sequences']} sequence(s) of {summary['tokens']} tokens "
+               f"({', '.join(summary['text_ids'][:4])}{'…' if len(summary['text_ids']) > 4 else ''})")
+    methods = [m for m in summary["methods"] if m != "full"]
+    if mode == "fig2":
+        metric = st.selectbox("metric", ["rel_error", "attn_cosine", "attn_cosine_padded"], key="metric")
+        st.plotly_chart(fig_fig2(summary, metric), key="fig2")
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(fig_head_heatmap(summary, "weightedkv", None, metric), key="heads")
+        c2.plotly_chart(fig_head_heatmap(summary, "weightedkv", None, metric, minus="weightedkv_evict"), key="diff")
+    elif mode == "sweep":
+        c1, c2 = st.columns(2)
+        method = c1.selectbox("method", methods, key="method")
+        budget = c2.selectbox("budget", summary["budgets"], key="budget")
+        c1, c2 = st.columns(2)
+        c1.plotly_chart(fig_head_heatmap(summary, method, budget), key="heads")
+        if {"weightedkv", "weightedkv_evict"} <= set(methods):
+            c2.plotly_chart(fig_head_heatmap(summary, "weightedkv", budget, minus="weightedkv_evict"), key="diff")
+    elif mode == "end2end":
+        c1, c2 = st.columns([3, 1])
+        chosen = c1.multiselect("methods", methods, default=methods, key="methods")
+        budget = c2.selectbox("budget", summary["budgets"], key="budget")
+        st.plotly_chart(fig_positions(summary, budget, "kl", chosen), key="kl")
+        st.plotly_chart(fig_positions(summary, budget, "delta_nll", chosen), key="dnll")
+        st.plotly_chart(fig_layer_deviation(summary, budget, chosen), key="deviation")
+    else:
+        layer = st.selectbox("layer", ["all"] + summary["layers"], key="layer")
+        st.plotly_chart(fig_ideal(summary, None if layer == "all" else layer), key="ideal")
+    with st.expander("result rows"):
+        st.dataframe([{k: v for k, v in r.items() if k not in ("steps", "curve", "curve_std")}
+                      for r in summary["results"]], key="rows", hide_index=True)
+
+
+def main() -> None:
+    st.title("Perturbation: merging vs evicting, head by head and end to end")
+    root = dashboard.runs_root()
+    small_study(root)
+    dirs = study_dirs(root)
+    if not dirs:
+        st.info(f"No perturbation studies in {root}/ yet: run a small one from the sidebar, or "
+                f"`python -m experiments.perturbation fig2 --sequences 2 --out {root}/fig2`.")
+        return
+    names = [p.name for p in dirs]
+    if st.session_state.get("study") not in names:
+        st.session_state["study"] = names[0]
+    name = st.selectbox("study", names, key="study")
+    path = root / name / RESULTS
+    show(load_summary(str(path), path.stat().st_mtime))
+
+
+with dashboard.user_errors():
+    main()
