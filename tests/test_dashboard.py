@@ -164,3 +164,19 @@ def test_perturbation_page(runs, tiny_model):
     at.selectbox(key="budget").set_value(16).run()
     at.selectbox(key="method").set_value("weightedkv_evict").run()
     assert not at.exception and "weightedkv_evict, m=16" in titles(at)[0]
+
+
+@pytest.mark.slow
+def test_perturbation_page_runs_a_small_study_on_the_embedded_model(runs):
+    at = app("pages/4_Perturbation.py").run()
+    at.selectbox(key="new_mode").set_value("fig2")
+    at.number_input(key="new_sequences").set_value(1)
+    at.number_input(key="new_t0").set_value(20)
+    at.number_input(key="new_future").set_value(12)
+    at.text_input(key="new_layers").set_value("0,29")
+    at.text_input(key="new_name").set_value("small")
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    summary = json.loads((runs / "small" / "perturbation.json").read_text())
+    assert summary["mode"] == "fig2" and summary["layers"] == [0, 29] and summary["tokens"] == 32
+    assert at.selectbox(key="study").value == "small" and len(at.get("plotly_chart")) == 3
