@@ -11,7 +11,9 @@ own ``select`` / ``merge`` / ``remove``). The next N captured queries attend ove
 + true future tokens]; per step we record the relative output error and two attention cosines.
 The dropped position in the cosine: ``attn_cosine`` leaves it out of the full run's weights (the
 remaining weights are compared as they are; renormalising does not change a cosine),
-``attn_cosine_padded`` keeps it, the compressed run holding weight 0 there.
+``attn_cosine_padded`` keeps it, the compressed run holding weight 0 there. The victim is chosen as
+the policy chooses it: among positions >= sinks and older than the ``recent`` newest (the policies'
+default recent is budget // 2 - sinks, 45 for t0 = 100; ``recent=1`` lets every older token compete).
 
 Sweep (``sweep_sequence``): ``analysis.teacher_forced.sweep_layer`` per layer, every (method,
 budget) job a batch row of one ``LayerState`` run token by token exactly as ``CompressedCache``.

@@ -29,8 +29,18 @@ MIXED = ("books", "web")  # corpora used when none is named
 ALL_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm,random"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options (an unknown mode too) give one ``error: ...`` line and exit code 2, as a UserError does."""
+
+    def error(self, message: str):
+        import sys
+
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.perturbation", description=__doc__,
+    parser = OneLineParser(prog="python -m experiments.perturbation", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
     specs = {
@@ -50,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--layers", default=None, help="layers, e.g. 0,5,10-12 (default: all)")
         p.add_argument("--heads", default=None, help="KV heads reported, e.g. 0,2 (default: all)")
         p.add_argument("--sinks", type=int, default=4, help="protected first positions (default: 4)")
-        p.add_argument("--recent", type=int, default=None, help="protected newest positions (default: budget/2 - sinks)")
+        p.add_argument("--recent", type=int, default=None,
+                       help="protected newest positions, never victims (default: budget/2 - sinks; in fig2 and ideal "
+                            "the budget is t - 1, so 45 at t0 = 100: pass --recent 1 to let any but the newest go)")
         p.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
         p.add_argument("--no-png", action="store_true", help="write figures as HTML only")

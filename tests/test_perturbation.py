@@ -232,3 +232,12 @@ def test_command_refuses_text_too_short_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code.value.code == 2 and not out.exists() and not list(tmp_path.glob(".out*"))
     assert err.startswith("error: t0 + N = 900 tokens is beyond the text") and "has" in err and "\n" not in err
+
+
+def test_unknown_mode_is_one_line(capsys):
+    from experiments.perturbation import main
+
+    with pytest.raises(SystemExit) as code:
+        main(["bogus", "--out", "x"])
+    err = capsys.readouterr().err.strip()
+    assert code.value.code == 2 and err.startswith("error: argument MODE: invalid choice") and "\n" not in err
