@@ -115,17 +115,28 @@ def run_stream(loaded, sequences: list[tuple[str, list[int]]], methods: list[str
     return summary, tensors
 
 
-def save_stream(out: Path, summary: dict, tensors: dict[str, Tensor], overwrite: bool = False,
-                png: bool = True) -> Path:
-    """Write stream.json, nll.safetensors and the running_log_ppl figure into ``out`` atomically."""
+def write_stream(directory: Path, summary: dict, tensors: dict[str, Tensor], png: bool = True) -> list[Path]:
+    """stream.json, nll.safetensors and the running_log_ppl figure, each file written atomically."""
     from safetensors.torch import save_file
 
     from analysis.plots.export import write_figure
     from analysis.plots.stream import fig_stream_running
-    from analysis.runs import atomic_dir, write_json
+    from analysis.runs import write_json
+
+    directory = Path(directory)
+    write_json(directory / "stream.json", summary)
+    tmp = directory / ".nll.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / "nll.safetensors")
+    return [directory / "stream.json", directory / "nll.safetensors",
+            *write_figure(fig_stream_running(summary), directory, "running_log_ppl", png=png)]
+
+
+def save_stream(out: Path, summary: dict, tensors: dict[str, Tensor], overwrite: bool = False,
+                png: bool = True) -> Path:
+    """Write ``write_stream``'s files into ``out`` as one directory, atomically."""
+    from analysis.runs import atomic_dir
 
     with atomic_dir(out, overwrite) as tmp:
-        write_json(tmp / "stream.json", summary)
-        save_file(tensors, str(tmp / "nll.safetensors"))
-        write_figure(fig_stream_running(summary), tmp, "running_log_ppl", png=png)
+        write_stream(tmp, summary, tensors, png=png)
     return Path(out)
