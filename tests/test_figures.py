@@ -19,8 +19,8 @@ from analysis.stream import check_stream_length, running_curve, stream_nll, stre
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") is not None
 # a few tokens per figure: every builder runs end to end on the real model in about a minute
-TINY = Sizes(spectra_sequences=1, spectra_tokens=64, table_documents=2, table_tokens=40, table_window=40,
-             stream_documents=2, stream_tokens=40)
+TINY = Sizes(spectra_sequences=1, spectra_tokens=64, table_documents=2, table_tokens=24, table_window=24,
+             stream_documents=2, stream_tokens=24)
 
 
 def figures_command(*args):
@@ -112,7 +112,7 @@ def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, caps
     from experiments import figures
 
     out = tmp_path / "figs"
-    args = ["--out", str(out), "--quiet", "--budgets", "16,24"] + ([] if CHROMIUM else ["--no-png"])
+    args = ["--out", str(out), "--quiet", "--budgets", "12,16"] + ([] if CHROMIUM else ["--no-png"])
     figures.main(args, sizes=TINY, load=lambda: embedded)
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["figures"]) == set(FIGURES)
@@ -126,11 +126,11 @@ def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, caps
                 assert (out / f).with_suffix(".png").read_bytes()[:4] == b"\x89PNG", f
     table = (out / "table1" / "table.md").read_text()
     for corpus in ("books", "web", "latex", "math"):
-        assert f"{corpus} m=16" in table and f"{corpus} m=24" in table
+        assert f"{corpus} m=12" in table and f"{corpus} m=16" in table
     assert "weightedkv_evict" in table and "±" in table  # 2 documents: a spread
     stream = json.loads((out / "fig4_stream" / "stream.json").read_text())
     assert [r["method"] for r in stream["results"]] == ["weightedkv", "weightedkv_evict"]
-    assert stream["tokens"] == 40 and len(stream["results"][0]["per_document_nll"]) == 2
+    assert stream["tokens"] == 24 and len(stream["results"][0]["per_document_nll"]) == 2
     assert not (out / ".partial").exists()
 
     # resume: a lost figure is remade, the others are kept without loading the model
@@ -138,8 +138,8 @@ def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, caps
     figures.main(args, sizes=TINY, load=lambda: pytest.fail("kept figures must not load the model"))
     states = {n: e["status"] for n, e in json.loads((out / "manifest.json").read_text())["figures"].items()}
     assert states == {"fig1_spectra": "kept", "fig3_replay": "made", "fig4_stream": "kept", "table1": "kept"}
-    assert kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [16, 24])))
-    assert not kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [16, 32])))  # other settings: made again
+    assert kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [12, 16])))
+    assert not kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [12, 20])))  # other settings: made again
 
 
 def _run(sizes, budgets):
