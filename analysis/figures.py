@@ -12,6 +12,7 @@ only what is missing). Long figures also keep per-(method, window) partial resul
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -51,6 +52,7 @@ class FigureRun:
     out: Path = Path(".")
     load: Callable[[], object] | None = None  # -> LoadedModel
     advance: Callable[[int], None] = lambda n: None  # progress, in the units of ``Figure.units``
+    note: Callable[[str], None] = lambda text: None  # a live detail beside the progress bar
     _loaded: object = None
 
     def loaded(self):
@@ -69,6 +71,24 @@ class Figure:
     about: str
     units: Callable[[FigureRun], int] = lambda run: 1
     needs_model: bool = True
+
+
+@contextmanager
+def ticking(run: FigureRun, name: str, every: int = 16):
+    """Show the model forwards done inside a long figure (its units arrive only per finished batch)."""
+    count = 0
+
+    def hook(module, args, output):
+        nonlocal count
+        count += 1
+        if count % every == 0:
+            run.note(f"{name}: {count} model steps")
+
+    handle = run.loaded().model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # --- builders -------------------------------------------------------------------------------------------
@@ -119,9 +139,10 @@ def build_fig4_stream(run: FigureRun, out: Path) -> None:
     check_stream_length(tokens, limit)
     sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), tokens,
                                 run.sizes.stream_documents)
-    summary, tensors = run_stream(loaded, sequences, STREAM_METHODS, run.budgets[:1],
-                                  source={"corpus": run.corpora[0]}, partial=run.partial("fig4_stream"),
-                                  progress=run.advance)
+    with ticking(run, "fig4_stream"):
+        summary, tensors = run_stream(loaded, sequences, STREAM_METHODS, run.budgets[:1],
+                                      source={"corpus": run.corpora[0]}, partial=run.partial("fig4_stream"),
+                                      progress=run.advance)
     write_stream(out, summary, tensors, png=run.png)
 
 
@@ -131,8 +152,10 @@ def build_table1(run: FigureRun, out: Path) -> None:
     from analysis.table1 import check_finite, run_table, table_csv, table_markdown
 
     s = run.sizes
-    table = run_table(run.loaded(), run.corpora, run.budgets, tokens=s.table_tokens, documents=s.table_documents,
-                      window=s.table_window, partial=run.partial("table1"), progress=run.advance)
+    with ticking(run, "table1"):
+        table = run_table(run.loaded(), run.corpora, run.budgets, tokens=s.table_tokens,
+                          documents=s.table_documents, window=s.table_window, partial=run.partial("table1"),
+                          progress=run.advance)
     check_finite(table)
     write_json(out / "table.json", table)
     for name, text in (("table.md", table_markdown(table)), ("table.csv", table_csv(table))):

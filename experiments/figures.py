@@ -173,6 +173,7 @@ def main(argv=None, *, sizes=None, load=None) -> None:
     bar = tqdm(total=sum(FIGURES[name].units(run) for name, _ in todo), unit="unit", desc="figures",
                disable=args.quiet)
     run.advance = bar.update
+    run.note = bar.set_postfix_str
     failed = []
     for name, settings in todo:
         figure = FIGURES[name]

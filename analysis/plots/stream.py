@@ -59,7 +59,7 @@ def fig_stream_running(summary: dict) -> go.Figure:
     pad = 0.05 * (high - low) if high > low else 0.1
     fig.update_yaxes(range=[low - pad, high + pad], title_text="mean NLL of tokens 1..t", row=1, col=1)
     fig.add_hline(y=0, line_color="grey", line_width=1, row=2, col=1)
-    fig.update_yaxes(title_text="minus weightedkv", row=2, col=1)
+    fig.update_yaxes(title_text="minus weightedkv (same m)", row=2, col=1)
     fig.update_xaxes(title_text="token position t", row=2, col=1)
     docs = summary["documents"]
     band = f"band: ± 1 std across {docs} documents" if docs > 1 else "one document (no spread)"
