@@ -193,3 +193,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
     assert len(lines) == 1 and lines[0].startswith(expected), done.stderr
     if case == "other_files":
         assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+
+
+def test_partial_results_of_other_settings_are_dropped(tmp_path):
+    from experiments.figures import _prepare_partial
+
+    partial = tmp_path / ".partial" / "table1"
+    _prepare_partial(partial, {"tokens": 384})
+    (partial / "weightedkv-128").mkdir()
+    (partial / "weightedkv-128" / "0.pt").write_bytes(b"unit")
+    _prepare_partial(partial, {"tokens": 384})  # same settings: a resumed run keeps its finished units
+    assert (partial / "weightedkv-128" / "0.pt").is_file()
+    _prepare_partial(partial, {"tokens": 512})  # other settings: window 0 is another window now
+    assert not (partial / "weightedkv-128").exists()
