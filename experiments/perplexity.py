@@ -10,6 +10,12 @@ in a hidden .DIR.partial directory beside DIR until the whole sweep is written.
 Per-head budgets: --plan FILE (see analysis/plans.py) replaces --budget. More than one process:
     torchrun --nproc-per-node 2 -m experiments.perplexity ...   (windows are shared out; rank 0 writes)
 Models larger than one device: --device-map auto (accelerate) spreads the layers.
+
+One long stream per document (the paper's Fig. 4), decoded token by token, never restarted:
+    python -m experiments.perplexity --stream --corpus books --documents 4 --budget 128 --out DIR
+--tokens defaults to the model's positions (8192 for the embedded model); --window is not used;
+--methods defaults to weightedkv,weightedkv_evict. Writes DIR/stream.json, DIR/nll.safetensors and
+DIR/running_log_ppl.html/.png (mean ± spread over documents); resumes like a sweep.
 """
 
 from __future__ import annotations
@@ -21,14 +27,22 @@ from experiments.common import (add_output_args, command_parser, load_model_from
                                 parse_ints, run_main, text_source)
 
 
+SWEEP_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser("perplexity", __doc__)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per document (default: 4096)")
-    parser.add_argument("--documents", type=int, default=1, help="documents to evaluate (default: 1)")
+    parser.add_argument("--stream", action="store_true",
+                        help="one stream per document through one cache, no windows (Fig. 4); see above")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per document (default: 4096; --stream: the model's positions)")
+    parser.add_argument("--documents", type=int, default=None,
+                        help="documents to evaluate (default: 1; --stream: 4, as batch rows)")
     parser.add_argument("--window", type=int, default=1024, help="window W, stride W/2 (default: 1024)")
     parser.add_argument("--budget", default="128,256", help="cache sizes m per layer (default: 128,256)")
-    parser.add_argument("--methods", default="weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm",
-                        help="comma list; 'full' adds the uncompressed reference (default: all compressing)")
+    parser.add_argument("--methods", default=None,
+                        help="comma list; 'full' adds the uncompressed reference (default: all compressing; "
+                             "--stream: weightedkv,weightedkv_evict)")
     parser.add_argument("--sinks", type=int, default=4, help="attention sinks kept (default: 4)")
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: budget/2 - sinks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")
@@ -72,7 +86,13 @@ def main(argv=None) -> None:
     from analysis.sweep import run_sweep, save_sweep, sweep_jobs
 
     args = build_parser().parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.stream:
+        from experiments.perplexity_stream import main_stream
+
+        return main_stream(args)
+    args.tokens = 4096 if args.tokens is None else args.tokens
+    args.documents = 1 if args.documents is None else args.documents
+    methods = [m.strip() for m in (args.methods or SWEEP_METHODS).split(",") if m.strip()]
     budgets = parse_ints(args.budget, "budget")
     plan = Plan.load(args.plan) if args.plan else None
     if plan is not None:

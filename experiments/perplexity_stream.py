@@ -1,0 +1,76 @@
+"""``python -m experiments.perplexity --stream``: the stream half of the perplexity command (Fig. 4).
+
+Kept apart so the windowed sweep stays as it is; the options are those of experiments.perplexity.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from experiments.common import load_model_from_args, parse_ints, text_source
+
+STREAM_METHODS = "weightedkv,weightedkv_evict"
+STREAM_DOCUMENTS = 4
+
+
+def main_stream(args) -> None:
+    from tqdm.auto import tqdm
+
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.errors import UserError
+    from analysis.perplexity import load_partial_settings
+    from analysis.plans import Plan
+    from analysis.runs import check_out_dir
+    from analysis.stream import check_stream_length, run_stream, save_stream
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--stream runs in one process (its documents are batch rows): run it without torchrun")
+    methods = [m.strip() for m in (args.methods or STREAM_METHODS).split(",") if m.strip()]
+    budgets = parse_ints(args.budget, "budget")
+    plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None:
+        plan.check_total(args.total_budget)
+        budgets = []
+    elif args.total_budget is not None:
+        raise UserError("--total-budget limits a --plan: give one")
+    documents = STREAM_DOCUMENTS if args.documents is None else args.documents
+    if documents < 1:
+        raise UserError(f"--documents must be at least 1, got {documents}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.tokens is not None:
+        check_stream_length(args.tokens, None)  # the model's limit is checked once it is loaded
+    out = check_out_dir(args.out, args.overwrite)
+    partial = out.parent / f".{out.name}.partial"
+    if args.overwrite:
+        shutil.rmtree(partial, ignore_errors=True)
+
+    docs = load_documents(**text_source(args))
+    loaded = load_model_from_args(args, device_map=args.device_map)
+    if plan is not None:
+        plan.check(loaded.model.config)
+    max_positions = loaded.summary()["max_positions"]
+    if args.tokens is None and not max_positions:
+        raise UserError("the model states no position limit: give --tokens")
+    tokens = args.tokens if args.tokens is not None else max_positions
+    check_stream_length(tokens, max_positions)
+    from analysis.sweep import sweep_jobs
+
+    jobs = sweep_jobs(methods, budgets, tokens, sinks=args.sinks, recent=args.recent, plan=plan)  # before any work
+    sequences = token_sequences(loaded.tokenizer, docs, tokens, documents)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
+    settings |= {"tokens": tokens, "documents": documents, "methods": methods,
+                 "plan": plan.to_json() if plan is not None else None}
+    load_partial_settings(partial, settings, ignore=("batch_size",))
+    bar = tqdm(total=len(jobs) * len(sequences), unit="stream", desc=f"stream {tokens} tokens", disable=args.quiet)
+    summary, tensors = run_stream(loaded, sequences, methods, budgets, source=text_source(args), sinks=args.sinks,
+                                  recent=args.recent, seed=args.seed, batch_size=args.batch_size, partial=partial,
+                                  progress=bar.update, plan=plan)
+    bar.close()
+    save_stream(out, summary, tensors, overwrite=args.overwrite, png=not args.no_png)
+    shutil.rmtree(partial, ignore_errors=True)
+    for r in summary["results"]:
+        print(f"{r['method']:>16} m={r['budget']:<5} ppl {r['ppl']:.3f}  (nll {r['nll_mean']:.4f} ± "
+              f"{r['nll_spread']:.4f} over {summary['documents']} documents, {r['seconds']:.1f} s)")
+    print(f"wrote {out}")

@@ -1,0 +1,208 @@
+"""Every figure from one command; the Fig. 3 replay against the paper's oracle; the long-stream mode."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.errors import UserError
+from analysis.fig3 import replay
+from analysis.figures import FIGURES, Figure, Sizes, kept
+from analysis.stream import check_stream_length, running_curve, stream_nll, stream_windows
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") is not None
+# a few tokens per figure: every builder runs end to end on the real model in about a minute
+TINY = Sizes(spectra_sequences=1, spectra_tokens=64, table_documents=2, table_tokens=24, table_window=24,
+             stream_documents=2, stream_tokens=24)
+
+
+def figures_command(*args):
+    return subprocess.run([sys.executable, "-m", "experiments.figures", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def plain_nll(model, ids):
+    with torch.inference_mode():
+        logits = model(ids).logits
+    return -torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+
+
+# --- Fig. 3 -----------------------------------------------------------------------------------------------
+def test_fig3_replay_ends_with_the_papers_mixtures():
+    steps = replay()
+    final = steps[-1]
+    assert final.kept == [2, 5, 6, 7]
+    e = torch.eye(8)
+    oracle = torch.stack([e[0] / 3 + e[1] / 9 + 5 * e[2] / 9,  # v3'' = v1/3 + v2/9 + 5 v3/9
+                          4 / 35 * e[3] + 6 / 35 * e[4] + 5 / 7 * e[5],  # v6' = 4/35 v4 + 6/35 v5 + 5/7 v6
+                          e[6], e[7]])
+    torch.testing.assert_close(torch.tensor(final.mixtures), oracle, rtol=0, atol=1e-6)
+    # what each step did, read off the state: v2 -> v3 (1/6 : 5/6), v4 -> v5, v5' -> v6, v1 -> v3'
+    assert [(s.victim, s.neighbour) for s in steps[4:]] == [(1, 2), (3, 4), (4, 5), (0, 2)]
+    assert all(s.victim is None for s in steps[:4])
+    assert steps[4].weights == pytest.approx((1 / 6, 5 / 6))
+    assert final.merges == {2: 2, 5: 1}  # v3'' and v6'
+
+
+# --- the stream mode --------------------------------------------------------------------------------------
+def test_stream_full_equals_one_forward(tiny_model, random_ids):
+    """Tolerance 1e-5 (float32): token by token through the cache = one forward over the whole stream."""
+    model, ids = tiny_model("llama"), random_ids(2, 48, seed=11)
+    windows = stream_windows([("a", ids[0].tolist()), ("b", ids[1].tolist())])
+    jobs, nll, _ = stream_nll(model, windows, ["full", "weightedkv"], [16], sinks=2)
+    assert [j.key for j in jobs] == ["full@full", "weightedkv@16"]
+    expected = plain_nll(model, ids)  # (2, 47): every target from the second token on
+    assert nll["full@full"].shape == (2, 47)
+    torch.testing.assert_close(nll["full@full"], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(nll["weightedkv@16"][:, :15], expected[:, :15], rtol=0, atol=1e-5)  # before any eviction
+    assert not torch.allclose(nll["weightedkv@16"][:, 20:], expected[:, 20:], atol=1e-3)  # compression shows
+
+
+def test_running_curve_mean_and_spread():
+    nll = torch.tensor([[1.0, 3.0, 2.0, 2.0], [3.0, 1.0, 2.0, 6.0]])
+    curve = running_curve(nll, points=4)
+    assert curve["token"] == [1, 2, 3, 4]
+    assert curve["mean"] == pytest.approx([2.0, 2.0, 2.0, 2.5])  # running means (1, 2, 2, 2) and (3, 2, 2, 3)
+    assert curve["spread"] == pytest.approx([1.0, 0.0, 0.0, 0.5])
+
+
+def test_stream_longer_than_positions_is_refused():
+    with pytest.raises(UserError, match="longer than the model's 8192 positions"):
+        check_stream_length(8193, 8192)
+    check_stream_length(8192, 8192)
+
+
+@pytest.mark.slow
+def test_stream_command_refuses_a_stream_past_the_positions(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "experiments.perplexity", "--stream", "--tokens", "9000",
+                           "--out", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == ("error: a stream of 9000 tokens is longer than the model's 8192 "
+                                                    "positions; use --tokens 8192 or fewer")
+    assert not (tmp_path / "s").exists()
+
+
+# --- the figures command ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_figures_command_makes_and_then_keeps_fig3(tmp_path):
+    """The real command path (no model needed for Fig. 3): HTML and PNG, manifest, resume keeps it."""
+    out = tmp_path / "figs"
+    png = [] if CHROMIUM else ["--no-png"]
+    first = figures_command("--only", "fig3_replay", "--out", str(out), "--quiet", *png)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["figures"]["fig3_replay"]
+    assert entry["status"] == "made" and "--only fig3_replay" in entry["command"]
+    assert (out / "fig3_replay" / "fig3_replay.html").stat().st_size > 10_000
+    if CHROMIUM:
+        assert (out / "fig3_replay" / "fig3_replay.png").read_bytes()[:4] == b"\x89PNG"
+    again = figures_command("--only", "fig3_replay", "--out", str(out), "--quiet", *png)
+    assert again.returncode == 0 and "fig3_replay kept" in again.stdout
+
+
+@pytest.mark.slow
+def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, capsys):
+    from experiments import figures
+
+    out = tmp_path / "figs"
+    args = ["--out", str(out), "--quiet", "--budgets", "12,16"] + ([] if CHROMIUM else ["--no-png"])
+    figures.main(args, sizes=TINY, load=lambda: embedded)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["figures"]) == set(FIGURES)
+    for name, entry in manifest["figures"].items():
+        assert entry["status"] == "made", name
+        html = [f for f in entry["files"] if f.endswith(".html")]
+        assert html, name
+        for f in html:
+            assert (out / f).stat().st_size > 10_000, f
+            if CHROMIUM:
+                assert (out / f).with_suffix(".png").read_bytes()[:4] == b"\x89PNG", f
+    table = (out / "table1" / "table.md").read_text()
+    for corpus in ("books", "web", "latex", "math"):
+        assert f"{corpus} m=12" in table and f"{corpus} m=16" in table
+    assert "weightedkv_evict" in table and "±" in table  # 2 documents: a spread
+    stream = json.loads((out / "fig4_stream" / "stream.json").read_text())
+    assert [r["method"] for r in stream["results"]] == ["weightedkv", "weightedkv_evict"]
+    assert stream["tokens"] == 24 and len(stream["results"][0]["per_document_nll"]) == 2
+    assert not (out / ".partial").exists()
+
+    # resume: a lost figure is remade, the others are kept without loading the model
+    shutil.rmtree(out / "fig3_replay")
+    figures.main(args, sizes=TINY, load=lambda: pytest.fail("kept figures must not load the model"))
+    states = {n: e["status"] for n, e in json.loads((out / "manifest.json").read_text())["figures"].items()}
+    assert states == {"fig1_spectra": "kept", "fig3_replay": "made", "fig4_stream": "kept", "table1": "kept"}
+    assert kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [12, 16])))
+    assert not kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [12, 20])))  # other settings: made again
+
+
+def _run(sizes, budgets):
+    from analysis.figures import FigureRun
+
+    return FigureRun(budgets=budgets, sizes=sizes)
+
+
+def test_a_failing_figure_is_named_and_the_others_are_made(tmp_path, monkeypatch, capsys):
+    from experiments import figures
+
+    def broken(run, directory):
+        (directory / "half.html").write_text("half")
+        raise RuntimeError("out of paper")
+
+    monkeypatch.setitem(FIGURES, "broken", Figure(broken, lambda r: {}, "always fails", needs_model=False))
+    out = tmp_path / "figs"
+    with pytest.raises(SystemExit) as exit_:
+        figures.main(["--out", str(out), "--only", "broken,fig3_replay", "--quiet", "--no-png"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "error: figure broken could not be made: out of paper" in err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["figures"]["broken"]["status"] == "failed"
+    assert manifest["figures"]["fig3_replay"]["status"] == "made"
+    assert not (out / "broken").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["unknown_only", "other_files", "a_file", "foreign_manifest"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--no-png"]
+    if case == "unknown_only":
+        args += ["--only", "fig3_replay,fig9"]
+        expected = "error: --only: unknown figure fig9; choose from " + ", ".join(FIGURES)
+    elif case == "other_files":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+        expected = f"error: --out {out} holds other files (no manifest.json)"
+    elif case == "a_file":
+        out.write_text("mine")
+        expected = f"error: --out {out} is a file, not a figures directory"
+    else:
+        out.mkdir()
+        (out / "manifest.json").write_text('{"name": "something else"}')
+        expected = f"error: --out {out} holds a manifest.json that is not a kvlens figures manifest"
+    done = figures_command(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), done.stderr
+    if case == "other_files":
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # untouched
+
+
+def test_partial_results_of_other_settings_are_dropped(tmp_path):
+    from experiments.figures import _prepare_partial
+
+    partial = tmp_path / ".partial" / "table1"
+    _prepare_partial(partial, {"tokens": 384})
+    (partial / "weightedkv-128").mkdir()
+    (partial / "weightedkv-128" / "0.pt").write_bytes(b"unit")
+    _prepare_partial(partial, {"tokens": 384})  # same settings: a resumed run keeps its finished units
+    assert (partial / "weightedkv-128" / "0.pt").is_file()
+    _prepare_partial(partial, {"tokens": 512})  # other settings: window 0 is another window now
+    assert not (partial / "weightedkv-128").exists()
