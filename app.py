@@ -4,12 +4,13 @@ import time
 
 import streamlit as st
 
-from dashboard import capture_embedded, runs_root, user_errors
+from dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture, user_errors
 
-st.set_page_config(page_title="kvlens", layout="wide")
+st.set_page_config(page_title="kvlens — KV cache explorer", layout="wide")
 st.title("kvlens — what is inside the KV cache")
 st.caption("Keys, values, queries and attention of a real model on real text. Pages: Spectra (keys are "
-           "low-rank, values are not), Generate (compressed cache in generate()), Perplexity (cost of compression).")
+           "low-rank, values are not), Generate (compressed cache in generate()), Perplexity (cost of "
+           "compression), Attention (what WeightedKV does to one head's cache, step by step).")
 
 from analysis.corpora import CORPORA  # noqa: E402
 from analysis.plots.runs import fig_norms  # noqa: E402
@@ -33,13 +34,13 @@ if start:
 RUNS = runs_root()
 runs = list_runs(RUNS)
 if not runs:
-    st.info(f"No runs in {RUNS}/ yet: capture one from the sidebar, or run "
-            "`python -m experiments.capture --corpus books --tokens 1024 --out runs/austen`.")
-    st.stop()
+    st.info(f"No runs in {RUNS}/ yet, so this shows the starter capture. Capture your own from the sidebar, "
+            "or run `python -m experiments.capture --corpus books --tokens 1024 --out runs/austen`.")
 
-chosen = st.selectbox("run", runs, format_func=lambda p: p.name, key="run")
 with user_errors():
-    capture = load_run(chosen)
+    chosen = st.selectbox("run", runs + [STARTER_LABEL], key="run",
+                          format_func=lambda p: p if isinstance(p, str) else p.name)
+    capture = load_run(starter_capture() if chosen == STARTER_LABEL else chosen)  # the starter: computed once
     meta = capture.meta
     cols = st.columns(4)
     cols[0].metric("model", meta.get("model", "?"))

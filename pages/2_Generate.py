@@ -5,7 +5,6 @@ layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-l
 """
 
 import sys
-import time
 from pathlib import Path
 
 import streamlit as st
@@ -17,7 +16,7 @@ if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work fr
 from analysis.compress import METHODS  # noqa: E402
 from analysis.errors import UserError  # noqa: E402
 from analysis.plots.generate import fig_kept_positions, fig_occupancy  # noqa: E402
-from dashboard import cached_model, user_errors  # noqa: E402
+from dashboard import cached_model, generate_text, user_errors  # noqa: E402
 
 INSTRUCTION = "Write three sentences about why a language model caches keys and values."
 
@@ -40,31 +39,7 @@ def default_prompt(tokens: int = 300) -> str:
 @st.cache_data(show_spinner="Generating…", max_entries=32)
 def generate(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
              sample: bool, temperature: float, seed: int) -> dict:
-    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data."""
-    import torch
-
-    from analysis.cache import CompressedCache
-
-    loaded = cached_model()
-    tok = loaded.tokenizer
-    ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
-    if ids.shape[1] == 0:
-        raise UserError("the prompt is empty")
-    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed)
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    torch.manual_seed(seed)
-    began = time.perf_counter()
-    with torch.inference_mode():
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                    max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)
-    seconds = time.perf_counter() - began
-    generated = out[0, ids.shape[1]:]
-    return {
-        "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
-        "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
-        "seen": [layer.seen for layer in cache.layers], "sinks": cache.policy.sinks, "recent": cache.policy.recent,
-        "kept": [cache.kept_positions(i)[0].tolist() for i in range(len(cache.layers))],
-    }
+    return generate_text(prompt, method, budget, sinks, recent, new, sample, temperature, seed)
 
 
 def show_text(col, title: str, result: dict) -> None:
@@ -92,11 +67,11 @@ def main() -> None:
                 sample, float(temperature) if sample else 1.0, int(seed))
     if st.button("Generate", type="primary", key="generate"):
         st.session_state["generated"] = settings
-    chosen = st.session_state.get("generated")
-    if chosen is None:
-        st.info("Choose a method and budget in the sidebar, then press Generate. The prompt must be longer "
-                "than the budget for anything to be compressed.")
-        return
+    if "generated" not in st.session_state:  # first open: an example with the default settings
+        st.session_state["generated"] = settings
+        st.info("An example with the default settings. Choose a method and budget in the sidebar, then press "
+                "Generate; the prompt must be longer than the budget for anything to be compressed.")
+    chosen = st.session_state["generated"]
     if chosen != settings:
         st.caption("Showing the previous generation; press Generate to apply the new settings.")
     prompt, method, budget = chosen[:3]
