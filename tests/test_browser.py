@@ -96,7 +96,8 @@ def browser(server):
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1400, "height": 3000}  # Streamlit scrolls inside its main block: a tall window shows it all)
+    # Streamlit scrolls inside its main block, so a full-page screenshot is only the window: make it tall.
+    context = browser.new_context(viewport={"width": 1400, "height": 3000})
     page = context.new_page()
     page.set_default_timeout(ACTION_S * 1000)
     try:
