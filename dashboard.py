@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent
 
 # The starter set every page shows on first open, before the user has made a run of their own.
 STARTER_CAPTURE = dict(corpus="books", tokens=256, maps_window=(192, 256))
-STARTER_SWEEP = dict(corpus="books", tokens=256, window=256, budgets=[64],
+STARTER_SWEEP = dict(corpus="books", tokens=256, window=128, budgets=[32],
                      methods=["full", "weightedkv", "weightedkv_evict", "streaming_llm"])
 STARTER_LABEL = "starter: Austen, 256 tokens (embedded model)"
 
@@ -96,38 +96,55 @@ def capture_embedded(corpus: str, tokens: int, sequences: int, maps_window: tupl
     return capture
 
 
+def starter_capture_dir() -> Path:
+    return starter_root() / "capture-{corpus}-{tokens}-maps{maps_window[0]}".format(**STARTER_CAPTURE)
+
+
+def starter_sweep_dir() -> Path:
+    return starter_root() / "ppl-{corpus}-{tokens}-w{window}-m{budgets[0]}".format(**STARTER_SWEEP)
+
+
 def starter_capture() -> Path:
     """The starter capture run (computed once, with a progress bar, then read from disk)."""
     from analysis.runs import save_run
 
-    out = starter_root() / "capture-{corpus}-{tokens}".format(**STARTER_CAPTURE)
+    out = starter_capture_dir()
     with model_lock():  # two first sessions at once: the second waits, then finds it on disk
         if not (out / "meta.json").is_file():
             save_run(capture_embedded(**STARTER_CAPTURE, sequences=1), out, overwrite=True)
     return out
 
 
+def sweep_embedded(corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int],
+                   label: str = "perplexity") -> tuple[dict, dict]:
+    """A perplexity sweep on the embedded model (one document of ``corpus``), with a progress bar."""
+    from analysis.corpora import token_sequences
+    from analysis.perplexity import make_windows, run_sweep, sweep_jobs
+
+    jobs = sweep_jobs(methods, budgets, window)  # bad settings fail before any work
+    with model_lock():  # the evaluator switches the shared model's attention implementation
+        loaded = cached_model()
+        windows = make_windows(token_sequences(loaded.tokenizer, austen_or_corpus(corpus), tokens, 1), window)
+        total, done = len(jobs) * len(windows.docs), [0]
+        bar = progress_callback(label)
+
+        def progress(n: int) -> None:
+            done[0] += n
+            bar(done[0] / total)
+
+        return run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens, documents=1,
+                         progress=progress)
+
+
 def starter_sweep() -> Path:
     """The starter perplexity sweep (computed once, with a progress bar, then read from disk)."""
-    from analysis.corpora import token_sequences
-    from analysis.perplexity import make_windows, run_sweep, save_sweep, sweep_jobs
+    from analysis.perplexity import save_sweep
 
-    s = STARTER_SWEEP
-    out = starter_root() / "ppl-{corpus}-{tokens}".format(**s)
-    with model_lock():
+    s, out = STARTER_SWEEP, starter_sweep_dir()
+    with model_lock():  # two first sessions at once: the second waits, then finds it on disk
         if not (out / "perplexity.json").is_file():
-            loaded = cached_model()
-            windows = make_windows(token_sequences(loaded.tokenizer, austen_or_corpus(s["corpus"]), s["tokens"], 1),
-                                   s["window"])
-            total, done = len(sweep_jobs(s["methods"], s["budgets"], s["window"])) * len(windows.docs), [0]
-            bar = progress_callback("first open: a small perplexity sweep on Austen (once per machine)")
-
-            def progress(n: int) -> None:
-                done[0] += n
-                bar(done[0] / total)
-
-            summary, tensors = run_sweep(loaded, windows, s["methods"], s["budgets"], source={"corpus": s["corpus"]},
-                                         tokens=s["tokens"], documents=1, progress=progress)
+            summary, tensors = sweep_embedded(s["corpus"], s["tokens"], s["window"], s["methods"], s["budgets"],
+                                              "first open: a small perplexity sweep on Austen (once per machine)")
             save_sweep(out, summary, tensors, overwrite=True, png=False)
     return out
 

@@ -60,6 +60,7 @@ class Replay:
     steps: list[list[HeadSlots]]
     mixing: list[list[np.ndarray]] | None
     mixing_source: str  # "state" (tracked by the cache), "inferred" (from the values) or "none"
+    values: list[list[np.ndarray]] | None = None  # [step][head] (len(positions), D) when asked for
 
     @property
     def heads(self) -> int:
@@ -138,8 +139,11 @@ def open_cache(model, method: str, budget: int | None, sinks: int, recent: int |
 
 @torch.inference_mode()
 def replay(model, token_ids: list[int], method: str, budget: int | None, layer: int, sinks: int = 4,
-           recent: int | None = None, seed: int = 0, on_progress=None) -> Replay:
-    """Decode ``token_ids`` one at a time through a CompressedCache; record ``layer`` after each token."""
+           recent: int | None = None, seed: int = 0, on_progress=None, keep_values: bool = False) -> Replay:
+    """Decode ``token_ids`` one at a time through a CompressedCache; record ``layer`` after each token.
+
+    ``keep_values`` also keeps every step's cached values (for checking the mixtures against them).
+    """
     if not token_ids:
         raise UserError("replay needs at least one token")
     if not 0 <= layer < model.config.num_hidden_layers:
@@ -153,7 +157,7 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
 
     # Registered after the cache's own hook (CompressedCache installs it), so the layer is compressed first.
     stopper = attention_modules(model)[layer].register_forward_hook(_stop_after)
-    steps, mixing, source = [], [], None
+    steps, mixing, source, values = [], [], None, []
     mixes: list[dict[int, np.ndarray]] = []
     before = None
     try:
@@ -185,6 +189,8 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
                     mix_rows.append(np.stack([mixes[h][p] for p in snap[0].tolist()]))
             steps.append(heads)
             mixing.append(mix_rows)
+            if keep_values:
+                values.append([snap[1].numpy() for snap in after])
             before = after
             if on_progress:
                 on_progress((t + 1) / T)
@@ -194,7 +200,7 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
         if close is not None:
             close()
     return Replay(method, budget, policy.sinks, policy.recent, layer, list(token_ids), steps,
-                  None if source == "none" else mixing, source)
+                  None if source == "none" else mixing, source, values if keep_values else None)
 
 
 def merge_preview(capture, layer: int, method: str = "weightedkv", budget: int = 64, sinks: int = 4,

@@ -46,7 +46,8 @@ def show_text(col, title: str, result: dict) -> None:
     col.subheader(title)
     col.caption(f"{result['new_tokens']} new tokens in {result['seconds']:.1f} s "
                 f"({result['new_tokens'] / max(result['seconds'], 1e-9):.1f} tokens/s)")
-    col.markdown(f"> {result['text']}" if result["text"].strip() else "*(no text: end of sequence at once)*")
+    quoted = "\n".join(f"> {line}" for line in result["text"].splitlines())  # every line inside the quote
+    col.markdown(quoted if result["text"].strip() else "*(no text: end of sequence at once)*")
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
         budget = st.slider("budget (slots per layer and KV head)", 16, 512, 64, key="budget")
         sinks = st.number_input("sinks", 0, 64, 4, key="sinks")
         recent = st.number_input("recent window", 0, 512, value=None, placeholder="budget/2 - sinks", key="recent")
-        new = st.number_input("max new tokens", 1, 512, 48, key="new")
+        new = st.number_input("max new tokens", 1, 512, 32, key="new")
         sample = st.radio("decoding", ["greedy", "sampling"], key="decoding", horizontal=True) == "sampling"
         temperature = st.slider("temperature", 0.05, 2.0, 0.7, disabled=not sample, key="temperature")
         seed = st.number_input("seed", 0, 2**31 - 1, 0, key="seed")

@@ -44,8 +44,7 @@ def quick_sweep(root: Path) -> None:
         start = st.form_submit_button("Run sweep")
     if not start:
         return
-    from analysis.corpora import token_sequences
-    from analysis.perplexity import make_windows, run_sweep, save_sweep, sweep_jobs
+    from analysis.perplexity import save_sweep
     from analysis.runs import check_out_dir
     from experiments.common import parse_ints
 
@@ -53,22 +52,10 @@ def quick_sweep(root: Path) -> None:
     if not methods:
         raise UserError("choose at least one method")
     budgets = parse_ints(budgets, "budget")
-    jobs = sweep_jobs(methods, budgets, window)
     if tokens < window:
         raise UserError(f"tokens {tokens} is shorter than the window {window}")
     out = check_out_dir(root / (name.strip() or f"ppl-{corpus}-{tokens}-{time.strftime('%H%M%S')}"))
-    loaded = dashboard.cached_model()
-    windows = make_windows(token_sequences(loaded.tokenizer, dashboard.austen_or_corpus(corpus), tokens, 1), window)
-    total, done = len(jobs) * len(windows.docs), [0]
-    bar = dashboard.progress_callback("perplexity")
-
-    def progress(n: int) -> None:
-        done[0] += n
-        bar(done[0] / total)
-
-    with dashboard.model_lock():  # the evaluator switches the shared model's attention implementation
-        summary, tensors = run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens,
-                                     documents=1, progress=progress)
+    summary, tensors = dashboard.sweep_embedded(corpus, tokens, window, methods, budgets)
     save_sweep(out, summary, tensors, png=png)
     st.session_state["sweep"] = out.name  # show the new sweep
     st.success(f"saved {out}")

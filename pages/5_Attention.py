@@ -93,7 +93,7 @@ def main() -> None:
     st.subheader("Replay: decoding token by token through the compressed cache")
     r1, r2 = st.columns([3, 1])
     methods = r1.multiselect("methods", [m for m in METHODS if m != "full"], default=REPLAY_METHODS, key="methods")
-    length = r2.number_input("tokens to replay", budget + 1, len(token_ids), min(96, len(token_ids)), step=8,
+    length = r2.number_input("tokens to replay", budget + 1, len(token_ids), min(64, len(token_ids)), step=8,
                              key="length", help="The first tokens of the run's text, decoded one at a time.")
     if not methods:
         st.info("Choose at least one method to replay.")

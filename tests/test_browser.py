@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "runs" / "browser-screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FIRST_OPEN_S = 300  # bound on a page's first open: the starter set is computed then (once per machine)
-ACTION_S = 120  # bound on a form's work with the tiny sizes used here
+# Bounds, not timings: generous because the 2 CPU cores may be shared with other work.
+FIRST_OPEN_S = 600  # a page's first open: the starter set is computed then (once per machine)
+ACTION_S = 300  # a form's work with the tiny sizes used here
 PLOT = ".js-plotly-plot"
 EXCEPTION = '[data-testid="stException"]'
 
@@ -178,8 +179,8 @@ def test_every_page_first_open_and_main_forms(server, page):
     open_page(page, f"{url}/Perplexity", "perplexity", 2, "Perplexity under a compressed cache")
     form = page.locator('[data-testid="stSidebar"]')
     form.get_by_label("tokens", exact=True).fill("64")
-    form.get_by_label("window", exact=True).fill("32")
-    form.get_by_label("budgets", exact=True).fill("16")
+    form.get_by_label("window", exact=True).fill("16")
+    form.get_by_label("budgets", exact=True).fill("8")
     form.get_by_label("run name", exact=True).fill("browser-sweep")
     submit(page, "Run sweep", 2)
     check(page, "perplexity-after-sweep", 2)
