@@ -4,7 +4,8 @@
 #   ./run.sh test       set up, then run the whole test suite (extra args go to pytest)
 #   ./run.sh setup      only set up
 # Set-up: .venv with the pinned requirements, the embedded SmolLM2 model (converted once into
-# ~/.cache/kvlens), the four Debian text corpora, and Debian's chromium for PNG export.
+# ~/.cache/kvlens), the four Debian text corpora, and Debian's chromium (PNG export of figures, and
+# the browser the dashboard test drives with Playwright).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -27,7 +28,7 @@ setup() {
     echo "$want" > "$stamp"
   fi
   if ! command -v chromium >/dev/null; then
-    say "installing Debian chromium (PNG export of figures)"
+    say "installing Debian chromium (PNG export of figures, browser test)"
     if command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq chromium >/dev/null; then :;
     else say "warning: could not install chromium; figures will be written as HTML only"; fi
   fi
