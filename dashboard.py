@@ -11,27 +11,17 @@ import streamlit as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from analysis import starter  # noqa: E402
 from analysis.errors import UserError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 
-# The starter set every page shows on first open, before the user has made a run of their own.
-STARTER_CAPTURE = dict(corpus="books", tokens=256, maps_window=(192, 256))
-STARTER_SWEEP = dict(corpus="books", tokens=256, window=128, budgets=[32],
-                     methods=["full", "weightedkv", "weightedkv_evict", "streaming_llm"])
-STARTER_LABEL = "starter: Austen, 256 tokens (embedded model)"
+STARTER_LABEL = starter.LABEL
 
 
 def runs_root() -> Path:
     """Where the pages look for runs: ``$KVLENS_RUNS``, else ``runs/`` in the repository."""
     return Path(os.environ.get("KVLENS_RUNS") or ROOT / "runs")
-
-
-def starter_root() -> Path:
-    """Where the starter set is cached: ``$KVLENS_STARTER``, else ``starter/`` in the kvlens cache."""
-    from analysis.paths import cache_dir
-
-    return Path(os.environ.get("KVLENS_STARTER") or cache_dir() / "starter")
 
 
 @st.cache_resource(show_spinner="Loading model…")
@@ -74,79 +64,33 @@ def progress_callback(label: str):
     return lambda fraction: bar.progress(min(float(fraction), 1.0), text=f"{label} {fraction:.0%}")
 
 
-def austen_or_corpus(corpus: str):
-    """The corpus' documents; for ``books``, the Austen novels first (the text the paper's examples use)."""
-    from analysis.corpora import load_documents
-
-    docs = load_documents(corpus=corpus)
-    return [d for d in docs if "/austen/" in d.id] + [d for d in docs if "/austen/" not in d.id]
-
-
-def capture_embedded(corpus: str, tokens: int, sequences: int, maps_window: tuple[int, int] | None = None):
+def capture_embedded(corpus: str, tokens: int, sequences: int):
     """Capture ``sequences`` x ``tokens`` of ``corpus`` on the embedded model, with a progress bar."""
-    from analysis.capture import capture_sequences
-    from analysis.corpora import token_sequences
-
     with model_lock():
-        loaded = cached_model()
-        seqs = token_sequences(loaded.tokenizer, austen_or_corpus(corpus), int(tokens), int(sequences))
-        capture = capture_sequences(loaded, seqs, progress=False, on_progress=progress_callback("capturing"),
-                                    maps_window=maps_window)
-    capture.meta["source"] = {"corpus": corpus}
-    return capture
+        return starter.capture(cached_model(), corpus, tokens, sequences, on_progress=progress_callback("capturing"))
 
 
-def starter_capture_dir() -> Path:
-    return starter_root() / "capture-{corpus}-{tokens}-maps{maps_window[0]}".format(**STARTER_CAPTURE)
-
-
-def starter_sweep_dir() -> Path:
-    return starter_root() / "ppl-{corpus}-{tokens}-w{window}-m{budgets[0]}".format(**STARTER_SWEEP)
+def sweep_embedded(corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int]) -> tuple[dict, dict]:
+    """A perplexity sweep on the embedded model (one document of ``corpus``), with a progress bar."""
+    with model_lock():  # the evaluator switches the shared model's attention implementation
+        return starter.sweep(cached_model(), corpus, tokens, window, methods, budgets,
+                             on_progress=progress_callback("perplexity"))
 
 
 def starter_capture() -> Path:
-    """The starter capture run (computed once, with a progress bar, then read from disk)."""
-    from analysis.runs import save_run
-
-    out = starter_capture_dir()
-    with model_lock():  # two first sessions at once: the second waits, then finds it on disk
-        if not (out / "meta.json").is_file():
-            save_run(capture_embedded(**STARTER_CAPTURE, sequences=1), out, overwrite=True)
-    return out
-
-
-def sweep_embedded(corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int],
-                   label: str = "perplexity") -> tuple[dict, dict]:
-    """A perplexity sweep on the embedded model (one document of ``corpus``), with a progress bar."""
-    from analysis.corpora import token_sequences
-    from analysis.perplexity import make_windows, run_sweep, sweep_jobs
-
-    jobs = sweep_jobs(methods, budgets, window)  # bad settings fail before any work
-    with model_lock():  # the evaluator switches the shared model's attention implementation
-        loaded = cached_model()
-        windows = make_windows(token_sequences(loaded.tokenizer, austen_or_corpus(corpus), tokens, 1), window)
-        total, done = len(jobs) * len(windows.docs), [0]
-        bar = progress_callback(label)
-
-        def progress(n: int) -> None:
-            done[0] += n
-            bar(done[0] / total)
-
-        return run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens, documents=1,
-                         progress=progress)
+    """The starter capture run: read from disk, or computed here once (set-up normally has made it)."""
+    if not (starter.capture_dir() / "meta.json").is_file():
+        with model_lock():  # two first sessions at once: the second waits, then finds it on disk
+            starter.make_capture(cached_model(), progress_callback("first open: capturing 256 tokens of Austen"))
+    return starter.capture_dir()
 
 
 def starter_sweep() -> Path:
-    """The starter perplexity sweep (computed once, with a progress bar, then read from disk)."""
-    from analysis.perplexity import save_sweep
-
-    s, out = STARTER_SWEEP, starter_sweep_dir()
-    with model_lock():  # two first sessions at once: the second waits, then finds it on disk
-        if not (out / "perplexity.json").is_file():
-            summary, tensors = sweep_embedded(s["corpus"], s["tokens"], s["window"], s["methods"], s["budgets"],
-                                              "first open: a small perplexity sweep on Austen (once per machine)")
-            save_sweep(out, summary, tensors, overwrite=True, png=False)
-    return out
+    """The starter perplexity sweep: read from disk, or computed here once (set-up normally has made it)."""
+    if not (starter.sweep_dir() / "perplexity.json").is_file():
+        with model_lock():
+            starter.make_sweep(cached_model(), progress_callback("first open: a small perplexity sweep on Austen"))
+    return starter.sweep_dir()
 
 
 def generate_text(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,

@@ -56,8 +56,9 @@ def test_home_without_runs_shows_the_starter(tiny_capture, runs):
     import shutil
 
     import dashboard
+    from analysis import starter
 
-    shutil.move(tiny_capture, dashboard.starter_capture_dir())  # as if computed on an earlier first open
+    shutil.move(tiny_capture, starter.capture_dir())  # as if computed on an earlier first open
     at = app("app.py").run()
     assert not at.exception and not at.error
     assert "No runs in" in at.info[0].value and "starter capture" in at.info[0].value
@@ -112,9 +113,10 @@ def write_sweep(root: Path) -> Path:
 
 def test_perplexity_page(runs):
     import dashboard
+    from analysis import starter
 
-    dashboard.starter_root().mkdir()
-    write_sweep(dashboard.starter_root()).rename(dashboard.starter_sweep_dir())  # as if computed on a first open
+    starter.root().mkdir()
+    write_sweep(starter.root()).rename(starter.sweep_dir())  # as if computed on a first open
     at = app("pages/3_Perplexity.py").run()
     assert not at.exception and "No perplexity sweeps" in at.info[0].value
     assert at.selectbox(key="sweep").value == dashboard.STARTER_LABEL and len(titles(at)) == 2
@@ -234,3 +236,15 @@ def test_attention_page_on_the_starter(runs):
     assert "after token 40" in titles(at)[3]
     at.multiselect(key="methods").set_value(["streaming_llm"]).run()
     assert not at.exception and "Mixtures are not available" not in [i.value for i in at.info]
+
+
+def test_starter_set_up_is_idempotent(tmp_path, monkeypatch):
+    """`python -m analysis.starter` (run by set-up) does nothing, without loading a model, once the set exists."""
+    from analysis import starter
+
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path))
+    for folder, name in ((starter.capture_dir(), "meta.json"), (starter.sweep_dir(), "perplexity.json")):
+        folder.mkdir(parents=True)
+        (folder / name).write_text("{}")
+    monkeypatch.setattr("analysis.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert starter.main(["--quiet"]) == 0
