@@ -64,32 +64,41 @@ def progress_callback(label: str):
     return lambda fraction: bar.progress(min(float(fraction), 1.0), text=f"{label} {fraction:.0%}")
 
 
+@contextmanager
+def progress(label: str):
+    """A progress bar for the block (yields ``callback(fraction)``), removed when the work is done."""
+    slot = st.empty()
+    bar = slot.progress(0.0, text=label)
+    yield lambda fraction: bar.progress(min(float(fraction), 1.0), text=f"{label} {fraction:.0%}")
+    slot.empty()
+
+
 def capture_embedded(corpus: str, tokens: int, sequences: int):
     """Capture ``sequences`` x ``tokens`` of ``corpus`` on the embedded model, with a progress bar."""
-    with model_lock():
-        return starter.capture(cached_model(), corpus, tokens, sequences, on_progress=progress_callback("capturing"))
+    with model_lock(), progress("capturing") as bar:
+        return starter.capture(cached_model(), corpus, tokens, sequences, on_progress=bar)
 
 
 def sweep_embedded(corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int]) -> tuple[dict, dict]:
     """A perplexity sweep on the embedded model (one document of ``corpus``), with a progress bar."""
-    with model_lock():  # the evaluator switches the shared model's attention implementation
-        return starter.sweep(cached_model(), corpus, tokens, window, methods, budgets,
-                             on_progress=progress_callback("perplexity"))
+    with model_lock(), progress("perplexity") as bar:  # the evaluator switches the model's attention
+        return starter.sweep(cached_model(), corpus, tokens, window, methods, budgets, on_progress=bar)
 
 
 def starter_capture() -> Path:
     """The starter capture run: read from disk, or computed here once (set-up normally has made it)."""
     if not (starter.capture_dir() / "meta.json").is_file():
-        with model_lock():  # two first sessions at once: the second waits, then finds it on disk
-            starter.make_capture(cached_model(), progress_callback("first open: capturing 256 tokens of Austen"))
+        # two first sessions at once: the second waits, then finds it on disk
+        with model_lock(), progress("first open: capturing 256 tokens of Austen (once per machine)") as bar:
+            starter.make_capture(cached_model(), bar)
     return starter.capture_dir()
 
 
 def starter_sweep() -> Path:
     """The starter perplexity sweep: read from disk, or computed here once (set-up normally has made it)."""
     if not (starter.sweep_dir() / "perplexity.json").is_file():
-        with model_lock():
-            starter.make_sweep(cached_model(), progress_callback("first open: a small perplexity sweep on Austen"))
+        with model_lock(), progress("first open: a small perplexity sweep on Austen (once per machine)") as bar:
+            starter.make_sweep(cached_model(), bar)
     return starter.sweep_dir()
 
 
@@ -143,9 +152,9 @@ def replay_cached(model: str, token_ids: list[int], method: str, budget: int, si
         with model_lock(model):
             if key in store:  # another session made it while this one waited
                 return store[key]
-            loaded = cached_model(model)
-            bar = progress_callback(f"replaying {method} token by token")
-            store[key] = replay(loaded.model, list(token_ids), method, budget, layer, sinks=sinks, on_progress=bar)
+            with progress(f"replaying {method} token by token") as bar:
+                store[key] = replay(cached_model(model).model, list(token_ids), method, budget, layer, sinks=sinks,
+                                    on_progress=bar)
         while len(store) > 48:
             store.pop(next(iter(store)))
     return store[key]

@@ -68,20 +68,22 @@ def fig_replay_kept(replays: dict[str, Replay], step: int, head: int) -> go.Figu
 
     Markers: grey = held, red x = removed at this step, green = value changed at this step (merged into).
     """
-    fig = go.Figure()
+    fig, shown = go.Figure(), set()
+
+    def strip(xs, name, label, marker):
+        fig.add_trace(go.Scatter(x=xs, y=[name] * len(xs), mode="markers", name=label, marker=marker,
+                                 legendgroup=label, showlegend=label not in shown))
+        shown.add(label)
+
     for name, rep in replays.items():
         slots = rep.steps[step][head]
         fresh = set(slots.merged_into)
-        held = [p for p in slots.positions if p not in fresh]
-        fig.add_trace(go.Scatter(x=held, y=[name] * len(held), mode="markers", name="held",
-                                 marker=dict(symbol="line-ns-open", size=16, line_width=2, color="#4c78a8"),
-                                 showlegend=name == next(iter(replays)), legendgroup="held"))
+        strip([p for p in slots.positions if p not in fresh], name, "held",
+              dict(symbol="line-ns-open", size=16, line_width=2, color="#4c78a8"))
         if fresh:
-            fig.add_trace(go.Scatter(x=sorted(fresh), y=[name] * len(fresh), mode="markers", name="merged into",
-                                     marker=dict(symbol="diamond", size=11, color="#2ca02c"), legendgroup="merged"))
+            strip(sorted(fresh), name, "merged into", dict(symbol="diamond", size=11, color="#2ca02c"))
         if slots.evicted is not None:
-            fig.add_trace(go.Scatter(x=[slots.evicted], y=[name], mode="markers", name="removed",
-                                     marker=dict(symbol="x", size=12, color="#d62728"), legendgroup="removed"))
+            strip([slots.evicted], name, "removed", dict(symbol="x", size=12, color="#d62728"))
     first = next(iter(replays.values()))
     fig.update_layout(title=f"Slots held after token {step} (layer {first.layer}, KV head {head}, budget {first.budget})",
                       xaxis_title="original token position", xaxis_range=[-1, len(first.token_ids)],
@@ -99,7 +101,7 @@ def fig_mixing(replay: Replay, step: int, head: int, tokens: list[str] | None = 
     labels = _labels(tokens, step + 1)
     fig = go.Figure(go.Heatmap(
         z=np.where(weights > 0, weights, np.nan), x=list(range(step + 1)), y=[f"slot @ {p}" for p in held],
-        colorscale="Magma_r", zmin=0, zmax=1, colorbar=dict(title="weight"),
+        colorscale="YlGnBu", zmin=0, zmax=1, colorbar=dict(title="weight"),
         customdata=[[labels[k] for k in range(step + 1)] for _ in held],
         hovertemplate="%{y} mixes %{customdata}<br>weight %{z:.3f}<extra></extra>"))
     mixed = int(((weights > 0).sum(axis=1) > 1).sum())
