@@ -24,6 +24,7 @@ from analysis.runs import list_runs  # noqa: E402
 
 NEEDED = ("key_post_rope", "value", "attn_received_kv", "attn_count")
 REPLAY_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
+MAX_REPLAY = 512  # token-by-token decoding: keep a replay to a minute or so on a CPU
 
 
 @st.cache_resource(show_spinner="Loading the run…", max_entries=4)
@@ -93,8 +94,12 @@ def main() -> None:
     st.subheader("Replay: decoding token by token through the compressed cache")
     r1, r2 = st.columns([3, 1])
     methods = r1.multiselect("methods", [m for m in METHODS if m != "full"], default=REPLAY_METHODS, key="methods")
-    length = r2.number_input("tokens to replay", budget + 1, len(token_ids), min(64, len(token_ids)), step=8,
-                             key="length", help="The first tokens of the run's text, decoded one at a time.")
+    longest = min(len(token_ids), MAX_REPLAY)
+    if longest <= budget:
+        st.info(f"The run has {len(token_ids)} tokens, no more than the budget {budget}: nothing to compress.")
+        return
+    length = r2.number_input("tokens to replay", budget + 1, longest, max(budget + 1, min(64, longest)), step=8,
+                             key="length", help="The first tokens of the run's (first) text, decoded one at a time.")
     if not methods:
         st.info("Choose at least one method to replay.")
         return
