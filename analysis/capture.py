@@ -4,7 +4,13 @@ Two public transformers mechanisms, nothing patched:
 - an attention function registered with ``AttentionInterface`` ("kvlens_capture") that records the
   post-RoPE query, key and value it is handed, computes the model's own eager attention, and folds
   the weights into per-key statistics (attention received, number of queries that saw the key);
-- forward hooks on the key projection, which see keys before RoPE is applied.
+- forward hooks on the key projection (or the key norm, where there is one), which see keys before
+  RoPE is applied (``analysis.layouts``).
+
+Every tensor layout this relies on is checked on every call (``analysis.layouts``): a model whose
+attention hands over anything else is refused with a one-line error naming the module. Sliding-window
+layers (Gemma 2/3, Mistral-style) are recorded as the model runs them: keys outside a query's window
+receive 0 attention and are not counted as seen by it.
 
 Memory is layers x heads x T x d: a T x T map is kept only for ``maps_window`` query positions.
 Recording works in a prefill and in every ``generate()`` step (tokens are appended along T).
@@ -12,17 +18,20 @@ Recording works in a prefill and in every ``generate()`` step (tokens are append
 
 from __future__ import annotations
 
+import inspect
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 
-from analysis.compress.base import group_mean
+from analysis.compress.base import group_mean, seen_counts
 from analysis.errors import UserError
+from analysis.layouts import Geometry, check_attention_inputs, module_names, pre_rope_hooks, refuse
 from analysis.models import LoadedModel, attention_modules, config_summary
 
 KINDS = ("query_post_rope", "key_pre_rope", "key_post_rope", "value")
@@ -67,11 +76,14 @@ class _LayerRecord:
     maps_window: tuple[int, int] | None
     device: torch.device | None
     dtype: torch.dtype
+    geometry: Geometry
+    where: str  # the attention module, for errors: "LlamaAttention model.layers.3.self_attn"
     chunks: dict[str, list[Tensor]] = field(default_factory=dict)
     received: Tensor | None = None  # (B, Hq, L) float32
-    count: Tensor | None = None  # (B, L) float32
+    count: Tensor | None = None  # (L,) float32
     maps: list[Tensor] = field(default_factory=list)
     seen: int = 0  # query tokens recorded so far
+    calls: int = 0  # attention calls recorded so far
 
     def keep(self, name: str, tensor: Tensor) -> None:
         if name in self.kinds:
@@ -79,71 +91,67 @@ class _LayerRecord:
             out = tensor.detach().to(self.device or tensor.device, self.dtype, copy=True)
             self.chunks.setdefault(name, []).append(out)
 
-    def observe(self, weights: Tensor) -> None:
-        """weights: (B, Hq, q, L) softmax rows of the newest q queries over all L keys."""
-        B, Hq, q, L = weights.shape
+    def observe(self, weights: Tensor, dropped: int = 0, window: int | None = None) -> None:
+        """weights: (B, Hq, q, L') softmax rows of the newest q queries over the newest L' keys.
+
+        ``dropped`` earlier keys were not handed over (a sliding-window cache): they lie outside every
+        query's window, so they received 0. ``window`` W: query p sees key k iff p - W < k <= p.
+        """
+        B, Hq, q, _ = weights.shape
+        L = self.seen + q  # every key so far
         if self.stats:
-            received = weights.float().sum(dim=2)  # (B, Hq, L)
-            seen = torch.full((L,), float(q), device=weights.device)
-            seen[L - q :] = torch.arange(q, 0, -1, device=weights.device, dtype=torch.float32)
-            if self.received is not None:  # earlier keys: pad the running sums to the new length
+            received = weights.new_zeros((B, Hq, L), dtype=torch.float32)
+            received[..., dropped:] = weights.float().sum(dim=2)
+            if self.received is not None:  # earlier keys: add the running sums
                 received[..., : self.received.shape[-1]] += self.received.to(weights.device)
-                seen = seen + nn.functional.pad(self.count.to(weights.device), (0, L - self.count.shape[-1]))
-            self.received, self.count = received, seen.expand(B, L).clone()
+            count = seen_counts(torch.arange(L, device=weights.device), self.seen, q, window)  # (L,)
+            if self.count is not None:
+                count[: self.count.shape[-1]] += self.count.to(weights.device)
+            self.received, self.count = received, count
         if self.maps_window is not None:
             start, stop = self.maps_window
             rows = torch.arange(self.seen, self.seen + q, device=weights.device)
             wanted = (rows >= start) & (rows < stop)
-            if bool(wanted.any()):
-                block = weights[:, :, wanted, : min(L, stop)].float()  # (B, Hq, w, <=stop)
-                block = nn.functional.pad(block, (0, stop - block.shape[-1]))  # (B, Hq, w, stop)
+            if bool(wanted.any()) and stop > dropped:
+                block = weights.new_zeros((B, Hq, int(wanted.sum()), stop), dtype=torch.float32)  # (B, Hq, w, stop)
+                cols = weights[:, :, wanted, : stop - dropped].float()  # keys dropped.. of those rows
+                block[..., dropped : dropped + cols.shape[-1]] = cols
                 self.maps.append(block.to(self.device or block.device))
         self.seen += q
 
 
 def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     """Eager attention of the module's own model family, plus recording when the layer is watched."""
+    record = _ACTIVE.get(module)
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
-        raise UserError(f"{type(module).__name__} has no eager attention to capture weights from")
+        where = record.where if record is not None else type(module).__name__
+        raise UserError(f"cannot capture {where}: its model family has no eager attention to take weights from")
+    if record is None:
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    watched = record.where
+    if getattr(module, "is_causal", True) is False:
+        raise refuse(watched, "its attention is not causal")
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    dropped = check_attention_inputs(watched, query, key, value, record.geometry, record.seen, window)
     output, weights = eager(module, query, key, value, attention_mask, **kwargs)
-    record = _ACTIVE.get(module)
-    if record is not None:
-        q = query.shape[2]
-        record.keep("query_post_rope", query)
-        record.keep("key_post_rope", key[:, :, -q:])
-        record.keep("value", value[:, :, -q:])
-        if weights is None:
-            raise UserError(f"{type(module).__name__}'s eager attention returned no weights")
-        record.observe(weights)
+    q = query.shape[2]
+    record.calls += 1
+    record.keep("query_post_rope", query)
+    record.keep("key_post_rope", key[:, :, -q:])
+    record.keep("value", value[:, :, -q:])
+    if "key_pre_rope" in record.kinds:  # the hook must have handed exactly this call's keys
+        pre = record.chunks.get("key_pre_rope", [])
+        if len(pre) != record.calls or tuple(pre[-1].shape) != tuple(key[:, :, -q:].shape):
+            got = tuple(pre[-1].shape) if pre else None
+            raise refuse(watched, f"keys before RoPE were {got} for post-RoPE keys {tuple(key[:, :, -q:].shape)} "
+                                  f"({len(pre)} pre-RoPE chunks for {record.calls} attention calls)")
+    if weights is None or tuple(weights.shape) != (query.shape[0], query.shape[1], q, key.shape[2]):
+        got = None if weights is None else tuple(weights.shape)
+        raise refuse(watched, f"its eager attention returned weights {got} for query {tuple(query.shape)} "
+                              f"and key {tuple(key.shape)}")
+    record.observe(weights, dropped, window)
     return output, weights
-
-
-def _pre_rope_key_hook(attn: nn.Module, head_dim: int):
-    """(submodule, fn(output) -> (B, Hkv, T, D)) giving keys before any rotary embedding."""
-    if hasattr(attn, "k_norm") and isinstance(attn.k_norm, nn.Module):  # Qwen3-style: norm, then RoPE
-        return attn.k_norm, lambda out: out.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
-    if isinstance(getattr(attn, "k_proj", None), nn.Module):  # Llama, Qwen2, Mistral...
-        def split(out):
-            B, T, _ = out.shape
-            return out.view(B, T, -1, head_dim).transpose(1, 2)  # (B, H, T, D)
-        return attn.k_proj, split
-    family = type(attn).__name__
-    # Fused projections differ between families (Falcon's is not NeoX's): only known layouts.
-    if family.startswith("GPTNeoX") and isinstance(getattr(attn, "query_key_value", None), nn.Module):
-        def neox(out):
-            B, T, _ = out.shape
-            return out.view(B, T, -1, 3 * head_dim)[..., head_dim : 2 * head_dim].transpose(1, 2)
-        return attn.query_key_value, neox
-    if family.startswith("GPT2") and isinstance(getattr(attn, "c_attn", None), nn.Module):  # [q | k | v]
-        def gpt2(out):
-            B, T, E3 = out.shape
-            return out[..., E3 // 3 : 2 * E3 // 3].reshape(B, T, -1, head_dim).transpose(1, 2)
-        return attn.c_attn, gpt2
-    raise UserError(
-        f"cannot capture pre-RoPE keys of {family}: it has no separate k_proj, and its fused "
-        "projection layout is not one kvlens knows (GPT-NeoX, GPT-2); leave key_pre_rope out of --kinds"
-    )
 
 
 @contextmanager
@@ -176,19 +184,20 @@ def record(
     # Without a mask function of its own, a registered attention gets attention_mask=None (no causal
     # mask at all): give it the eager one, which the eager attention it wraps expects.
     AttentionMaskInterface.register(_IMPL, eager_mask)
-    head_dim = config_summary(model.config)["head_dim"]
+    g = config_summary(model.config)
+    geometry = Geometry(heads=g["num_heads"], kv_heads=g["num_kv_heads"], head_dim=g["head_dim"])
+    describe = module_names(model)
     device = torch.device("cpu") if offload else None
-    recorder = _Recorder({i: _LayerRecord(tuple(kinds), stats, maps_window, device, dtype) for i in chosen},
-                         kv_heads=config_summary(model.config)["num_kv_heads"])
+    recorder = _Recorder({i: _LayerRecord(tuple(kinds), stats, maps_window, device, dtype, geometry, describe(modules[i]))
+                          for i in chosen}, kv_heads=geometry.kv_heads)
     handles = []
     previous = model.config._attn_implementation
     try:
         for i in chosen:
-            _ACTIVE[modules[i]] = recorder.records[i]
+            _ACTIVE[modules[i]] = rec = recorder.records[i]
             if "key_pre_rope" in kinds:
-                sub, extract = _pre_rope_key_hook(modules[i], head_dim)
-                rec = recorder.records[i]
-                handles.append(sub.register_forward_hook(lambda m, a, out, r=rec, f=extract: r.keep("key_pre_rope", f(out))))
+                for sub, hook in pre_rope_hooks(modules[i], geometry, describe, partial(rec.keep, "key_pre_rope")):
+                    handles.append(sub.register_forward_hook(hook))
         model.set_attn_implementation(_IMPL)
         yield recorder
     finally:
@@ -216,7 +225,9 @@ class _Recorder:
                 tensors[f"layers.{i}.{name}"] = torch.cat(chunks, dim=2).contiguous()
             if rec.received is not None:
                 tensors[f"layers.{i}.attn_received"] = rec.received.to(rec.device or rec.received.device)
-                tensors[f"layers.{i}.attn_count"] = rec.count.to(rec.received.device if rec.device is None else rec.device)
+                B = rec.received.shape[0]
+                count = rec.count.expand(B, -1).clone()  # (B, T): the same for every row (no padding)
+                tensors[f"layers.{i}.attn_count"] = count.to(rec.device or count.device)
                 kv_kind = next((tensors[f"layers.{i}.{k}"] for k in ("value", "key_post_rope", "key_pre_rope")
                                 if f"layers.{i}.{k}" in tensors), None)
                 kv_heads = kv_kind.shape[1] if kv_kind is not None else self.kv_heads
@@ -273,13 +284,22 @@ def capture_sequences(
     return Capture(tensors, meta)
 
 
-def apply_rope(model: nn.Module, keys: Tensor, positions: Tensor) -> Tensor:
-    """Rotate pre-RoPE keys (B, H, T, D) to ``positions`` (B, T) with the model's own rotary code."""
+def apply_rope(model: nn.Module, keys: Tensor, positions: Tensor, layer: int | None = None) -> Tensor:
+    """Rotate pre-RoPE keys (B, H, T, D) to ``positions`` (B, T) with the model's own rotary code.
+
+    ``layer`` is needed where layer types rotate differently (Gemma 3: sliding layers use a local base).
+    """
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
     if rotary is None:
         return keys  # absolute-position model (GPT-2): keys carry no rotation
-    attn = next(iter(attention_modules(model).values()))
+    modules = attention_modules(model)
+    attn = modules[layer] if layer is not None else next(iter(modules.values()))
     rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
-    cos, sin = rotary(keys, positions)
+    extra = {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        if layer is None:
+            raise UserError(f"{type(model).__name__} rotates each layer type differently: pass layer=")
+        extra["layer_type"] = model.config.layer_types[layer]
+    cos, sin = rotary(keys, positions, **extra)
     _, rotated = rotate(keys, keys, cos, sin)
     return rotated

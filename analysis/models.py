@@ -142,11 +142,14 @@ def load_model(
     attn_implementation: str = "eager",
     online: bool = False,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, without touching the network by default.
 
     ``attn_implementation="eager"`` (the default) is the one that returns attention weights, which
     capture and the attention-scored compression methods need; pass "sdpa" for speed elsewhere.
+    ``device_map="auto"`` (accelerate) spreads the layers over the available devices instead of
+    ``device``; the compressed cache keeps each layer's state on that layer's device.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -167,16 +170,37 @@ def load_model(
         raise UserError(f"cannot load model {model!r}: {str(err).splitlines()[0]}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(f"{model} is not a causal language model (model_type {config.model_type!r})")
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        _check_splittable(config, model, device_map)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
+        placement = {"device_map": device_map} if device_map else {}
         lm = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype, attn_implementation=attn_implementation, **common
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, **placement, **common
         )
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load model {model!r}: {str(err).splitlines()[0]}") from None
-    lm.to(torch_device).eval()
+        what = f"with --device-map {device_map}" if device_map else ""
+        raise UserError(f"cannot load model {model!r} {what}: {str(err).splitlines()[0]}".replace("  ", " ")) from None
+    if device_map:
+        torch_device = next(lm.parameters()).device  # where the inputs go: the first layers' device
+        lm.eval()
+    else:
+        lm.to(torch_device).eval()
     model_id = EMBEDDED_NAME if model in (DEFAULT_MODEL, EMBEDDED_NAME) else model
     return LoadedModel(lm, tokenizer, model_id, torch_device, torch_dtype)
+
+
+def _check_splittable(config, model: str, device_map: str) -> None:
+    """accelerate spreads a model over devices only along the blocks its class declares unsplittable."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return  # remote code: transformers decides
+    if not getattr(cls, "_no_split_modules", None):
+        raise UserError(f"{cls.__name__} ({model}) does not declare which blocks may not be split across devices, "
+                        f"so --device-map {device_map} is not supported for it; use --device instead")
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:

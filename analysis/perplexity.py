@@ -1,32 +1,34 @@
 """Long-text perplexity under a compressed cache, with the paper's protocol (Table I, Fig. 4).
 
 Protocol (the paper leaves details open; these are our choices, stated once here):
-- each document's first N tokens are cut into windows of W tokens with stride W/2;
+- each document's first N tokens are cut into windows of W tokens with stride W/2, plus one last
+  window aligned to the end when the stride does not land there;
 - inside a window, decoding starts from an empty cache and goes token by token through the same
   ``CompressedCache`` that ``generate()`` uses (one policy implementation, no simulation);
-- the first window of a document scores every prediction, later windows only their last W/2
-  targets, so every token of the document from the second on is scored exactly once;
-- positions are the original ones inside the window (0..W-1), so W must fit the model's RoPE range.
+- the first window of a document scores every prediction, later windows only the targets no earlier
+  window scored, so every token of the document from the second on is scored exactly once;
+- positions are the original ones inside the window (0..W-1), so W must fit the model's RoPE range;
+- randomised methods draw per window (seeded by the seed and the window's index), so a window's
+  result does not depend on the batch it runs in.
 
 Speed: while a window's cache is below the budget no method has anything to do, so those tokens go
 through the model in chunks (identical attention and statistics, fewer forwards); after that, one
-token per forward. Windows are batch rows, which is what makes CPU throughput scale.
+token per forward. Windows are batch rows, and so are a sweep's (method, budget) jobs when there are
+fewer windows than the batch size (``analysis.sweep``): each row is compressed by its own policy.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from analysis.attention import grouped_attention
 from analysis.cache import CompressedCache
-from analysis.compress import make_policy
+from analysis.compress import Policy, make_policy
 from analysis.errors import UserError
 
 
@@ -35,7 +37,7 @@ class Windows:
     ids: Tensor  # (N, W) int64
     docs: list[str]  # document id of each window
     starts: list[int]  # first token's index in its document
-    scored_from: list[int]  # first scored target index inside the window (1 or W/2)
+    scored_from: list[int]  # first scored target index inside the window
 
     @property
     def size(self) -> int:
@@ -43,7 +45,11 @@ class Windows:
 
 
 def make_windows(sequences: list[tuple[str, list[int]]], window: int) -> Windows:
-    """Cut each (doc id, token ids) sequence into half-overlapping windows of ``window`` tokens."""
+    """Cut each (doc id, token ids) sequence into half-overlapping windows of ``window`` tokens.
+
+    When ``len - window`` is not a multiple of the stride, a last window ends at the document's
+    end and scores only the targets after the previous window's last one.
+    """
     if window < 4 or window % 2:
         raise UserError(f"--window must be an even number of at least 4 tokens, got {window}")
     stride = window // 2
@@ -51,11 +57,17 @@ def make_windows(sequences: list[tuple[str, list[int]]], window: int) -> Windows
     for doc, ids in sequences:
         if len(ids) < window:
             raise UserError(f"--window {window} is longer than the {len(ids)} tokens of {doc}")
-        for start in range(0, len(ids) - window + 1, stride):
+        first = list(range(0, len(ids) - window + 1, stride))
+        marks = [1] + [stride] * (len(first) - 1)
+        covered = first[-1] + window  # targets up to here are scored
+        if covered < len(ids):
+            first.append(len(ids) - window)
+            marks.append(covered - (len(ids) - window))
+        for start, mark in zip(first, marks):
             rows.append(ids[start : start + window])
             docs.append(doc)
             starts.append(start)
-            scored.append(1 if start == 0 else stride)
+            scored.append(mark)
     return Windows(torch.tensor(rows, dtype=torch.long), docs, starts, scored)
 
 
@@ -65,29 +77,43 @@ def _nll(logits: Tensor, targets: Tensor) -> Tensor:
     return -logp.gather(-1, targets[..., None])[..., 0]
 
 
+def default_chunk(rows: int) -> int:
+    return max(8, 4096 // rows)  # bounds the (rows, chunk, vocab) logits of a prefill chunk
+
+
 @torch.inference_mode()
 def window_nll(model, ids: Tensor, method: str, budget: int | None, sinks: int = 4,
-               recent: int | None = None, seed: int = 0, chunk: int | None = None) -> Tensor:
+               recent: int | None = None, seed: int = 0, chunk: int | None = None,
+               window_ids: list[int] | None = None, plan=None) -> Tensor:
     """NLL (b, W-1) of each next token in each window row of ``ids`` (b, W), decoded under ``method``.
 
-    Token t's prediction sees tokens <= t through a cache compressed to ``budget`` slots per layer.
+    Token t's prediction sees tokens <= t through a cache compressed to ``budget`` slots per layer
+    (or to a plan's per-head budgets). ``window_ids`` (b,) seed randomised methods per window.
+    """
+    policy = make_policy(method, budget if plan is None else plan.max_budget, sinks=sinks,
+                         recent=recent if plan is None else plan.recent, seed=seed)
+    uncompressed = ids.shape[1] - 1 if method == "full" else min(plan.min_budget if plan else budget, ids.shape[1] - 1)
+    return decode_rows(model, ids, policy, uncompressed, chunk, window_ids, plan=plan)
+
+
+def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: int | None = None,
+                window_ids: list[int] | None = None, plan=None, row_budgets: list[int] | None = None) -> Tensor:
+    """Teacher-forced NLL (b, W-1) of ``ids`` (b, W) through one CompressedCache under ``policy``.
+
+    The first ``uncompressed`` tokens (where no row can overflow its budget) go in chunks.
     """
     b, W = ids.shape
-    chunk = chunk or max(8, 4096 // b)  # bounds the (b, chunk, vocab) logits of a prefill chunk
-    policy = make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)
-    cache = CompressedCache(model, policy=policy)  # switches an sdpa model to eager (with a warning)
-    with grouped_attention(model):
-        return _decode_windows(model, ids, cache, budget, method, chunk).cpu()
-
-
-def _decode_windows(model, ids: Tensor, cache: CompressedCache, budget: int | None, method: str,
-                    chunk: int) -> Tensor:
-    b, W = ids.shape
     device = next(model.parameters()).device
-    ids = ids.to(device)
+    row_ids = torch.tensor(window_ids if window_ids is not None else range(b))
+    with torch.inference_mode(), CompressedCache(model, policy=policy, plan=plan, row_ids=row_ids,
+                                                 row_budgets=row_budgets) as cache:
+        return _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b)).cpu()
+
+
+def _decode(model, ids: Tensor, cache, uncompressed: int, chunk: int) -> Tensor:
+    b, W = ids.shape
+    device = ids.device
     nll = torch.empty((b, W - 1), device=device)
-    # Below the budget nothing is compressed: feed those tokens in chunks.
-    uncompressed = W - 1 if budget is None or method == "full" else min(budget, W - 1)
     for start in range(0, uncompressed, chunk):
         stop = min(start + chunk, uncompressed)
         positions = torch.arange(start, stop, device=device).expand(b, -1)  # (b, q)
@@ -98,6 +124,12 @@ def _decode_windows(model, ids: Tensor, cache: CompressedCache, budget: int | No
         logits = model(ids[:, t : t + 1], past_key_values=cache, position_ids=positions, use_cache=True).logits
         nll[:, t] = _nll(logits, ids[:, t + 1 : t + 2])[:, 0]
     return nll
+
+
+def _decode_windows(model, ids: Tensor, cache, budget: int | None, method: str, chunk: int) -> Tensor:
+    """Decode ``ids`` through an existing cache (kept for callers that build their own cache)."""
+    uncompressed = ids.shape[1] - 1 if budget is None or method == "full" else min(budget, ids.shape[1] - 1)
+    return _decode(model, ids, cache, uncompressed, chunk)
 
 
 def scored_mask(windows: Windows) -> Tensor:
@@ -125,40 +157,12 @@ def running_log_ppl(windows: Windows, nll: Tensor, points: int = 400) -> list[fl
     return [round(float(v), 5) for v in mean[step - 1 :: step]]
 
 
-def evaluate(model, windows: Windows, method: str, budget: int | None, batch_size: int = 32,
-             partial: Path | None = None, progress=None, **policy_kwargs) -> dict:
-    """Perplexity of ``method`` at ``budget`` over all windows; resumable through ``partial``.
-
-    Each finished batch of windows is saved in ``partial`` (a directory) and skipped on a rerun.
-    """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if budget is not None and method != "full" and budget >= windows.size:
-        raise UserError(f"budget {budget} >= window {windows.size}: nothing is ever compressed, "
-                        "which is the same as method 'full'")
-    tag = f"{method}-{budget}"
-    parts, seconds = [], 0.0
-    for first in range(0, len(windows.docs), batch_size):
-        saved = partial / f"{tag}-{first}.pt" if partial is not None else None
-        if saved is not None and saved.is_file():
-            done = torch.load(saved)
-        else:
-            began = time.perf_counter()
-            nll = window_nll(model, windows.ids[first : first + batch_size], method, budget, **policy_kwargs)
-            done = {"nll": nll, "seconds": time.perf_counter() - began}
-            if saved is not None:
-                tmp = saved.with_suffix(".tmp")
-                torch.save(done, tmp)
-                tmp.replace(saved)
-        parts.append(done["nll"])
-        seconds += done["seconds"]
-        if progress is not None:
-            progress(len(done["nll"]))
-    nll = torch.cat(parts)
+def summarise(windows: Windows, nll: Tensor, method: str, budget: int, seconds: float) -> dict:
+    """One run's entry in perplexity.json (``nll`` (N, W-1) is returned too, for the tensors file)."""
     scored = nll[scored_mask(windows)]
     return {
         "method": method,
-        "budget": budget if budget is not None else windows.size,
+        "budget": budget,
         "ppl": math.exp(float(scored.double().mean())),
         "tokens": int(scored.numel()),
         "seconds": round(seconds, 3),
@@ -170,83 +174,32 @@ def evaluate(model, windows: Windows, method: str, budget: int | None, batch_siz
     }
 
 
-def load_partial_settings(partial: Path, settings: dict) -> None:
-    """Create ``partial`` for these settings, or check an existing one was made with the same."""
+def evaluate(model, windows: Windows, method: str, budget: int | None, batch_size: int = 32,
+             partial: Path | None = None, progress=None, plan=None, **policy_kwargs) -> dict:
+    """Perplexity of one ``method`` at ``budget`` (or ``plan``) over all windows; resumable through ``partial``."""
+    from analysis.sweep import Job, run_jobs
+
+    job = Job(method, budget if method != "full" else None, plan)
+    job.validate(windows.size, policy_kwargs.get("sinks", 4), policy_kwargs.get("recent"))
+    nll, seconds = run_jobs(model, windows, [job], batch_size=batch_size, partial=partial, progress=progress,
+                            **policy_kwargs)
+    return summarise(windows, nll[job.key], method, job.label_budget(windows.size), seconds[job.key])
+
+
+def load_partial_settings(partial: Path, settings: dict, ignore: tuple[str, ...] = (), write: bool = True) -> None:
+    """Create ``partial`` for these settings, or check an existing one was made with the same.
+
+    Keys in ``ignore`` are recorded but may differ on resume (results are stored per window).
+    """
     partial.mkdir(parents=True, exist_ok=True)
     path = partial / "settings.json"
     if path.is_file():
         before = json.loads(path.read_text())
-        if before != settings:
-            changed = sorted(k for k in settings if before.get(k) != settings[k])
+        changed = sorted(k for k in set(settings) | set(before) if k not in ignore and before.get(k) != settings.get(k))
+        if changed:
             raise UserError(f"{partial} holds an unfinished run with other settings ({', '.join(changed)}); "
                             "pass --overwrite to start again")
-    else:
-        path.write_text(json.dumps(settings, indent=1))
-
-
-def sweep_jobs(methods: list[str], budgets: list[int], window: int, sinks: int = 4,
-               recent: int | None = None) -> list[tuple[str, int | None]]:
-    """The (method, budget) runs of a sweep, every combination validated before any work.
-
-    ``full`` runs once (budget None), first; every other method once per budget.
-    """
-    for method in methods:
-        for budget in budgets:
-            make_policy(method, budget, sinks=sinks, recent=recent)
-    jobs = [(m, None) for m in methods if m == "full"] + [(m, b) for m in methods if m != "full" for b in budgets]
-    for m, b in jobs:
-        if b is not None and b >= window:
-            raise UserError(f"budget {b} >= window {window}: nothing is ever compressed, "
-                            "which is the same as method 'full'")
-    return jobs
-
-
-def run_sweep(loaded, windows: Windows, methods: list[str], budgets: list[int], *, source: dict, tokens: int,
-              documents: int, sinks: int = 4, recent: int | None = None, seed: int = 0, batch_size: int = 32,
-              partial: Path | None = None, progress=None, on_job=None) -> tuple[dict, dict[str, Tensor]]:
-    """Evaluate every job of the sweep on ``windows``: (summary for perplexity.json, NLL per run).
-
-    ``progress(n)`` is called with each finished batch's window count (total: jobs x windows),
-    ``on_job(method, budget)`` before each run; ``source`` is ``load_documents``' keyword arguments.
-    """
-    from analysis.compress import METHODS
-
-    corpus = source.get("corpus", "text")
-    results, tensors = [], {}
-    for method, budget in sweep_jobs(methods, budgets, windows.size, sinks, recent):
-        if on_job is not None:
-            on_job(method, budget)
-        result = evaluate(loaded.model, windows, method, budget, batch_size=batch_size, partial=partial,
-                          progress=progress, sinks=sinks, recent=recent, seed=seed)
-        tensors[f"{method}@{result['budget']}"] = result.pop("nll").to(torch.float32).contiguous()
-        results.append(result | {"corpus": corpus})
-    summary = {
-        "model": loaded.model_id, "source": source, "tokens": tokens, "documents": documents,
-        "window": windows.size, "stride": windows.size // 2, "windows": len(windows.docs), "sinks": sinks,
-        "recent": recent, "seed": seed, "device": str(loaded.device), "text_ids": list(dict.fromkeys(windows.docs)),
-        "methods": [m for m in METHODS if m in methods], "budgets": budgets, "results": results,
-    }
-    return summary, tensors
-
-
-def save_sweep(out: Path, summary: dict, tensors: dict[str, Tensor], overwrite: bool = False,
-               png: bool = True) -> Path:
-    """Write a sweep's directory atomically: perplexity.json, nll.safetensors, table.csv/md, figures."""
-    from safetensors.torch import save_file
-
-    from analysis.plots.export import write_figure
-    from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
-    from analysis.runs import atomic_dir, write_json
-
-    rows = table_rows(summary["results"])
-    with atomic_dir(out, overwrite) as tmp:
-        write_json(tmp / "perplexity.json", summary)
-        save_file(tensors, str(tmp / "nll.safetensors"))
-        header = list(rows[0])
-        (tmp / "table.csv").write_text("\n".join(",".join(str(r[h]) for h in header) for r in [dict(zip(header, header))] + rows) + "\n")
-        md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
-        (tmp / "table.md").write_text("\n".join(md) + "\n")
-        write_figure(fig_ppl_vs_budget(summary), tmp, "ppl_vs_budget", png=png)
-        write_figure(fig_running_log_ppl(summary), tmp, "running_log_ppl", png=png)
-    return Path(out)
+    elif write:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=1))
+        tmp.replace(path)

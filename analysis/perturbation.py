@@ -102,8 +102,10 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
         small = state.clone()  # merges write into values in place
         policy = make_policy(method, t - 1, sinks, recent)
         victim = policy.select(small)  # (B, H): the single slot this method gives up
-        policy.merge(small, victim)
-        small.remove(victim)
+        everywhere = torch.ones_like(victim, dtype=torch.bool)
+        policy.merge(small, victim, everywhere)
+        small.remove(victim, everywhere)
+        small = small.ordered()  # the t - 1 surviving slots, oldest first
         victims[method] = victim
         w, o = _attend(q, torch.cat([small.keys, keys], 2), torch.cat([small.values, values], 2), t - 1)
         err = (o - o_full).norm(dim=-1) / o_full.norm(dim=-1).clamp_min(1e-30)  # (B, H, G, F)

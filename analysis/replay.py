@@ -6,8 +6,8 @@ every step the chosen layer's ``LayerState`` is read back. What changed between 
 off the state itself: the position that disappeared is the victim, and a surviving slot whose value
 changed is the one it was merged into.
 
-Which original tokens a slot's value mixes (WeightedKV's cascade) comes from ``state.mixing`` when
-the cache tracks it; otherwise it is inferred from the values (see ``_infer_mixing``).
+Which original tokens a slot's value mixes (WeightedKV's cascade) is the cache's own bookkeeping
+(``CompressedCache(track_mixing=T)`` fills ``state.mixing`` with the same linear merges as the values).
 
 ``merge_preview`` asks the same question of a capture: if this full cache had to give up one slot,
 which position would the policy remove, and into which neighbour would its value go.
@@ -48,7 +48,7 @@ class Replay:
     """``steps[t][h]``: head h of ``layer`` right after token t was decoded (appended, observed, compressed).
 
     ``mixing[t][h]``: (len(positions), T) float32, row i = weights of the original tokens mixed into
-    slot i's value (one-hot for an untouched slot); None when the method is not followed that far.
+    slot i's value (one-hot for an untouched slot), as the cache tracks it (``track_mixing``).
     """
 
     method: str
@@ -59,7 +59,6 @@ class Replay:
     token_ids: list[int]
     steps: list[list[HeadSlots]]
     mixing: list[list[np.ndarray]] | None
-    mixing_source: str  # "state" (tracked by the cache), "inferred" (from the values) or "none"
     values: list[list[np.ndarray]] | None = None  # [step][head] (len(positions), D) when asked for
 
     @property
@@ -74,17 +73,11 @@ class Replay:
         return nxt.evicted, nxt.merged_into
 
 
-def _valid(state: LayerState) -> Tensor:
-    # TODO(core-v2): v2 states carry ``valid`` (free slots have position -1); v1 states are dense.
-    valid = getattr(state, "valid", None)
-    return valid if valid is not None else state.positions >= 0
-
-
 def _snapshot(state: LayerState, row: int = 0) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
     """Per KV head: (positions (n,), values (n, D) float32, ā (n,), mixing (n, T) or None), by position."""
-    valid = _valid(state)[row]  # (H, C)
+    valid = state.valid[row]  # (H, C)
     score = (state.acc[row] / state.count[row].clamp_min(1.0)).float()  # (H, C)
-    mixing = getattr(state, "mixing", None)
+    mixing = state.mixing
     heads = []
     for h in range(valid.shape[0]):
         slots = valid[h].nonzero()[:, 0]
@@ -105,36 +98,11 @@ def _diff(before: tuple, after: tuple, newest: int | None = None) -> tuple[int |
     return (gone[0] if gone else None), sorted(changed)
 
 
-def _infer_mixing(mix: dict[int, np.ndarray], before: dict[int, Tensor], after: dict[int, Tensor],
-                  victim: int, changed: list[int]) -> bool:
-    """Update ``mix`` (position -> weights over original tokens) for a merge of ``victim`` into ``changed``.
-
-    Every merge kvlens knows is linear, v_n' = α v_n + β v_victim, so (α, β) are solved from the
-    values by least squares and the same combination is applied to the mixtures. Returns False when
-    the fit is not exact (then the mixtures are no longer trustworthy).
-    """
-    # TODO(core-v2): stand-in until CompressedCache(track_mixing=True) fills ``state.mixing``.
-    exact = True
-    for n in changed:
-        basis = torch.stack([before[n], before[victim]], dim=1).double()  # (D, 2)
-        target = after[n].double()  # (D,)
-        coef = torch.linalg.lstsq(basis, target[:, None]).solution[:, 0]  # (2,)
-        residual = (basis @ coef - target).norm() / target.norm().clamp_min(1e-12)
-        exact &= bool(residual < 1e-4)
-        alpha, beta = coef.tolist()
-        mix[n] = alpha * mix[n] + beta * mix[victim]
-    mix.pop(victim, None)
-    return exact
-
-
-def open_cache(model, method: str, budget: int | None, sinks: int, recent: int | None, seed: int):
-    """A CompressedCache that tracks mixtures when the cache core supports it."""
+def open_cache(model, method: str, budget: int | None, sinks: int, recent: int | None, seed: int, tokens: int):
+    """A CompressedCache that tracks, for ``tokens`` original tokens, what each slot's value mixes."""
     from analysis.cache import CompressedCache
 
-    try:  # TODO(core-v2): v2 takes track_mixing; v1 does not
-        return CompressedCache(model, method, budget, sinks=sinks, recent=recent, seed=seed, track_mixing=True)
-    except TypeError:
-        return CompressedCache(model, method, budget, sinks=sinks, recent=recent, seed=seed)
+    return CompressedCache(model, method, budget, sinks=sinks, recent=recent, seed=seed, track_mixing=tokens)
 
 
 @torch.inference_mode()
@@ -152,13 +120,12 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
     T = len(token_ids)
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], device=device)
-    cache = open_cache(model, method, budget, sinks, recent, seed)
+    cache = open_cache(model, method, budget, sinks, recent, seed, T)
     from analysis.models import attention_modules
 
     # Registered after the cache's own hook (CompressedCache installs it), so the layer is compressed first.
     stopper = attention_modules(model)[layer].register_forward_hook(_stop_after)
-    steps, mixing, source, values = [], [], None, []
-    mixes: list[dict[int, np.ndarray]] = []
+    steps, mixing, values = [], [], []
     before = None
     try:
         for t in range(T):
@@ -168,27 +135,13 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
             except _Stop:
                 pass
             after = _snapshot(cache.layers[layer].state)
-            if source is None:
-                source = "state" if after[0][3] is not None else "inferred"
-                mixes = [{} for _ in after]
-            heads, mix_rows = [], []
+            heads = []
             for h, snap in enumerate(after):
                 victim, changed = _diff(before[h], snap, newest=t) if before is not None else (None, [])
                 heads.append(HeadSlots(snap[0].tolist(), snap[2].tolist(), victim, changed))
-                if source == "state":
-                    mix_rows.append(snap[3][:, :T].numpy().astype(np.float32))
-                    continue
-                mixes[h][t] = np.eye(T, dtype=np.float32)[t]
-                if victim is not None and changed and source == "inferred":
-                    old = dict(zip(before[h][0].tolist(), before[h][1]))
-                    if not _infer_mixing(mixes[h], old, dict(zip(snap[0].tolist(), snap[1])), victim, changed):
-                        source = "none"  # a merge kvlens cannot read back: stop showing mixtures
-                elif victim is not None:
-                    mixes[h].pop(victim, None)
-                if source == "inferred":
-                    mix_rows.append(np.stack([mixes[h][p] for p in snap[0].tolist()]))
             steps.append(heads)
-            mixing.append(mix_rows)
+            if after[0][3] is not None:
+                mixing.append([snap[3][:, :T].numpy().astype(np.float32) for snap in after])  # (slots, T) each
             if keep_values:
                 values.append([snap[1].numpy() for snap in after])
             before = after
@@ -196,11 +149,9 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
                 on_progress((t + 1) / T)
     finally:
         stopper.remove()
-        close = getattr(cache, "close", None)  # TODO(core-v2): v2 restores the attention implementation
-        if close is not None:
-            close()
+        cache.close()  # restores the model's attention implementation, removes the cache's hooks
     return Replay(method, budget, policy.sinks, policy.recent, layer, list(token_ids), steps,
-                  None if source == "none" else mixing, source, values if keep_values else None)
+                  mixing if len(mixing) == T else None, values if keep_values else None)
 
 
 def merge_preview(capture, layer: int, method: str = "weightedkv", budget: int = 64, sinks: int = 4,
@@ -223,7 +174,7 @@ def merge_preview(capture, layer: int, method: str = "weightedkv", budget: int =
     state.append(keys, values, torch.arange(T))
     # Statistics by original position, wherever the state put each token.
     where = state.positions.clamp_min(0)  # (1, H, C)
-    held = _valid(state)
+    held = state.valid
     state.acc = received.gather(2, where) * held
     state.count = count[:, None, :].expand_as(received).gather(2, where) * held
     before = _snapshot(state)

@@ -57,7 +57,8 @@ def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], bud
           on_progress=None) -> tuple[dict, dict]:
     """A perplexity sweep over one document of ``corpus``; ``on_progress(fraction)`` as windows finish."""
     from analysis.corpora import token_sequences
-    from analysis.perplexity import make_windows, run_sweep, sweep_jobs
+    from analysis.perplexity import make_windows
+    from analysis.sweep import run_sweep, sweep_jobs
 
     jobs = sweep_jobs(methods, budgets, window)  # bad settings fail before any work
     windows = make_windows(token_sequences(loaded.tokenizer, documents(corpus), tokens, 1), window)
@@ -84,7 +85,7 @@ def make_capture(loaded, on_progress=None) -> Path:
 
 def make_sweep(loaded, on_progress=None) -> Path:
     """The starter perplexity sweep, computed unless it is already on disk."""
-    from analysis.perplexity import save_sweep
+    from analysis.sweep import save_sweep
 
     out, s = sweep_dir(), SWEEP
     if not (out / "perplexity.json").is_file():

@@ -4,6 +4,10 @@
     python -m experiments.bench_compress memory      # cache bytes and peak RSS from 1k to 8k tokens
     python -m experiments.bench_compress throughput  # batched perplexity evaluator vs naive loop
     python -m experiments.bench_compress profile --batch 32   # where a decode step's time goes
+    python -m experiments.bench_compress fullstep --batch 32  # compressed step vs full-cache step, same slots
+    python -m experiments.bench_compress sweep       # a 1-window sweep: jobs as batch rows vs one by one
+    python -m experiments.bench_compress prompt      # generate() after a long prompt, compressed vs full
+    python -m experiments.bench_compress prefill     # peak memory of a chunked 4k-token prefill (subprocess)
 
 Every timing is the median of interleaved repeats, so slow drift on a shared machine hits every
 method alike. Prints markdown tables.
@@ -35,6 +39,14 @@ def _decode_timer(model, method, budget, length, batch, steps, device):
 
     def run(around_steps=contextlib.nullcontext) -> float:
         cache = CompressedCache(model, method, budget)
+        try:
+            return _timed(cache, around_steps)
+        finally:
+            close = getattr(cache, "close", None)  # (older commits had no close)
+            if close:
+                close()
+
+    def _timed(cache, around_steps) -> float:
         with torch.inference_mode():
             for start in range(0, length, 256):  # chunks: same state, bounded attention memory
                 stop = min(start + 256, length)
@@ -95,7 +107,7 @@ def bench_memory(loaded, args) -> None:
                 model(ids[:, start : start + 64], past_key_values=cache,
                       position_ids=torch.arange(start, start + 64, device=device)[None])
                 if start + 64 in lengths:
-                    states = [layer.state for layer in cache.layers]
+                    states = [layer.state for layer in cache.layers if getattr(layer, "state", None) is not None]
                     size = sum(t.numel() * t.element_size() for s in states
                                for t in (s.keys, s.values, s.positions, s.acc, s.count, s.last))
                     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
@@ -106,7 +118,6 @@ def bench_memory(loaded, args) -> None:
 
 def bench_throughput(loaded, args) -> None:
     """Batched window evaluator vs a naive loop: one window at a time, one model() call per token."""
-    from analysis.attention import grouped_attention
     from analysis.cache import CompressedCache
     from analysis.perplexity import window_nll
 
@@ -117,10 +128,9 @@ def bench_throughput(loaded, args) -> None:
     batched = args.batch * (W - 1) / (time.perf_counter() - began)
 
     naive_tokens = W - 1
-    cache = CompressedCache(model, "weightedkv", args.budget)
     row = ids[:1].to(device)
     began = time.perf_counter()
-    with torch.inference_mode(), grouped_attention(model):  # the same attention as window_nll
+    with torch.inference_mode(), CompressedCache(model, "weightedkv", args.budget) as cache:  # same attention
         for t in range(naive_tokens):
             logits = model(row[:, t : t + 1], past_key_values=cache, position_ids=torch.full((1, 1), t, device=device)).logits
             torch.log_softmax(logits.float(), -1)
@@ -135,25 +145,141 @@ def bench_profile(loaded, args) -> None:
     """Where a decode step's time goes: torch profiler over 10 steps, top operators by self time."""
     from torch.profiler import profile
 
-    from analysis.attention import grouped_attention
-
     run = _decode_timer(loaded.model, "weightedkv", args.budget, args.budget, args.batch, 10, loaded.device)
-    with grouped_attention(loaded.model):  # the attention the perplexity evaluator uses
-        run()  # warm-up
-        prof = profile()
-        step = run(lambda: prof)
+    run()  # warm-up
+    prof = profile()
+    step = run(lambda: prof)
     print(f"\n### Profile of a weightedkv m={args.budget} decode step, batch {args.batch}: {step * 1000:.0f} ms\n")
     print("| operator | ms per step | share |\n|---|---|---|")
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events)
-    for e in events[:8]:
+    for e in events[:10]:
         print(f"| {e.key} | {e.self_cpu_time_total / 1000 / 10:.1f} | {e.self_cpu_time_total / total:.0%} |")
+
+
+def bench_fullstep(loaded, args) -> None:
+    """A compressed decode step against a full-cache step over the same number of slots (m + 1).
+
+    The full cache is a plain DynamicCache prefilled with m tokens and cropped back after each step,
+    run under the same kvlens attention (no slot mask), so the ratio is cache management alone.
+    """
+    from transformers import DynamicCache
+
+    from analysis import attention
+
+    model, device, m = loaded.model, loaded.device, args.budget
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, m + args.steps + 2),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+
+    def full_step() -> float:
+        cache = DynamicCache()
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(attention.register())
+        try:
+            with torch.inference_mode():
+                model(ids[:, :m], past_key_values=cache, position_ids=torch.arange(m, device=device).expand(args.batch, m))
+                began = time.perf_counter()
+                for t in range(m, m + args.steps):
+                    model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((args.batch, 1), t, device=device))
+                    cache.crop(-1)  # back to m slots: every step attends over m + 1
+            return (time.perf_counter() - began) / args.steps
+        finally:
+            model.set_attn_implementation(previous)
+
+    timers = {"full (m+1 slots)": full_step}
+    for method in ("weightedkv", "streaming_llm"):
+        timers[method] = _decode_timer(model, method, m, m, args.batch, args.steps, device)
+    times = {k: [] for k in timers}
+    for _ in range(args.repeats):
+        for k, fn in timers.items():
+            times[k].append(fn() * 1000)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["full (m+1 slots)"]
+    print(f"\n### Decode step at m={m}, batch {args.batch}: compressed vs full cache over the same slots (ms/step)\n")
+    print("| cache | ms/step | ratio to full |\n|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.1f} | {v / base:.3f} |")
+
+
+def bench_sweep(loaded, args) -> None:
+    """One window, several methods: jobs as batch rows of one decode vs each job on its own."""
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.perplexity import make_windows
+    from analysis.sweep import run_jobs, sweep_jobs
+
+    docs = load_documents(corpus="books")
+    windows = make_windows(token_sequences(loaded.tokenizer, docs, args.window, 1), args.window)
+    methods = ["weightedkv", "h2o", "tova", "streaming_llm"]
+    jobs = sweep_jobs(methods, [args.budget], args.window)
+    began = time.perf_counter()
+    together, _ = run_jobs(loaded.model, windows, jobs, batch_size=32)
+    packed = time.perf_counter() - began
+    began = time.perf_counter()
+    alone = {job.key: run_jobs(loaded.model, windows, [job], batch_size=32)[0][job.key] for job in jobs}
+    separate = time.perf_counter() - began
+    worst = max(float((together[k] - alone[k]).abs().max()) for k in alone)
+    print(f"\n### One {args.window}-token window, methods {', '.join(methods)} at m={args.budget}\n")
+    print("| how | seconds | speed-up |\n|---|---|---|")
+    print(f"| one job after another | {separate:.1f} | 1.00 |")
+    print(f"| jobs as batch rows of one decode | {packed:.1f} | {separate / packed:.2f} |")
+    print(f"\nlargest NLL difference between the two: {worst:.2e}")
+
+
+def bench_prompt(loaded, args) -> None:
+    """generate() after the Generate page's default Austen prompt: compressed (m=64) vs full."""
+    from analysis.cache import CompressedCache
+    from analysis.corpora import load_documents
+
+    text = next(d for d in load_documents(corpus="books") if "pride" in d.id.lower()).text[:6000]
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, : args.window].to(loaded.device)
+    rows = []
+    for method, budget in (("full", None), ("weightedkv", 64)):
+        cache = CompressedCache(loaded.model, method, budget)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=48,
+                                  min_new_tokens=48, do_sample=False, pad_token_id=0)
+        rows.append((method, budget, time.perf_counter() - began))
+        getattr(cache, "close", lambda: None)()
+    print(f"\n### generate(): {ids.shape[1]}-token prompt, 48 new tokens\n")
+    print("| cache | seconds |\n|---|---|")
+    for method, budget, sec in rows:
+        print(f"| {method} m={budget or 'all'} | {sec:.1f} |")
+
+
+PREFILL_CHILD = """
+import resource, sys, torch
+from analysis.cache import CompressedCache
+from analysis.models import load_model
+lm = load_model(device="cpu")
+ids = torch.randint(0, lm.model.config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cache = CompressedCache(lm.model, sys.argv[1], int(sys.argv[2]))
+with torch.inference_mode():
+    for s in range(0, 4096, 512):
+        lm.model(ids[:, s:s + 512], past_key_values=cache, position_ids=torch.arange(s, s + 512)[None])
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def bench_prefill(loaded, args) -> None:
+    """Peak memory added by a 4k-token prefill in 512-token chunks, each method in a fresh process."""
+    import subprocess
+    import sys
+
+    print("\n### Peak RSS added by a 4,096-token prefill in 512-token chunks, m=256, batch 1 (MB)\n")
+    print("| method | peak MB above the loaded model |\n|---|---|")
+    for method in ("weightedkv", "h2o", "streaming_llm"):
+        out = subprocess.run([sys.executable, "-c", PREFILL_CHILD, method, "256"], capture_output=True, text=True,
+                             check=True)
+        print(f"| {method} | {float(out.stdout.strip().splitlines()[-1]):.0f} |")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("step", "memory", "throughput", "profile"))
+    parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "prompt",
+                                         "prefill"))
     add_model_args(parser)
     parser.add_argument("--budgets", default="128,256,1024", help="budgets for 'step' (default: 128,256,1024)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths (default: 1k..8k)")
@@ -168,7 +294,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     loaded = load_model_from_args(args)
     print(f"model {loaded.model_id}, device {loaded.device}, torch threads {torch.get_num_threads()}")
-    benches = {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput, "profile": bench_profile}
+    benches = {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput, "profile": bench_profile,
+               "fullstep": bench_fullstep, "sweep": bench_sweep, "prompt": bench_prompt, "prefill": bench_prefill}
     benches[args.what](loaded, args)
 
 

@@ -4,8 +4,12 @@
         --budget 128,256 --methods weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm --out DIR
 
 Writes DIR/perplexity.json, DIR/table.csv, DIR/table.md, DIR/nll.safetensors and figures
-(HTML + PNG). A killed run resumes where it stopped: finished batches are kept in a hidden
-.DIR.partial directory beside DIR until the whole sweep is written.
+(HTML + PNG). A killed run resumes where it stopped: each finished (method, budget, window) is kept
+in a hidden .DIR.partial directory beside DIR until the whole sweep is written.
+
+Per-head budgets: --plan FILE (see analysis/plans.py) replaces --budget. More than one process:
+    torchrun --nproc-per-node 2 -m experiments.perplexity ...   (windows are shared out; rank 0 writes)
+Models larger than one device: --device-map auto (accelerate) spreads the layers.
 """
 
 from __future__ import annotations
@@ -28,10 +32,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sinks", type=int, default=4, help="attention sinks kept (default: 4)")
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: budget/2 - sinks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows decoded together (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="rows decoded together: windows, and a sweep's jobs when windows are few (default: 32)")
+    parser.add_argument("--plan", default=None, metavar="FILE",
+                        help="per-(layer, KV head) budgets from a plan JSON file, instead of --budget")
+    parser.add_argument("--total-budget", type=int, default=None, metavar="SLOTS",
+                        help="refuse a --plan holding more slots than this in all")
+    parser.add_argument("--device-map", default=None, help="'auto': spread the layers over the devices (accelerate)")
     parser.add_argument("--no-png", action="store_true", help="write figures as HTML only")
     add_output_args(parser)
     return parser
+
+
+def _distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): torchrun sets WORLD_SIZE; gloo on CPU, NCCL on CUDA."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world
 
 
 def main(argv=None) -> None:
@@ -39,40 +66,66 @@ def main(argv=None) -> None:
 
     from analysis.corpora import load_documents, token_sequences
     from analysis.errors import UserError
-    from analysis.perplexity import load_partial_settings, make_windows, run_sweep, save_sweep, sweep_jobs
+    from analysis.perplexity import load_partial_settings, make_windows
+    from analysis.plans import Plan
     from analysis.runs import check_out_dir
+    from analysis.sweep import run_sweep, save_sweep, sweep_jobs
 
     args = build_parser().parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     budgets = parse_ints(args.budget, "budget")
-    jobs = sweep_jobs(methods, budgets, args.window, sinks=args.sinks, recent=args.recent)  # validate before any work
+    plan = Plan.load(args.plan) if args.plan else None
+    if plan is not None:
+        plan.check_total(args.total_budget)
+        budgets = []
+    elif args.total_budget is not None:
+        raise UserError("--total-budget limits a --plan: give one")
+    jobs = sweep_jobs(methods, budgets, args.window, sinks=args.sinks, recent=args.recent, plan=plan)
     if args.tokens < args.window:
         raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    rank, world = _distributed(args.device)
     out = check_out_dir(args.out, args.overwrite)
     partial = out.parent / f".{out.name}.partial"
-    if args.overwrite:
+    if args.overwrite and rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
 
     docs = load_documents(**text_source(args))
-    loaded = load_model_from_args(args)
+    loaded = load_model_from_args(args, device_map=args.device_map)
+    if plan is not None:
+        plan.check(loaded.model.config)
     if loaded.summary()["max_positions"] and args.window > loaded.summary()["max_positions"]:
         raise UserError(f"--window {args.window} exceeds the model's {loaded.summary()['max_positions']} positions")
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
     windows = make_windows(sequences, args.window)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png", "batch_size")}
-    load_partial_settings(partial, settings)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
+    settings["plan"] = plan.to_json() if plan is not None else None
+    # every rank checks a resumed run's settings; rank 0 records new ones, and the others wait for it
+    load_partial_settings(partial, settings, ignore=("batch_size",), write=rank == 0)
+    _barrier(world)
 
-    bar = tqdm(total=len(jobs) * len(windows.docs), unit="window", desc="perplexity", disable=args.quiet)
+    mine = len(range(rank, len(windows.docs), world))
+    bar = tqdm(total=len(jobs) * mine, unit="run-window", desc="perplexity", disable=args.quiet or rank > 0)
     summary, tensors = run_sweep(loaded, windows, methods, budgets, source=text_source(args), tokens=args.tokens,
                                  documents=args.documents, sinks=args.sinks, recent=args.recent, seed=args.seed,
                                  batch_size=args.batch_size, partial=partial, progress=bar.update,
-                                 on_job=lambda m, b: bar.set_postfix_str(f"{m}@{b or 'full'}"))
+                                 on_job=bar.set_postfix_str, plan=plan, rank=rank, world=world)
     bar.close()
+    if rank > 0:
+        return
     save_sweep(out, summary, tensors, overwrite=args.overwrite, png=not args.no_png)
     shutil.rmtree(partial, ignore_errors=True)
     for r in summary["results"]:
         print(f"{r['method']:>16} m={r['budget']:<5} ppl {r['ppl']:.3f}  ({r['tokens']} tokens, {r['seconds']:.1f} s)")
     print(f"wrote {out}")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 if __name__ == "__main__":

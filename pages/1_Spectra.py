@@ -5,20 +5,15 @@ Source: a directory under runs/ (``$KVLENS_RUNS`` overrides), either a spectra o
 small capture computed here on the embedded default model. All logic lives in analysis/.
 """
 
-import sys
 from pathlib import Path
 
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
-    sys.path.insert(0, str(ROOT))
-
-from analysis.corpora import CORPORA  # noqa: E402
-from analysis.errors import UserError  # noqa: E402
-from analysis.plots.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys  # noqa: E402
-from analysis.spectra import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence  # noqa: E402
-from dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture  # noqa: E402
+from analysis.corpora import CORPORA
+from analysis.errors import UserError
+from analysis.plots.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys
+from analysis.spectra import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence
+from dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture
 
 METRICS = {"rank_90": "rank at 90% energy", "rank_99": "rank at 99% energy", "effective_rank": "effective rank"}
 

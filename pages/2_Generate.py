@@ -4,19 +4,12 @@ Shows both continuations, the slots each layer holds afterwards and which origin
 layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-length rows).
 """
 
-import sys
-from pathlib import Path
-
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
-    sys.path.insert(0, str(ROOT))
-
-from analysis.compress import METHODS  # noqa: E402
-from analysis.errors import UserError  # noqa: E402
-from analysis.plots.generate import fig_kept_positions, fig_occupancy  # noqa: E402
-from dashboard import cached_model, generate_text, user_errors  # noqa: E402
+from analysis.compress import METHODS
+from analysis.errors import UserError
+from analysis.plots.generate import fig_kept_positions, fig_occupancy
+from dashboard import cached_model, generate_text, user_errors
 
 INSTRUCTION = "Write three sentences about why a language model caches keys and values."
 
@@ -38,8 +31,8 @@ def default_prompt(tokens: int = 300) -> str:
 
 @st.cache_data(show_spinner="Generating…", max_entries=32)
 def generate(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
-             sample: bool, temperature: float, seed: int) -> dict:
-    return generate_text(prompt, method, budget, sinks, recent, new, sample, temperature, seed)
+             sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
+    return generate_text(prompt, method, budget, sinks, recent, new, sample, temperature, seed, plan_json)
 
 
 def show_text(col, title: str, result: dict) -> None:
@@ -63,9 +56,11 @@ def main() -> None:
         sample = st.radio("decoding", ["greedy", "sampling"], key="decoding", horizontal=True) == "sampling"
         temperature = st.slider("temperature", 0.05, 2.0, 0.7, disabled=not sample, key="temperature")
         seed = st.number_input("seed", 0, 2**31 - 1, 0, key="seed")
+        upload = st.file_uploader("per-head plan (JSON, replaces the budget)", type="json", key="plan")
     prompt = st.text_area("prompt", value=default_prompt(), height=200, key="prompt")
+    plan_json = upload.getvalue().decode("utf-8", "replace") if upload is not None else None
     settings = (prompt, method, int(budget), int(sinks), None if recent is None else int(recent), int(new),
-                sample, float(temperature) if sample else 1.0, int(seed))
+                sample, float(temperature) if sample else 1.0, int(seed), plan_json)
     if st.button("Generate", type="primary", key="generate"):
         st.session_state["generated"] = settings
     if "generated" not in st.session_state:  # first open: an example with the default settings
@@ -77,7 +72,11 @@ def main() -> None:
         st.caption("Showing the previous generation; press Generate to apply the new settings.")
     prompt, method, budget = chosen[:3]
     result = generate(*chosen)
-    full = generate(prompt, "full", None, 4, None, *chosen[5:])  # cached per prompt and decoding settings
+    full = generate(prompt, "full", None, 4, None, *chosen[5:9])  # cached per prompt and decoding settings
+    if chosen[9] is not None:
+        st.caption(f"Per-head budgets from the uploaded plan. Cache memory: "
+                   f"{result['memory']['logical_bytes'] / 2**20:.2f} MB logical (sum of the budgets), "
+                   f"{result['memory']['physical_bytes'] / 2**20:.2f} MB physical (the slots allocated).")
     if result["prompt_tokens"] <= budget and method != "full":
         st.warning(f"The prompt has {result['prompt_tokens']} tokens, no more than the budget {budget}: "
                    "only the generated tokens can push the cache past it.")

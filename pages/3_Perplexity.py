@@ -5,21 +5,16 @@ Shows a sweep directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``perpl
 saves it there with the same files as the command.
 """
 
-import sys
 import time
 from pathlib import Path
 
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
-    sys.path.insert(0, str(ROOT))
-
-import dashboard  # noqa: E402
-from analysis.compress import METHODS  # noqa: E402
-from analysis.corpora import CORPORA  # noqa: E402
-from analysis.errors import UserError  # noqa: E402
-from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows  # noqa: E402
+import dashboard
+from analysis.compress import METHODS
+from analysis.corpora import CORPORA
+from analysis.errors import UserError
+from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
 
 QUICK_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
 
@@ -44,7 +39,7 @@ def quick_sweep(root: Path) -> None:
         start = st.form_submit_button("Run sweep")
     if not start:
         return
-    from analysis.perplexity import save_sweep
+    from analysis.sweep import save_sweep
     from analysis.runs import check_out_dir
     from experiments.common import parse_ints
 

@@ -5,22 +5,15 @@ computed once on the embedded model). The replay decodes the run's text one toke
 the real CompressedCache (analysis.replay); nothing here simulates a method.
 """
 
-import sys
-from pathlib import Path
-
 import streamlit as st
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `streamlit run app.py` and AppTest both work from any cwd
-    sys.path.insert(0, str(ROOT))
-
-import dashboard  # noqa: E402
-from analysis.compress import METHODS, make_policy  # noqa: E402
-from analysis.errors import UserError  # noqa: E402
-from analysis.models import EMBEDDED_NAME  # noqa: E402
-from analysis.plots.attention import fig_attention_map, fig_average_attention, fig_mixing, fig_replay_kept  # noqa: E402
-from analysis.replay import attention_window, average_attention, merge_preview  # noqa: E402
-from analysis.runs import list_runs  # noqa: E402
+import dashboard
+from analysis.compress import METHODS, make_policy
+from analysis.errors import UserError
+from analysis.models import EMBEDDED_NAME
+from analysis.plots.attention import fig_attention_map, fig_average_attention, fig_mixing, fig_replay_kept
+from analysis.replay import attention_window, average_attention, merge_preview
+from analysis.runs import list_runs
 
 NEEDED = ("key_post_rope", "value", "attn_received_kv", "attn_count")
 REPLAY_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
@@ -129,9 +122,8 @@ def main() -> None:
     rep = replays[shown]
     st.plotly_chart(fig_mixing(rep, step, head, tokens), key="fig_mixing")
     st.caption("Each row is a held slot; its colours are the weights of the original tokens its value now "
-               "averages (a merged value is a convex mixture for WeightedKV, a sum for CaM). "
-               + ("Tracked by the cache (state.mixing)." if rep.mixing_source == "state" else
-                  "Read back from the cached values: each merge is solved as v′ = α·v_neighbour + β·v_victim."))
+               "averages (a convex mixture for WeightedKV, a sum for CaM), as the cache tracks them "
+               "(CompressedCache(track_mixing=T) applies every merge to these weights as to the values).")
 
 
 with dashboard.user_errors():

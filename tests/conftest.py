@@ -16,11 +16,21 @@ import torch  # noqa: E402
 
 VOCAB = 101
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
+# Families whose attention normalises keys before RoPE (a ``k_norm`` module), each in its own layout:
+# Qwen3 (B, T, H, D), Gemma 3 (B, H, T, D), OLMo 2 the whole projection (B, T, H*D). Gemma 3 also
+# alternates sliding-window and full layers. Kept apart from FAMILIES (used by the cache tests).
+KEY_NORM_FAMILIES = ("qwen3", "gemma3", "olmo2")
+# Gemma 2: no key norm, but sliding-window layers and tanh soft-capped attention logits.
+CAPTURE_FAMILIES = FAMILIES + KEY_NORM_FAMILIES + ("gemma2",)
+SLIDING_WINDOW = 4  # the Gemma configs' window: shorter than the test sequences
 
 
 def tiny_config(family: str):
     """A 4-layer config of ``family``; every rotary family has GQA except GPT-NeoX (no KV heads)."""
-    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config,
+                              Qwen3Config)
+    from transformers.models.gemma2 import Gemma2Config
+    from transformers.models.gemma3 import Gemma3TextConfig
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=256)
@@ -35,6 +45,19 @@ def tiny_config(family: str):
                           bos_token_id=0, eos_token_id=0)
     if family == "gpt_neox":
         return GPTNeoXConfig(rotary_pct=0.25, **common)
+    if family == "qwen3":
+        return Qwen3Config(num_key_value_heads=2, head_dim=16, **common)
+    if family == "olmo2":
+        return Olmo2Config(num_key_value_heads=2, pad_token_id=0, eos_token_id=0, **common)
+    if family == "gemma3":
+        # head_dim 32 != hidden/heads and a query_pre_attn_scalar != head_dim, so neither can be assumed
+        return Gemma3TextConfig(num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=20,
+                                sliding_window=SLIDING_WINDOW, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                layer_types=["sliding_attention", "full_attention"] * 2, **common)
+    if family == "gemma2":
+        return Gemma2Config(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=20, attn_logit_softcapping=0.05,
+                            sliding_window=SLIDING_WINDOW, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                            layer_types=["sliding_attention", "full_attention"] * 2, **common)
     raise ValueError(family)
 
 

@@ -88,8 +88,10 @@ def test_every_method_generates_within_budget(llama, random_ids, method):
     assert cache.occupancy() == [BUDGET] * 4
     for layer in range(4):
         kept = cache.kept_positions(layer)
-        assert kept.shape == (2, 2, BUDGET)
-        assert torch.all(kept[..., 1:] > kept[..., :-1])  # slots stay in position order
+        assert kept.shape == (2, 2, BUDGET + 1)  # fixed capacity: the budget + the incoming token's slot
+        assert (kept[..., BUDGET:] == -1).all()  # ... which is free between steps
+        kept = kept[..., :BUDGET]
+        assert torch.all(kept[..., 1:] > kept[..., :-1])  # distinct positions
         assert torch.equal(kept[..., :SINKS], torch.arange(SINKS).expand(2, 2, SINKS))  # sinks
         recent = torch.arange(seen - RECENT, seen).expand(2, 2, RECENT)
         assert torch.equal(kept[..., -RECENT:], recent)  # the recent window
@@ -106,7 +108,7 @@ def test_budget_holds_in_a_decode_loop_with_explicit_positions(llama, random_ids
         for t in range(6, 40):
             llama(ids[:, t:t + 1], past_key_values=cache, position_ids=torch.full((2, 1), t), use_cache=True)
             assert cache.occupancy() == [min(t + 1, BUDGET)] * 4, t
-    kept = cache.kept_positions(0)
+    kept = cache.kept_positions(0)[..., :BUDGET]
     assert torch.equal(kept[..., :SINKS], torch.arange(SINKS).expand(2, 2, SINKS))
     assert torch.equal(kept[..., -RECENT:], torch.arange(40 - RECENT, 40).expand(2, 2, RECENT))
 
@@ -121,10 +123,12 @@ def test_evicting_methods_keep_the_original_rotated_keys(llama, random_ids, meth
     out = generate(llama, ids, cache, new=6, sample=True, seed=2)
     with torch.no_grad():
         full = llama(out[:, :-1], use_cache=True).past_key_values.layers[0]
-    kept = cache.kept_positions(0)  # (B, H, L)
-    index = kept[..., None].expand(*kept.shape, full.keys.shape[-1])
-    assert (cache.layers[0].keys - full.keys.gather(2, index)).abs().max() <= 1e-5
-    assert (cache.layers[0].values - full.values.gather(2, index)).abs().max() <= 1e-5
+    state = cache.layers[0].state
+    held = state.valid[..., None]  # (B, H, C, 1): slots holding a token, in no particular order
+    index = state.positions.clamp_min(0)[..., None].expand(*state.positions.shape, full.keys.shape[-1])
+    assert int(state.valid.sum()) == 2 * 2 * BUDGET
+    assert ((state.keys - full.keys.gather(2, index)).abs() * held).max() <= 1e-5
+    assert ((state.values - full.values.gather(2, index)).abs() * held).max() <= 1e-5
 
 
 # --- batch rows are independent ------------------------------------------------------------------------------
@@ -156,17 +160,22 @@ def test_rows_do_not_leak_embedded(embedded, books):
 
 
 # --- attention implementation -----------------------------------------------------------------------------------
-def test_sdpa_model_with_weightedkv_warns_and_switches_to_eager(tiny_model, llama, random_ids):
+def test_sdpa_model_switches_while_the_cache_is_open_and_is_restored(tiny_model, llama, random_ids):
     sdpa = tiny_model("llama", "sdpa")
     assert sdpa.config._attn_implementation == "sdpa"
-    with pytest.warns(UserWarning, match="weightedkv needs attention weights; switching the model from sdpa to eager"):
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in sdpa.modules())
+    with pytest.warns(UserWarning, match="kvlens's eager attention instead of sdpa until the cache is closed"):
         cache = CompressedCache(sdpa, "weightedkv", BUDGET, sinks=SINKS)
-    assert sdpa.config._attn_implementation == "eager"
+    assert sdpa.config._attn_implementation == "kvlens"
     ids = random_ids(2, 24, seed=10)
-    out = generate(sdpa, ids, cache, new=6)
-    same = generate(llama, ids, CompressedCache(llama, "weightedkv", BUDGET, sinks=SINKS), new=6)
-    assert torch.equal(out, same)  # same seeded weights: same tokens once it is eager
+    with cache:
+        out = generate(sdpa, ids, cache, new=6)
+    with CompressedCache(llama, "weightedkv", BUDGET, sinks=SINKS) as other:
+        same = generate(llama, ids, other, new=6)
+    assert torch.equal(out, same)  # same seeded weights: same tokens under kvlens's eager attention
     assert cache.occupancy() == [BUDGET] * 4
+    assert sdpa.config._attn_implementation == "sdpa" and llama.config._attn_implementation == "eager"
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in sdpa.modules()) == hooks
 
 
 def test_full_cache_needs_no_switch(tiny_model):

@@ -68,20 +68,61 @@ def test_rows_do_not_leak(tiny_model, random_ids):
     assert torch.allclose(ab[0], ac[0], atol=1e-5) and not torch.allclose(ab[1], ac[1], atol=1e-3)
 
 
-def test_evaluate_resumes(tiny_model, random_ids, tmp_path, monkeypatch):
+def test_evaluate_resumes_per_window_whatever_the_batch_size(tiny_model, random_ids, tmp_path, monkeypatch):
+    import analysis.sweep as sweep
+
     model = tiny_model("llama")
     w = make_windows([("a", random_ids(1, 120, 5)[0].tolist())], 40)  # 5 windows
     first = evaluate(model, w, "weightedkv", 16, batch_size=2, partial=tmp_path, sinks=2)
-    assert len(list(tmp_path.glob("weightedkv-16-*.pt"))) == 3
-    (tmp_path / "weightedkv-16-2.pt").unlink()  # as if killed during the second batch
-    calls = []
-    real = ppl.window_nll
-    monkeypatch.setattr(ppl, "window_nll", lambda m, ids, *a, **k: calls.append(len(ids)) or real(m, ids, *a, **k))
-    again = evaluate(model, w, "weightedkv", 16, batch_size=2, partial=tmp_path, sinks=2)
-    assert calls == [2]  # only the missing batch was recomputed
+    assert sorted(p.name for p in (tmp_path / "weightedkv-16").glob("*.pt")) == [f"{i}.pt" for i in range(5)]
+    (tmp_path / "weightedkv-16" / "3.pt").unlink()  # as if killed before window 3 was saved
+    rows = []
+    real = sweep.decode_rows
+    monkeypatch.setattr(sweep, "decode_rows", lambda m, ids, *a, **k: rows.append(len(ids)) or real(m, ids, *a, **k))
+    again = evaluate(model, w, "weightedkv", 16, batch_size=4, partial=tmp_path, sinks=2)  # another batch size
+    assert rows == [1]  # only the missing window was recomputed
     assert again["ppl"] == pytest.approx(first["ppl"], rel=1e-6) and again["tokens"] == 119
     with pytest.raises(UserError, match="same as method 'full'"):
         evaluate(model, w, "weightedkv", 40)
+
+
+def test_tail_window_scores_the_rest():
+    """--tokens 3000 --window 1024: the stride stops at 2560, a last window aligned to the end scores the rest."""
+    w = make_windows([("a", list(range(3000)))], 1024)
+    assert w.starts == [0, 512, 1024, 1536, 1976] and w.scored_from == [1, 512, 512, 512, 584]
+    mask = scored_mask(w)
+    scored = sorted(w.starts[r] + c + 1 for r in range(len(w.docs)) for c in range(w.size - 1) if mask[r, c])
+    assert scored == list(range(1, 3000))  # every target once, none left unscored
+
+
+@pytest.mark.parametrize("method", ["cam", "random"])
+def test_randomised_window_result_does_not_depend_on_batch_size(tiny_model, random_ids, method):
+    model = tiny_model("llama")
+    w = make_windows([("a", random_ids(1, 120, 6)[0].tolist())], 40)  # 5 windows
+    alone = evaluate(model, w, method, 12, batch_size=1, sinks=2)["nll"]
+    three = evaluate(model, w, method, 12, batch_size=3, sinks=2)["nll"]
+    torch.testing.assert_close(alone, three, rtol=0, atol=1e-5)
+    if method == "random":  # (CaM's gate is saturated on this tiny model: p >= 1 whatever the draw)
+        other_seed = evaluate(model, w, method, 12, batch_size=3, sinks=2, seed=1)["nll"]
+        assert not torch.allclose(three, other_seed, atol=1e-4)  # the seed does reach the draws
+
+
+def test_sweep_jobs_share_rows_and_equal_one_by_one(tiny_model, random_ids, monkeypatch):
+    """Fewer windows than the batch: jobs run side by side, each row under its own policy."""
+    import analysis.sweep as sweep
+
+    model = tiny_model("llama")
+    w = make_windows([("a", random_ids(1, 40, 7)[0].tolist())], 40)  # one window
+    methods = ["weightedkv", "h2o", "tova", "streaming_llm", "cam"]
+    jobs = sweep.sweep_jobs(methods, [12], 40, sinks=2)
+    calls = []
+    real = sweep.decode_rows
+    monkeypatch.setattr(sweep, "decode_rows", lambda m, ids, *a, **k: calls.append(len(ids)) or real(m, ids, *a, **k))
+    together, _ = sweep.run_jobs(model, w, jobs, batch_size=32, sinks=2)
+    assert calls == [len(methods)]  # one decode for the whole sweep
+    for job in jobs:
+        alone = window_nll(model, w.ids, job.method, 12, sinks=2, window_ids=[0])
+        torch.testing.assert_close(together[job.key], alone, rtol=0, atol=1e-5)
 
 
 def _command(*args, cwd):
@@ -122,8 +163,10 @@ def test_command_bad_input(tmp_path, args, message):
 def test_evaluator_leaves_the_model_as_it_was(tiny_model, random_ids):
     model = tiny_model("llama")
     assert model.config._attn_implementation == "eager"
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     window_nll(model, random_ids(1, 24), "weightedkv", 12, sinks=2)
-    assert model.config._attn_implementation == "eager"  # grouped attention only inside the call
+    assert model.config._attn_implementation == "eager"  # kvlens attention only inside the call
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
 
 
 def test_per_document_perplexity(tiny_model, random_ids):
@@ -136,3 +179,21 @@ def test_per_document_perplexity(tiny_model, random_ids):
     assert result["ppl"] == pytest.approx(math.exp((math.log(per["a"]) + math.log(per["b"])) / 2), rel=1e-4)
     with pytest.raises(UserError, match="--batch-size"):
         evaluate(model, make_windows(docs, 40), "weightedkv", 16, batch_size=0)
+
+
+def test_running_log_ppl_is_the_mean_of_each_documents_running_mean():
+    """Hand-made NLLs: doc a scores 1, 2, 3, ... and doc b a constant 4, in token order."""
+    w = make_windows([("a", list(range(40))), ("b", list(range(40)))], 20)  # windows start 0, 10, 20 each
+    nll = torch.zeros(len(w.docs), w.size - 1)
+    mask = scored_mask(w)
+    for row, doc in enumerate(w.docs):
+        targets = torch.arange(1, w.size) + w.starts[row]  # target index of each prediction
+        nll[row] = targets.float() if doc == "a" else 4.0
+    curve = ppl.running_log_ppl(w, nll, points=39)
+    assert len(curve) == 39  # 39 scored targets per document, one point each
+    for i, value in enumerate(curve):
+        a = sum(range(1, i + 2)) / (i + 1)  # running mean of 1..i+1
+        assert value == pytest.approx((a + 4.0) / 2, abs=1e-5)
+    assert mask.sum() == 2 * 39
+    halved = ppl.running_log_ppl(w, nll, points=13)  # fewer points: every third target
+    assert halved == [curve[i] for i in range(2, 39, 3)]

@@ -70,16 +70,16 @@ def test_state_at_equals_full_cache_and_capture(tiny_model, random_ids):
     with record(model) as rec, torch.inference_mode():  # only the first t queries
         model(ids[:, :t])
     prefix = rec.result()
-    cache = CompressedCache(model, "full", None)
-    with torch.inference_mode():
+    cache = CompressedCache(model, "weightedkv", 16, sinks=2)  # budget > t: nothing compressed yet
+    with torch.inference_mode(), cache:
         model(ids[:, :t], past_key_values=cache)
     for layer in (0, 3):
-        ref = cache.layers[layer].state
+        ref = cache.layers[layer].state  # a fresh cache fills its slots in position order
         for row in range(2):
             s = state_at(cap, layer, t, row)
-            for name in ("keys", "values", "acc", "count", "last"):
-                assert torch.allclose(getattr(s, name)[0], getattr(ref, name)[row], atol=1e-5), name
-            assert torch.equal(s.positions[0], ref.positions[row])
+            for name in ("keys", "values") + ref.stats:
+                assert torch.allclose(getattr(s, name)[0], getattr(ref, name)[row, :, :t], atol=1e-5), name
+            assert torch.equal(s.positions[0], ref.positions[row, :, :t])
             assert torch.allclose(s.acc[0], prefix.get(layer, "attn_received_kv")[row], atol=1e-5)
         full = state_at(cap, layer, 20, 1)  # all captured queries: the capture's own statistics
         assert torch.allclose(full.acc[0], cap.get(layer, "attn_received_kv")[1], atol=1e-5)

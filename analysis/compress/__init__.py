@@ -12,6 +12,7 @@ from analysis.compress.cam import CaM
 from analysis.compress.full import Full
 from analysis.compress.h2o import H2O
 from analysis.compress.random_policy import RandomPolicy
+from analysis.compress.rows import RowPolicies
 from analysis.compress.streaming_llm import StreamingLLM
 from analysis.compress.tova import TOVA
 from analysis.compress.weightedkv import WeightedKV
@@ -37,4 +38,4 @@ def make_policy(
     return cls(**kwargs)
 
 
-__all__ = ["METHODS", "LayerState", "Policy", "UserError", "make_policy"]
+__all__ = ["METHODS", "LayerState", "Policy", "RowPolicies", "UserError", "make_policy"]

@@ -3,14 +3,22 @@
 Every method (WeightedKV and its baselines) is a small ``Policy`` subclass that only says how to
 *score* cache slots and, for merging methods, how to *merge* the victim into the survivors. The base
 class does the rest once, for all of them: protecting the sinks and the recent window, picking one
-victim per (batch row, KV head) with an argmin, and removing it with a gather.
+victim per (batch row, KV head), and freeing it.
 
 The same ``LayerState`` / ``Policy.compress`` pair is used by the transformers ``Cache`` inside
 ``generate()``, by the perplexity evaluator and by the perturbation study: there is no second
 simulation of any method.
 
-Layout: slots are dense and ordered oldest -> newest along dim 2, so "right neighbour" is index j+1.
-All per-step work is batched over (B, H) with fixed shapes and no host synchronisation.
+Layout: every layer holds C preallocated slots per (batch row, KV head). A slot holds a token
+(``positions >= 0``) or is free (``-1``). A new token is written into a free slot (the one the last
+victim left) and a victim is freed in place, so a decoding step copies nothing. Slot order is *not*
+position order: "right neighbour" means the valid slot of the same (row, head) holding the next
+larger position, and sinks and the recent window are defined by position. ``ordered()`` gives a
+dense, position-sorted copy for reading. Each (row, head) can have its own budget; a head under its
+budget holds free slots, which attention masks to exactly zero weight (``analysis.attention``).
+
+The per-step path has static shapes and no host synchronisation: host-side bookkeeping (how many
+slots may overflow, when to grow) uses Python ints that do not depend on tensor contents.
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from torch import Tensor
 
 from analysis.errors import UserError
 
+STATS = ("acc", "count", "last")
+FAR = 2**62  # larger than any position: "no slot" in position arithmetic
+
 
 def group_mean(attn: Tensor, kv_heads: int) -> Tensor:
     """Average the query heads of each GQA group: (B, Hq, ...) -> (B, kv_heads, ...) float32.
@@ -34,113 +45,233 @@ def group_mean(attn: Tensor, kv_heads: int) -> Tensor:
     return attn.float().view(B, kv_heads, Hq // kv_heads, *attn.shape[2:]).mean(dim=2)
 
 
-@dataclass
+def seen_counts(positions: Tensor, first: Tensor | int, q: int, window: int | None = None) -> Tensor:
+    """How many of the q queries at positions first .. first+q-1 see each slot: float32, shaped like ``positions``.
+
+    Causal by structure: a held slot (position >= 0) is seen by every query at or after its position
+    (and, with a sliding ``window``, less than ``window`` positions after it), so a weight that
+    underflows to 0 still counts as "seen". In closed form per slot, with no (q, C) mask. Shared by
+    the cache statistics and the capture.
+    """
+    last = first + q  # one past the newest query
+    until = last if window is None else torch.minimum(torch.as_tensor(last), positions + window)
+    seen = (until - torch.clamp(positions, min=first)).clamp_min(0)
+    return torch.where(positions >= 0, seen, 0).float()
+
+
+def uniform(*keys) -> Tensor:
+    """Deterministic uniform [0, 1) draws from integer keys (ints or int64 tensors, broadcast).
+
+    A counter-based hash: the draw for (seed, window, layer, head, step, slot) does not depend on
+    which other rows share the batch, on the batch size or on the device, so randomised methods give
+    each window the same result however it is batched. Every intermediate stays below 2**62.
+    """
+    h = torch.zeros((), dtype=torch.long)
+    for key in keys:
+        key = torch.as_tensor(key, dtype=torch.long)
+        h = h.to(key.device)
+        for _ in range(2):
+            h = ((h ^ (key & 0x7FFFFFFF)) * 1540483477 + 0x2545F491) % 2147483647
+            h = h ^ (h >> 13)
+    return h.float() / 2147483647.0
+
+
+@dataclass(eq=False)
 class LayerState:
     """One layer's compressed cache and the attention statistics of every slot.
 
     Statistics are per KV head: attention of the query heads of one GQA group is averaged over the
-    group, so each query still contributes a distribution that sums to 1 over the slots.
-
-    The state owns its tensors: ``append`` and ``remove`` always build new ones, so a merge may
-    write into ``values`` in place (one slot, not a copy of the cache). Take ``clone()`` before
-    compressing a state whose tensors you keep elsewhere.
+    group, so each query still contributes a distribution that sums to 1 over the slots. Only the
+    statistics named in ``stats`` are kept up to date (the others stay 0).
     """
 
-    keys: Tensor  # (B, H, L, D), post-RoPE, as the model's attention reads them
-    values: Tensor  # (B, H, L, D)
-    positions: Tensor  # (B, H, L) int64: original token position held by the slot
-    acc: Tensor  # (B, H, L) float32: attention received, summed over every query that saw the slot
-    count: Tensor  # (B, H, L) float32: how many queries saw the slot
-    last: Tensor  # (B, H, L) float32: attention from the newest query only (TOVA)
+    keys: Tensor  # (B, H, C, D), post-RoPE, as the model's attention reads them
+    values: Tensor  # (B, H, C, Dv)
+    positions: Tensor  # (B, H, C) int64: original token position held by the slot, -1 when free
+    acc: Tensor  # (B, H, C) float32: attention received, summed over every query that saw the slot
+    count: Tensor  # (B, H, C) float32: how many queries saw the slot
+    last: Tensor  # (B, H, C) float32: attention from the newest query only (TOVA)
+    step: Tensor  # () int64 on the device: tokens appended so far (a tensor, so a CUDA graph sees it move)
+    seen: int = 0  # the same count on the host, for bookkeeping that must not read the device
+    stats: tuple[str, ...] = STATS
+    layer: int = 0  # seeds per-layer random draws
+    row_ids: Tensor | None = None  # (B,) int64 window ids: seeds per-row random draws (default: row index)
+    budget: Tensor | None = None  # (1 or B, H) int64 per-head budgets; None: the policy's own
+    budget_range: tuple[int, int] | None = None  # (min, max) of ``budget``, known on the host
+    merge_mask: Tensor | None = None  # (1 or B, H) bool: heads whose WeightedKV victim is merged
+    recent: Tensor | None = None  # (1, H, 1) int64 per-head recent window; None: the policy's own
+    mixing: Tensor | None = None  # (B, H, C, T) float32: original tokens each slot's value mixes
+    max_valid: int = 0  # host-side upper bound on valid slots in any (row, head)
+    pending: int = 0  # tokens appended since the last compression
 
     @classmethod
-    def empty(cls, like_keys: Tensor, like_values: Tensor) -> "LayerState":
+    def empty(cls, like_keys: Tensor, like_values: Tensor, capacity: int = 0, stats=STATS, layer: int = 0,
+              row_ids: Tensor | None = None, track_mixing: int = 0) -> "LayerState":
+        """A state with ``capacity`` free slots shaped like ``like_keys`` / ``like_values`` (B, H, ·, D)."""
         B, H, _, D = like_keys.shape
-        stats = like_keys.new_zeros((B, H, 0), dtype=torch.float32)
+        device = like_keys.device
+        stat = torch.zeros((B, H, capacity), dtype=torch.float32, device=device)
         return cls(
-            keys=like_keys[:, :, :0],
-            values=like_values[:, :, :0],
-            positions=torch.zeros((B, H, 0), dtype=torch.long, device=like_keys.device),
-            acc=stats,
-            count=stats.clone(),
-            last=stats.clone(),
+            keys=like_keys.new_zeros((B, H, capacity, D)),
+            values=like_values.new_zeros((B, H, capacity, like_values.shape[-1])),
+            positions=torch.full((B, H, capacity), -1, dtype=torch.long, device=device),
+            acc=stat, count=stat.clone(), last=stat.clone(),
+            step=torch.zeros((), dtype=torch.long, device=device),
+            stats=tuple(stats), layer=layer, row_ids=row_ids,
+            mixing=torch.zeros((B, H, capacity, track_mixing), device=device) if track_mixing else None,
         )
 
     def clone(self) -> "LayerState":
-        return LayerState(*(t.clone() for t in (self.keys, self.values, self.positions, self.acc, self.count, self.last)))
+        copy = lambda t: t.clone() if isinstance(t, Tensor) else t  # noqa: E731
+        return LayerState(**{f: copy(getattr(self, f)) for f in self.__dataclass_fields__})
+
+    # --- reading ---------------------------------------------------------------------------
+    @property
+    def valid(self) -> Tensor:
+        return self.positions >= 0  # (B, H, C)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
 
     @property
     def length(self) -> int:
-        return self.keys.shape[2]
+        """Physical slots (valid or free); ``ordered().length`` is the number of tokens held."""
+        return self.capacity
 
-    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        """Add new tokens at the right; their statistics start at zero.
+    def n_valid(self) -> Tensor:
+        return self.valid.sum(dim=-1)  # (B, H)
 
-        keys/values: (B, H, q, D); positions: (q,) or (B, q) original token positions.
+    def average_attention(self) -> Tensor:
+        """WeightedKV's score a / n (B, H, C); a slot nobody has seen yet scores 0."""
+        return self.acc / self.count.clamp_min(1.0)
+
+    def value_tensors(self) -> list[Tensor]:
+        """What a merge mixes: the values and, when tracked, each slot's token mixture."""
+        return [self.values] if self.mixing is None else [self.values, self.mixing]
+
+    def ordered(self) -> "LayerState":
+        """A dense copy with the valid slots sorted by position (B, H, L, ·); not for the per-step path.
+
+        Every (row, head) must hold the same number of tokens (true unless budgets differ per head).
         """
-        B, H, q, _ = keys.shape
+        counts = self.n_valid()
+        if counts.numel() and bool((counts != counts.flatten()[0]).any()):
+            raise UserError("ordered() needs the same number of tokens in every (row, head); read `valid` instead")
+        L = int(counts.flatten()[0]) if counts.numel() else 0
+        order = torch.where(self.valid, self.positions, FAR).argsort(dim=-1)[..., :L]  # (B, H, L)
+        dense = self.clone()
+        for name in ("keys", "values", "mixing"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(dense, name, t.gather(2, order[..., None].expand(*order.shape, t.shape[-1])))
+        for name in ("positions", "acc", "count", "last"):
+            setattr(dense, name, getattr(self, name).gather(2, order))
+        dense.max_valid = L
+        return dense
+
+    # --- writing ---------------------------------------------------------------------------
+    def _grow(self, capacity: int) -> None:
+        """Add free slots at the end (host decision, rare: a long prompt, or the first steps of ``full``)."""
+        extra = capacity - self.capacity
+        pad = lambda t, fill: torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), fill)], dim=2)  # noqa: E731
+        self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
+        self.positions = pad(self.positions, -1)
+        self.acc, self.count, self.last = pad(self.acc, 0), pad(self.count, 0), pad(self.last, 0)
+        if self.mixing is not None:
+            self.mixing = pad(self.mixing, 0)
+
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor | None = None) -> Tensor:
+        """Write q new tokens into free slots; their statistics start at zero. Returns the slots (B, H, q).
+
+        keys/values: (B, H, q, D). ``positions`` (q,) or (B, q) defaults to the next q positions.
+        The first q free slots (lowest index) are used, so a fresh state fills in position order.
+        """
+        B, H, q, D = keys.shape
+        if self.max_valid + q > self.capacity:
+            self._grow(self.max_valid + q)
+        if positions is None:
+            positions = self.step + torch.arange(q, device=self.step.device)
         positions = positions.to(self.positions.device).reshape(-1, q).expand(B, q)  # (B, q)
-        zeros = self.acc.new_zeros((B, H, q))
-        self.keys = torch.cat([self.keys, keys], dim=2)
-        self.values = torch.cat([self.values, values], dim=2)
-        self.positions = torch.cat([self.positions, positions[:, None, :].expand(B, H, q)], dim=2)
-        self.acc = torch.cat([self.acc, zeros], dim=2)
-        self.count = torch.cat([self.count, zeros], dim=2)
-        self.last = torch.cat([self.last, zeros], dim=2)
+        free = self.positions < 0  # (B, H, C)
+        if q == 1:
+            slots = free.to(torch.uint8).argmax(dim=-1, keepdim=True)  # (B, H, 1): first free slot
+        else:
+            index = torch.arange(self.capacity, device=free.device)
+            slots = torch.where(free, index, index + self.capacity).topk(q, dim=-1, largest=False).indices
+        wide = slots[..., None]  # (B, H, q, 1)
+        self.keys.scatter_(2, wide.expand(B, H, q, D), keys.to(self.keys.dtype))
+        self.values.scatter_(2, wide.expand(B, H, q, self.values.shape[-1]), values.to(self.values.dtype))
+        self.positions.scatter_(2, slots, positions[:, None, :].expand(B, H, q))
+        for name in self.stats:
+            getattr(self, name).scatter_(2, slots, 0.0)
+        if self.mixing is not None:
+            self._track(slots, positions)
+        self.step += q
+        self.seen += q
+        self.max_valid += q
+        self.pending += q
+        return slots
+
+    def _track(self, slots: Tensor, positions: Tensor) -> None:
+        """Each new slot's mixture is its own token: a one-hot row at its position."""
+        B, H, q = slots.shape
+        need = self.seen + q
+        if need > self.mixing.shape[-1]:
+            self.mixing = torch.cat([self.mixing, self.mixing.new_zeros((*self.mixing.shape[:3], need - self.mixing.shape[-1]))], -1)
+        T = self.mixing.shape[-1]
+        onehot = torch.nn.functional.one_hot(positions, T).float()[:, None].expand(B, H, q, T)  # (B, H, q, T)
+        self.mixing.scatter_(2, slots[..., None].expand(B, H, q, T), onehot)
 
     def observe(self, attn: Tensor) -> None:
         """Accumulate the attention the newest ``q`` queries paid to every slot.
 
-        attn: (B, Hq, q, L) softmax weights over the current slots, with Hq a multiple of H (GQA).
-        The count is structural (causal order), not read off the weights, so a weight that
-        underflows to 0 still counts as "seen".
+        attn: (B, Hq, q, C) softmax weights over the physical slots (free slots carry weight 0),
+        with Hq a multiple of H (GQA). Nothing is kept that refers to ``attn`` afterwards.
         """
-        q, L = attn.shape[2:]
-        grouped = group_mean(attn, self.acc.shape[1])  # (B, H, q, L)
-        self.acc = self.acc + grouped.sum(dim=2)
-        # Old slots were seen by all q new queries; new slot t (0-based among the q) by q - t.
-        seen = torch.full((L,), float(q), device=attn.device)
-        seen[L - q :] = torch.arange(q, 0, -1, device=attn.device, dtype=torch.float32)
-        self.count = self.count + seen
-        self.last = grouped[:, :, -1]
+        if not self.stats:
+            return
+        q = attn.shape[2]
+        grouped = group_mean(attn, self.positions.shape[1])  # (B, H, q, C)
+        if "acc" in self.stats:
+            self.acc += grouped.sum(dim=2)
+        if "count" in self.stats:
+            if q == 1:  # every valid slot is at or before the newest position
+                self.count += self.valid
+            else:
+                self.count += seen_counts(self.positions, self.step - q, q)
+        if "last" in self.stats:
+            self.last.copy_(grouped[:, :, -1])
 
-    def remove(self, victim: Tensor) -> None:
-        """Delete one slot per (B, H): ``victim`` (B, H) int64.
+    def remove(self, victim: Tensor, active: Tensor | None = None) -> None:
+        """Free one slot per (B, H): ``victim`` (B, H) int64, only where ``active`` (B, H) is True."""
+        index = victim[..., None]  # (B, H, 1)
+        freed = torch.full_like(index, -1)
+        if active is not None:
+            freed = torch.where(active[..., None], freed, self.positions.gather(2, index))
+        self.positions.scatter_(2, index, freed)
 
-        Slots at or after the victim take their right neighbour's contents: a shift done with
-        ``where`` on two views, which reads and writes each tensor once (cheaper than a gather).
-        """
-        after = torch.arange(self.length - 1, device=victim.device) >= victim[..., None]  # (B, H, L-1)
-        wide = after[..., None]  # (B, H, L-1, 1)
-        self.keys = torch.where(wide, self.keys[:, :, 1:], self.keys[:, :, :-1])
-        self.values = torch.where(wide, self.values[:, :, 1:], self.values[:, :, :-1])
-        self.positions = torch.where(after, self.positions[:, :, 1:], self.positions[:, :, :-1])
-        self.acc = torch.where(after, self.acc[:, :, 1:], self.acc[:, :, :-1])
-        self.count = torch.where(after, self.count[:, :, 1:], self.count[:, :, :-1])
-        self.last = torch.where(after, self.last[:, :, 1:], self.last[:, :, :-1])
-
-    def average_attention(self) -> Tensor:
-        """WeightedKV's score a / n (B, H, L); a slot nobody has seen yet scores 0."""
-        return self.acc / self.count.clamp_min(1.0)
-
-
-class Seeded:
-    """For randomised methods (a ``seed`` field): one generator, seeded, made on the device of first use."""
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        gen = self.__dict__.get("_generator")
-        if gen is None or gen.device != device:
-            gen = self.__dict__["_generator"] = torch.Generator(device=device).manual_seed(self.seed)
-        return gen
+    def compact(self, capacity: int) -> None:
+        """Shrink the buffers to ``capacity`` slots, keeping every valid slot (after a long prompt)."""
+        if capacity >= self.capacity:
+            return
+        order = torch.where(self.valid, self.positions, FAR).argsort(dim=-1)[..., :capacity]  # (B, H, capacity)
+        for name in ("keys", "values", "mixing"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.gather(2, order[..., None].expand(*order.shape, t.shape[-1])).contiguous())
+        for name in ("positions", "acc", "count", "last"):
+            setattr(self, name, getattr(self, name).gather(2, order).contiguous())
 
 
 @dataclass
 class Policy:
     """A KV-cache compression method with a per-layer budget of ``budget`` slots.
 
-    ``sinks`` first slots and ``recent`` newest slots are never victims (``recent=None`` means
-    ``budget // 2 - sinks``, the paper's 4 + 124 for m = 256). Subclasses set ``name`` and override
-    ``score`` (lower = evicted first) and, when they merge, ``merge``.
+    ``sinks`` first positions and ``recent`` newest positions are never victims (``recent=None``
+    means ``budget // 2 - sinks``, the paper's 4 + 124 for m = 256). Subclasses set ``name`` and
+    ``stats`` (the statistics they read) and override ``score`` (lower = evicted first) and, when
+    they merge, ``merge``. A state's own ``budget`` (per head, from a plan) overrides ``budget``.
     """
 
     budget: int
@@ -150,15 +281,20 @@ class Policy:
     name: ClassVar[str] = ""
     needs_attention: ClassVar[bool] = True  # the cache must be fed softmax weights (eager)
     per_layer: ClassVar[bool] = False  # one decision shared by all KV heads of a layer (TOVA)
+    stats: ClassVar[tuple[str, ...]] = ()  # which LayerState statistics ``score``/``merge`` read
+    merges: ClassVar[bool] = False  # ``merge`` changes values (else victims are simply freed)
 
     def __post_init__(self) -> None:
         if self.recent is None:
             self.recent = max(self.budget // 2 - self.sinks, 0)
         if self.budget <= 0 or self.sinks < 0 or self.recent < 0:
             raise UserError(f"budget must be positive and sinks, recent not negative, got {self._split()}")
-        if self.budget <= self.sinks + self.recent:
+        self.check_budget(self.budget)
+
+    def check_budget(self, budget: int) -> None:
+        if budget <= self.sinks + self.recent:
             raise UserError(
-                f"budget {self.budget} leaves no room to compress: it must exceed sinks + recent "
+                f"budget {budget} leaves no room to compress: it must exceed sinks + recent "
                 f"({self.sinks} + {self.recent} = {self.sinks + self.recent})"
             )
 
@@ -167,33 +303,77 @@ class Policy:
 
     # --- what a method defines -------------------------------------------------------------
     def score(self, state: LayerState) -> Tensor:
-        """(B, H, L) or, if ``per_layer``, (B, 1, L): lower is evicted first."""
+        """(B, H, C) or, if ``per_layer``, (B, 1, C): lower is evicted first."""
         raise NotImplementedError
 
-    def merge(self, state: LayerState, victim: Tensor) -> None:
-        """Fold the victim (B, H) into the survivors before it is removed; eviction does nothing."""
+    def merge(self, state: LayerState, victim: Tensor, active: Tensor) -> None:
+        """Fold the victim (B, H) into the survivors where ``active`` (B, H); eviction does nothing."""
 
     # --- shared machinery ------------------------------------------------------------------
-    def candidates(self, length: int, device: torch.device) -> Tensor:
-        """(L,) bool: slots that may be victims. The newest slot never is, so j + 1 exists."""
-        index = torch.arange(length, device=device)
-        return (index >= self.sinks) & (index < length - max(self.recent, 1))
+    def candidates(self, state: LayerState) -> Tensor:
+        """(B, H, C) bool: valid slots that may be victims. The newest never is, so a right neighbour exists."""
+        pos = state.positions
+        recent = state.recent.clamp_min(1) if state.recent is not None else max(self.recent, 1)
+        return (pos >= self.sinks) & (pos < state.step - recent)
 
     def select(self, state: LayerState) -> Tensor:
-        """One victim per (B, H): the lowest-scoring candidate. Returns (B, H) int64."""
+        """One victim per (B, H): the lowest-scoring candidate (ties: lowest slot). Returns (B, H) int64."""
         scores = self.score(state).float()
-        allowed = self.candidates(state.length, scores.device)
+        allowed = self.candidates(state)
+        if scores.shape[1] == 1:  # per-layer decision: every head holds the same positions in the same slots
+            allowed = allowed[:, :1]
         victim = scores.masked_fill(~allowed, float("inf")).argmin(dim=-1)  # (B, H) or (B, 1)
         return victim.expand(state.keys.shape[0], state.keys.shape[1])
 
-    def compress(self, state: LayerState) -> LayerState:
-        """Shrink ``state`` to the budget, one victim at a time so merges cascade as in the paper.
+    def _budgets(self, state: LayerState) -> tuple[Tensor | int, int, int]:
+        if state.budget is None:
+            return self.budget, self.budget, self.budget
+        low, high = state.budget_range
+        return state.budget, low, high
 
-        During decoding the cache overflows by exactly one slot, so this is one iteration; after a
-        long prefill it runs ``L - budget`` iterations (each batched over B and H).
+    def compress(self, state: LayerState) -> LayerState:
+        """Shrink every (row, head) to its budget, one victim at a time so merges cascade as in the paper.
+
+        During decoding a head overflows by one slot, so this is one step. After a long prompt the
+        victims are ranked once (scores do not change while a pass removes slots: a merge leaves the
+        neighbour's statistics alone and candidates are fixed by position), evictions are freed in
+        one scatter, and merges run in rank order, each touching two slots.
         """
-        for _ in range(state.length - self.budget):
+        budget, low, high = self._budgets(state)
+        rounds = max(0, min(state.pending, state.max_valid - low))
+        state.pending = 0
+        if rounds == 0:
+            return state
+        over = state.n_valid() - budget  # (B, H): how many victims each head gives up
+        if rounds == 1:
             victim = self.select(state)
-            self.merge(state, victim)
-            state.remove(victim)
+            self.merge(state, victim, over > 0)
+            state.remove(victim, over > 0)
+        else:
+            self._compress_ranked(state, over, rounds)
+        state.max_valid = min(state.max_valid, high)
         return state
+
+    def _compress_ranked(self, state: LayerState, over: Tensor, rounds: int) -> None:
+        B, H = over.shape
+        scores = self.score(state).float()
+        allowed = self.candidates(state)
+        if scores.shape[1] == 1:
+            allowed = allowed[:, :1]
+        order = scores.masked_fill(~allowed, float("inf")).argsort(dim=-1, stable=True)[..., :rounds]
+        victims = order.expand(B, H, rounds)  # (B, H, rounds): victims in the order they go
+        active = torch.arange(rounds, device=over.device) < over[..., None]  # (B, H, rounds)
+        if self.merges:
+            self.merge_ranked(state, victims, active)
+        freed = torch.where(active, -1, state.positions.gather(2, victims))  # then free them all at once
+        state.positions.scatter_(2, victims, freed)
+
+    def merge_ranked(self, state: LayerState, victims: Tensor, active: Tensor) -> None:
+        """Merge a pass's victims (B, H, R) in rank order; they are freed afterwards, all at once.
+
+        This default frees each victim right after its merge, as a decoding step would; methods
+        override it to work out neighbours and weights once for the whole pass.
+        """
+        for i in range(victims.shape[-1]):
+            self.merge(state, victims[..., i], active[..., i])
+            state.remove(victims[..., i], active[..., i])

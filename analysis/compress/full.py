@@ -27,8 +27,12 @@ class Full(Policy):
     def __post_init__(self) -> None:
         """No split to validate: nothing is ever evicted."""
 
+    def check_budget(self, budget: int) -> None:
+        """Any budget is fine: it is ignored."""
+
     def score(self, state: LayerState) -> Tensor:
         raise NotImplementedError("Full never selects a victim")
 
     def compress(self, state: LayerState) -> LayerState:
+        state.pending = 0
         return state

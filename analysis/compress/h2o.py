@@ -25,6 +25,7 @@ class H2O(Policy):
     """
 
     name: ClassVar[str] = "h2o"
+    stats: ClassVar[tuple[str, ...]] = ("acc",)
 
     def score(self, state: LayerState) -> Tensor:
-        return state.acc  # (B, H, L)
+        return state.acc  # (B, H, C)

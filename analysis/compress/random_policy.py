@@ -8,16 +8,23 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from analysis.compress.base import LayerState, Policy, Seeded
+from analysis.compress.base import LayerState, Policy, uniform
+
+
+def row_ids(state: LayerState) -> Tensor:
+    """(B, 1, 1) window ids that seed each row's draws (the row index when none were given)."""
+    ids = state.row_ids if state.row_ids is not None else torch.arange(state.keys.shape[0])
+    return ids.to(state.positions.device)[:, None, None]
 
 
 @dataclass
-class RandomPolicy(Seeded, Policy):
+class RandomPolicy(Policy):
     """Evict a uniformly random candidate per (batch row, KV head).
 
-    Scores are U[0, 1) draws from a generator seeded with ``seed`` and created lazily on the
-    state's device, so runs are reproducible. Same ``sinks``/``recent`` split as the scored
-    methods. Not in the paper (which has no random baseline): a floor for the scored methods.
+    Scores are U[0, 1) draws from ``uniform(seed, window, layer, head, step, position)``: fresh each
+    step, reproducible, and the same for a window whatever batch it runs in. Same ``sinks``/``recent``
+    split as the scored methods. Not in the paper (which has no random baseline): a floor for the
+    scored methods.
 
     Reference: WeightedKV (arXiv:2503.01330) §V-A lists no random baseline; digest §4.
     """
@@ -28,6 +35,5 @@ class RandomPolicy(Seeded, Policy):
     needs_attention: ClassVar[bool] = False
 
     def score(self, state: LayerState) -> Tensor:
-        B, H, L, _ = state.keys.shape
-        device = state.keys.device
-        return torch.rand((B, H, L), generator=self.generator(device), device=device)  # (B, H, L)
+        heads = torch.arange(state.keys.shape[1], device=state.positions.device)[None, :, None]  # (1, H, 1)
+        return uniform(self.seed, row_ids(state), state.layer, heads, state.step, state.positions)  # (B, H, C)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import Tensor
 
 from analysis.compress.base import LayerState, Policy
@@ -15,8 +14,8 @@ from analysis.compress.base import LayerState, Policy
 class StreamingLLM(Policy):
     """Evict the oldest non-sink slot, the token that leaves the window.
 
-    The score is the slot index (slots are ordered oldest -> newest), so the shared argmin over the
-    candidates picks index ``sinks``. Whatever ``recent`` is, the cache then holds the ``sinks``
+    The score is the slot's position, so the shared argmin over the candidates picks the oldest
+    position after the sinks. Whatever ``recent`` is, the cache then holds the ``sinks``
     first tokens and the ``budget - sinks`` newest ones: exactly ``StartRecentKVCache`` with
     ``start_size = sinks`` and ``recent_size = budget - sinks``. No attention is needed.
     Positions are the original ones kept in ``LayerState.positions``; the official code's
@@ -29,6 +28,4 @@ class StreamingLLM(Policy):
     needs_attention: ClassVar[bool] = False
 
     def score(self, state: LayerState) -> Tensor:
-        B, H, L, _ = state.keys.shape
-        order = torch.arange(L, device=state.keys.device, dtype=torch.float32)  # (L,)
-        return order.expand(B, H, L)  # (B, H, L): older = lower = evicted first
+        return state.positions.float()  # (B, H, C): older = lower = evicted first

@@ -26,6 +26,7 @@ class TOVA(Policy):
 
     name: ClassVar[str] = "tova"
     per_layer: ClassVar[bool] = True
+    stats: ClassVar[tuple[str, ...]] = ("last",)
 
     def score(self, state: LayerState) -> Tensor:
-        return state.last.mean(dim=1, keepdim=True)  # (B, H, L) -> (B, 1, L)
+        return state.last.mean(dim=1, keepdim=True)  # (B, H, C) -> (B, 1, C)

@@ -8,22 +8,30 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from analysis.compress.base import LayerState, Policy
+from analysis.compress.base import FAR, LayerState, Policy
+
+
+def right_neighbour(state: LayerState, victim: Tensor) -> Tensor:
+    """(B, H) slot holding the next larger position than ``victim``'s in the same (row, head)."""
+    pos = state.positions
+    mine = pos.gather(2, victim[..., None])  # (B, H, 1)
+    return torch.where(pos > mine, pos, FAR).argmin(dim=-1)  # free slots hold -1: never "to the right"
 
 
 @dataclass
 class WeightedKV(Policy):
     """Evict the candidate j with the lowest average attention ā = a / n, merging its value.
 
-        v[j+1] <- (ā_j v_j + ā_{j+1} v_{j+1}) / (ā_j + ā_{j+1})
+        v[n] <- (ā_j v_j + ā_n v_n) / (ā_j + ā_n),   n = right neighbour of j (next larger position)
 
-    computed in float32 and cast back; where ā_j + ā_{j+1} = 0 the neighbour keeps its value.
-    k_j, a_j and n_j are dropped (``LayerState.remove``); the neighbour's key, a and n are untouched.
-    ``compress`` removes one victim at a time, so merges cascade (also after a long prefill).
+    computed in float32 and cast back; where ā_j + ā_n = 0 the neighbour keeps its value.
+    k_j, a_j and n_j are dropped (the slot is freed); the neighbour's key, a and n are untouched.
+    ``compress`` removes one victim at a time in score order, so merges cascade (also after a long
+    prompt). A state's ``merge_mask`` (from a plan) turns the merge off per head: evict instead.
 
     Interpretations of the paper's open points: scores and merges are per (batch row, KV head),
     on the GQA group-mean attention; ā is a temporary ("a = a/n" in Algorithm 1 read as a typo),
-    ``a`` stays a running sum; the ``sinks`` first and ``recent`` newest slots are excluded from
+    ``a`` stays a running sum; the ``sinks`` first and ``recent`` newest positions are excluded from
     the argmin, and the rightmost candidate may merge into the oldest recent-window token; the
     defaults (4 sinks, ``budget // 2 - 4`` recent: 4 + 124 at m = 256, 4 + 508 at m = 1024) are
     shared with every scored baseline.
@@ -32,17 +40,57 @@ class WeightedKV(Policy):
     """
 
     name: ClassVar[str] = "weightedkv"
+    stats: ClassVar[tuple[str, ...]] = ("acc", "count")
+    merges: ClassVar[bool] = True
 
     def score(self, state: LayerState) -> Tensor:
-        return state.average_attention()  # (B, H, L)
+        return state.average_attention()  # (B, H, C)
 
-    def merge(self, state: LayerState, victim: Tensor) -> None:
-        B, H, L, D = state.values.shape
-        pair = torch.stack([victim, victim + 1], dim=-1)  # (B, H, 2): j, j+1
-        avg = state.average_attention().gather(2, pair)[..., None]  # (B, H, 2, 1): ā_j, ā_{j+1}
+    def merge(self, state: LayerState, victim: Tensor, active: Tensor) -> None:
+        if state.merge_mask is not None:
+            active = active & state.merge_mask
+        pair = torch.stack([victim, right_neighbour(state, victim)], dim=-1)  # (B, H, 2): j, n
+        avg = state.average_attention().gather(2, pair)[..., None]  # (B, H, 2, 1): ā_j, ā_n
         total = avg.sum(2, keepdim=True)  # (B, H, 1, 1)
-        wide = pair[..., None].expand(B, H, 2, D)  # (B, H, 2, D)
-        rows = state.values.gather(2, wide).float()  # (B, H, 2, D): v_j, v_{j+1}
-        mixed = (avg * rows).sum(2, keepdim=True) / total  # (B, H, 1, D)
-        merged = torch.where(total > 0, mixed, rows[:, :, 1:])  # 0 / 0: v_{j+1} unchanged
-        state.values.scatter_(2, wide[:, :, 1:], merged.to(state.values.dtype))  # in place: see LayerState
+        keep = (total > 0) & active[..., None, None]  # (B, H, 1, 1)
+        for tensor in state.value_tensors():
+            B, H, _, D = tensor.shape
+            wide = pair[..., None].expand(B, H, 2, D)  # (B, H, 2, D)
+            rows = tensor.gather(2, wide).float()  # (B, H, 2, D): v_j, v_n
+            mixed = (avg * rows).sum(2, keepdim=True) / total  # (B, H, 1, D)
+            merged = torch.where(keep, mixed, rows[:, :, 1:])  # 0 / 0 or inactive: v_n unchanged
+            tensor.scatter_(2, wide[:, :, 1:], merged.to(tensor.dtype))  # one slot, in place
+
+    def merge_ranked(self, state: LayerState, victims: Tensor, active: Tensor) -> None:
+        """A long prompt's merges: neighbours and weights once, then only two-row gathers per victim.
+
+        Victim i (rank i) merges into the nearest slot to its right that is still there when its turn
+        comes: the first position after it held by a survivor or by a victim of higher rank. Scores
+        never change during the pass (merges leave the neighbour's statistics alone), so every
+        neighbour and weight is known before the first merge; the values still flow in rank order.
+        """
+        B, H, R = victims.shape
+        if state.merge_mask is not None:
+            active = active & state.merge_mask[..., None]
+        pos = state.positions  # (B, H, C)
+        rank = torch.full_like(pos, R)  # survivors (and inactive victims) outrank every victim
+        rank.scatter_(2, victims, torch.where(active, torch.arange(R, device=pos.device), R))
+        mine = pos.gather(2, victims)  # (B, H, R)
+        later = torch.arange(R, device=pos.device)[:, None]  # (R, 1)
+        neighbour = torch.empty_like(victims)
+        for lo in range(0, R, 256):  # (B, H, 256, C) at a time: bounded memory for long prompts
+            hi = min(lo + 256, R)
+            right = (pos[:, :, None, :] > mine[..., lo:hi, None]) & (rank[:, :, None, :] > later[lo:hi])
+            neighbour[..., lo:hi] = torch.where(right, pos[:, :, None, :], FAR).argmin(dim=-1)
+        avg = state.average_attention()
+        a_j, a_n = avg.gather(2, victims)[..., None], avg.gather(2, neighbour)[..., None]  # (B, H, R, 1)
+        total = a_j + a_n
+        keep = (total > 0) & active[..., None]  # (B, H, R, 1)
+        for tensor in state.value_tensors():
+            D = tensor.shape[-1]
+            for i in range(R):
+                j = victims[..., i, None, None].expand(B, H, 1, D)
+                n = neighbour[..., i, None, None].expand(B, H, 1, D)
+                v_j, v_n = tensor.gather(2, j).float(), tensor.gather(2, n).float()
+                mixed = (a_j[:, :, i : i + 1] * v_j + a_n[:, :, i : i + 1] * v_n) / total[:, :, i : i + 1]
+                tensor.scatter_(2, n, torch.where(keep[:, :, i : i + 1], mixed, v_n).to(tensor.dtype))

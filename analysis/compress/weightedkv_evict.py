@@ -22,6 +22,7 @@ class WeightedKVEvict(WeightedKV):
     """
 
     name: ClassVar[str] = "weightedkv_evict"
+    merges: ClassVar[bool] = False
 
-    def merge(self, state: LayerState, victim: Tensor) -> None:
+    def merge(self, state: LayerState, victim: Tensor, active: Tensor) -> None:
         """Eviction: nothing to fold in."""

@@ -1,0 +1,140 @@
+"""Per-(layer, KV head) cache budgets: the plan file ``CompressedCache`` and the commands accept.
+
+    {"name": "my-plan", "model": "default", "num_layers": 30, "num_kv_heads": 3,
+     "sinks": 4, "recent": null,
+     "budgets": [[128, 96, 160], ...],     # one list of num_kv_heads ints per layer
+     "merge": [[true, false, true], ...]}  # optional: per head, WeightedKV merges (true) or evicts
+
+``recent: null`` gives every head the default split of its own budget (``budget // 2 - sinks``), so
+a uniform plan is exactly the uniform cache. Memory is counted in slots: ``total_slots`` is the sum
+of the budgets (what a ragged store would hold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from analysis.errors import UserError
+
+
+@dataclass
+class Plan:
+    budgets: list[list[int]]
+    sinks: int = 4
+    recent: int | None = None
+    merge: list[list[bool]] | None = None
+    name: str = "plan"
+    model: str | None = None
+
+    def __post_init__(self) -> None:
+        shape = {len(row) for row in self.budgets}
+        if not self.budgets or len(shape) != 1 or 0 in shape:
+            raise UserError("a plan needs one non-empty list of per-head budgets per layer, all of one length")
+        if self.merge is not None and [len(r) for r in self.merge] != [len(r) for r in self.budgets]:
+            raise UserError("the plan's 'merge' must have the same layers x heads shape as its 'budgets'")
+        for layer, row in enumerate(self.budgets):
+            for head, budget in enumerate(row):
+                if not isinstance(budget, int) or budget <= self.head_recent(budget) + self.sinks:
+                    raise UserError(f"plan budget {budget!r} at layer {layer}, KV head {head} must be an integer "
+                                    f"above sinks + recent ({self.sinks} + {self.head_recent(budget) if isinstance(budget, int) else '?'}): "
+                                    f"the floor is {self.floor()}")
+
+    # --- shape and totals ------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.budgets)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.budgets[0])
+
+    @property
+    def total_slots(self) -> int:
+        return sum(map(sum, self.budgets))
+
+    @property
+    def max_budget(self) -> int:
+        return max(map(max, self.budgets))
+
+    @property
+    def min_budget(self) -> int:
+        return min(map(min, self.budgets))
+
+    def head_recent(self, budget: int) -> int:
+        return self.recent if self.recent is not None else max(budget // 2 - self.sinks, 0)
+
+    def floor(self) -> int:
+        """The smallest budget a head can have: sinks + recent + 1."""
+        return self.sinks + (self.recent if self.recent is not None else 0) + 1
+
+    def recent_row(self, layer: int) -> list[int]:
+        return [self.head_recent(b) for b in self.budgets[layer]]
+
+    def merge_row(self, layer: int) -> list[bool] | None:
+        return self.merge[layer] if self.merge is not None else None
+
+    # --- checks against a model and a method ----------------------------------------------
+    def check(self, config) -> None:
+        """One-line error unless the plan is shaped layers x KV heads of ``config``."""
+        layers = config.num_hidden_layers
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        if (self.num_layers, self.num_kv_heads) != (layers, heads):
+            raise UserError(f"plan {self.name!r} is {self.num_layers} layers x {self.num_kv_heads} KV heads, "
+                            f"but the model has {layers} x {heads}: it was made for another model")
+
+    def check_policy(self, policy) -> None:
+        if policy.per_layer and any(len(set(row)) > 1 for row in self.budgets):
+            raise UserError(f"{policy.name} makes one decision per layer: a plan for it must give every KV head "
+                            "of a layer the same budget")
+        if policy.name == "full":
+            raise UserError("method 'full' keeps everything: a plan has no effect on it")
+
+    def check_total(self, total: int | None) -> None:
+        if total is not None and self.total_slots > total:
+            raise UserError(f"plan {self.name!r} holds {self.total_slots} slots, more than --total-budget {total}")
+
+    # --- construction and files -----------------------------------------------------------
+    @classmethod
+    def uniform(cls, num_layers: int, num_kv_heads: int, budget: int, sinks: int = 4,
+                recent: int | None = None, name: str | None = None, model: str | None = None) -> "Plan":
+        return cls([[budget] * num_kv_heads for _ in range(num_layers)], sinks, recent,
+                   name=name or f"uniform-{budget}", model=model)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        try:
+            return cls.from_text(path.read_text(), str(path))
+        except FileNotFoundError:
+            raise UserError(f"plan file {path} does not exist") from None
+        except UnicodeDecodeError as err:
+            raise UserError(f"plan file {path} is not valid JSON ({err})") from None
+
+    @classmethod
+    def from_text(cls, text: str, where: str = "the plan") -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise UserError(f"plan file {where} is not valid JSON ({err})") from None
+        if not isinstance(data, dict) or "budgets" not in data:
+            raise UserError(f"plan file {where} has no 'budgets' (a list of per-head budgets per layer)")
+        known = {"budgets", "sinks", "recent", "merge", "name", "model"}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                               "total_slots": self.total_slots}
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (a temp file renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(tmp, path)
+        return path
