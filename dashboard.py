@@ -32,9 +32,15 @@ def cached_model(model: str = "default", attn: str = "eager"):
     return load_model(model, attn_implementation=attn)
 
 
-@st.cache_resource(show_spinner=False)
+# Module state, not st.cache_resource: "Clear cache" in the app menu must not hand out a second lock
+# while a job holds the first (the dashboard module is imported once per process).
+_LOCKS: dict[tuple[str, str], threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
 def _lock(model: str, attn: str) -> threading.RLock:
-    return threading.RLock()
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault((model, attn), threading.RLock())
 
 
 @contextmanager
