@@ -4,8 +4,8 @@
 #   ./run.sh test       set up, then run the whole test suite (extra args go to pytest)
 #   ./run.sh setup      only set up
 # Set-up: .venv with the pinned requirements and kvlens itself (editable), the embedded SmolLM2
-# model (converted once into ~/.cache/kvlens), the four Debian text corpora, and Debian's chromium
-# for PNG export.
+# model (converted once into ~/.cache/kvlens), the four Debian text corpora, the dashboard's starter
+# set, and Debian's chromium (PNG export of figures, and the browser the dashboard test drives).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -40,7 +40,7 @@ setup() {
     echo "$have" > "$built"
   fi
   if ! command -v chromium >/dev/null; then
-    say "installing Debian chromium (PNG export of figures)"
+    say "installing Debian chromium (PNG export of figures, browser test)"
     if command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq chromium >/dev/null; then :;
     else say "warning: could not install chromium; figures will be written as HTML only"; fi
   fi
@@ -50,6 +50,8 @@ setup() {
     "$PY" -m analysis.corpora fetch
   fi
   "$PY" -m analysis.models >/dev/null  # converts the embedded GGUF once (about 20 s)
+  # What the dashboard shows on first open (a capture and a small sweep, ~1-2 min once; then instant).
+  "$PY" -m analysis.starter
 }
 
 cmd="${1:-dashboard}"; [ $# -gt 0 ] && shift

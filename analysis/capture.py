@@ -250,10 +250,12 @@ def capture_sequences(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     on_progress=None,
+    maps_window: tuple[int, int] | None = None,
 ) -> Capture:
     """Prefill each (text_id, token ids) sequence, recording; stack the results along batch B.
 
-    Sequences must have equal length (``corpora.token_sequences`` makes them so).
+    Sequences must have equal length (``corpora.token_sequences`` makes them so). ``maps_window``
+    as in ``record``: also keep the full attention rows of those query positions.
     """
     from tqdm.auto import tqdm
 
@@ -263,7 +265,8 @@ def capture_sequences(
     parts = []
     bar = tqdm(sequences, desc="capture", unit="seq", disable=not progress)
     for n, (_, ids) in enumerate(bar):
-        with record(loaded.model, layers=layers, kinds=kinds, dtype=dtype) as rec, torch.inference_mode():
+        with record(loaded.model, layers=layers, kinds=kinds, dtype=dtype, maps_window=maps_window) as rec, \
+                torch.inference_mode():
             loaded.model(torch.tensor([ids], device=loaded.device), use_cache=True)
         parts.append(rec.result())
         if on_progress:

@@ -13,7 +13,7 @@ from analysis.corpora import CORPORA
 from analysis.errors import UserError
 from analysis.plots.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys
 from analysis.spectra import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence
-from dashboard import capture_embedded, runs_root
+from dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture
 
 METRICS = {"rank_90": "rank at 90% energy", "rank_99": "rank at 99% energy", "effective_rank": "effective rank"}
 
@@ -49,11 +49,10 @@ def choose_source() -> dict | None:
         runs = sorted(p.name for p in root.iterdir()
                       if (p / "spectra.json").is_file() or (p / "meta.json").is_file()) if root.is_dir() else []
         if not runs:
-            st.info(f"No run directories under {root}. Make one with `python -m experiments.spectra --out "
-                    f"{root}/spectra`, or compute a small capture here.")
-            return None
-        name = st.sidebar.selectbox("run", runs, key="run")
-        path = root / name
+            st.info(f"No run directories under {root} yet, so this shows the starter capture. Make one with "
+                    f"`python -m experiments.spectra --out {root}/spectra`, or compute a small capture here.")
+        name = st.sidebar.selectbox("run", runs + [STARTER_LABEL], key="run")
+        path = starter_capture() if name == STARTER_LABEL else root / name  # the starter: computed once
         return result_from_dir(str(path), path.stat().st_mtime, center)
     corpus = st.sidebar.selectbox("corpus", list(CORPORA), key="corpus")
     tokens = st.sidebar.number_input("tokens", 64, 2048, 256, step=64, key="tokens")

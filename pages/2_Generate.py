@@ -4,14 +4,12 @@ Shows both continuations, the slots each layer holds afterwards and which origin
 layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-length rows).
 """
 
-import time
-
 import streamlit as st
 
 from analysis.compress import METHODS
 from analysis.errors import UserError
 from analysis.plots.generate import fig_kept_positions, fig_occupancy
-from dashboard import cached_model, user_errors
+from dashboard import cached_model, generate_text, user_errors
 
 INSTRUCTION = "Write three sentences about why a language model caches keys and values."
 
@@ -34,45 +32,15 @@ def default_prompt(tokens: int = 300) -> str:
 @st.cache_data(show_spinner="Generating…", max_entries=32)
 def generate(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
              sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
-    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data.
-
-    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/plans.py), replacing the budget.
-    """
-    import torch
-
-    from analysis.cache import CompressedCache
-    from analysis.plans import Plan
-
-    loaded = cached_model()
-    tok = loaded.tokenizer
-    ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
-    if ids.shape[1] == 0:
-        raise UserError("the prompt is empty")
-    plan = Plan.from_text(plan_json) if plan_json else None
-    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan)
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    torch.manual_seed(seed)
-    began = time.perf_counter()
-    with torch.inference_mode(), cache:
-        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                    max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)
-    seconds = time.perf_counter() - began
-    generated = out[0, ids.shape[1]:]
-    return {
-        "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
-        "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
-        "seen": [layer.get_seq_length() for layer in cache.layers], "sinks": cache.policy.sinks,
-        "recent": cache.policy.recent, "memory": cache.memory(),
-        "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
-                 for i in range(len(cache.layers))],
-    }
+    return generate_text(prompt, method, budget, sinks, recent, new, sample, temperature, seed, plan_json)
 
 
 def show_text(col, title: str, result: dict) -> None:
     col.subheader(title)
     col.caption(f"{result['new_tokens']} new tokens in {result['seconds']:.1f} s "
                 f"({result['new_tokens'] / max(result['seconds'], 1e-9):.1f} tokens/s)")
-    col.markdown(f"> {result['text']}" if result["text"].strip() else "*(no text: end of sequence at once)*")
+    quoted = "\n".join(f"> {line}" for line in result["text"].splitlines())  # every line inside the quote
+    col.markdown(quoted if result["text"].strip() else "*(no text: end of sequence at once)*")
 
 
 def main() -> None:
@@ -84,7 +52,7 @@ def main() -> None:
         budget = st.slider("budget (slots per layer and KV head)", 16, 512, 64, key="budget")
         sinks = st.number_input("sinks", 0, 64, 4, key="sinks")
         recent = st.number_input("recent window", 0, 512, value=None, placeholder="budget/2 - sinks", key="recent")
-        new = st.number_input("max new tokens", 1, 512, 48, key="new")
+        new = st.number_input("max new tokens", 1, 512, 32, key="new")
         sample = st.radio("decoding", ["greedy", "sampling"], key="decoding", horizontal=True) == "sampling"
         temperature = st.slider("temperature", 0.05, 2.0, 0.7, disabled=not sample, key="temperature")
         seed = st.number_input("seed", 0, 2**31 - 1, 0, key="seed")
@@ -95,11 +63,11 @@ def main() -> None:
                 sample, float(temperature) if sample else 1.0, int(seed), plan_json)
     if st.button("Generate", type="primary", key="generate"):
         st.session_state["generated"] = settings
-    chosen = st.session_state.get("generated")
-    if chosen is None:
-        st.info("Choose a method and budget in the sidebar, then press Generate. The prompt must be longer "
-                "than the budget for anything to be compressed.")
-        return
+    if "generated" not in st.session_state:  # first open: an example with the default settings
+        st.session_state["generated"] = settings
+        st.info("An example with the default settings. Choose a method and budget in the sidebar, then press "
+                "Generate; the prompt must be longer than the budget for anything to be compressed.")
+    chosen = st.session_state["generated"]
     if chosen != settings:
         st.caption("Showing the previous generation; press Generate to apply the new settings.")
     prompt, method, budget = chosen[:3]

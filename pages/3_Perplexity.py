@@ -39,9 +39,7 @@ def quick_sweep(root: Path) -> None:
         start = st.form_submit_button("Run sweep")
     if not start:
         return
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.perplexity import make_windows
-    from analysis.sweep import run_sweep, save_sweep, sweep_jobs
+    from analysis.sweep import save_sweep
     from analysis.runs import check_out_dir
     from experiments.common import parse_ints
 
@@ -49,21 +47,10 @@ def quick_sweep(root: Path) -> None:
     if not methods:
         raise UserError("choose at least one method")
     budgets = parse_ints(budgets, "budget")
-    jobs = sweep_jobs(methods, budgets, window)
     if tokens < window:
         raise UserError(f"tokens {tokens} is shorter than the window {window}")
     out = check_out_dir(root / (name.strip() or f"ppl-{corpus}-{tokens}-{time.strftime('%H%M%S')}"))
-    loaded = dashboard.cached_model()
-    windows = make_windows(token_sequences(loaded.tokenizer, load_documents(corpus=corpus), tokens, 1), window)
-    total, done = len(jobs) * len(windows.docs), [0]
-    bar = dashboard.progress_callback("perplexity")
-
-    def progress(n: int) -> None:
-        done[0] += n
-        bar(done[0] / total)
-
-    summary, tensors = run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens,
-                                 documents=1, progress=progress)
+    summary, tensors = dashboard.sweep_embedded(corpus, tokens, window, methods, budgets)
     save_sweep(out, summary, tensors, png=png)
     st.session_state["sweep"] = out.name  # show the new sweep
     st.success(f"saved {out}")
@@ -96,16 +83,18 @@ def main() -> None:
     quick_sweep(root)
     dirs = sweep_dirs(root)
     if not dirs:
-        st.info(f"No perplexity sweeps in {root}/ yet: run a quick one from the sidebar, or "
-                f"`python -m experiments.perplexity --tokens 1024 --window 512 --out {root}/ppl`.")
-        return
-    names = [p.name for p in dirs]
+        st.info(f"No perplexity sweeps in {root}/ yet, so this shows the starter sweep. Run a quick one from the "
+                f"sidebar, or `python -m experiments.perplexity --tokens 1024 --window 512 --out {root}/ppl`.")
+    paths = {p.name: p for p in dirs}
+    paths[dashboard.STARTER_LABEL] = None  # the starter sweep: computed once per machine, when chosen
+    names = list(paths)
     if st.session_state.get("sweep") not in names:
         st.session_state["sweep"] = names[0]
     name = st.selectbox("sweep", names, key="sweep")
+    path = paths[name] or dashboard.starter_sweep()
     import json
 
-    show(json.loads((root / name / "perplexity.json").read_text()))
+    show(json.loads((path / "perplexity.json").read_text()))
 
 
 with dashboard.user_errors():

@@ -23,10 +23,11 @@ def titles(at) -> list[str]:
 
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
-    """An empty runs folder that the pages use."""
+    """An empty runs folder that the pages use, and an empty starter-set folder."""
     root = tmp_path / "runs"
     root.mkdir()
     monkeypatch.setenv("KVLENS_RUNS", str(root))
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
     return root
 
 
@@ -51,10 +52,18 @@ def test_home_with_a_capture(tiny_capture):
     assert len(at.get("plotly_chart")) == 1
 
 
-def test_home_without_runs(runs):
+def test_home_without_runs_shows_the_starter(tiny_capture, runs):
+    import shutil
+
+    import dashboard
+    from analysis import starter
+
+    shutil.move(tiny_capture, starter.capture_dir())  # as if computed on an earlier first open
     at = app("app.py").run()
     assert not at.exception and not at.error
-    assert "No runs in" in at.info[0].value and not at.get("plotly_chart")
+    assert "No runs in" in at.info[0].value and "starter capture" in at.info[0].value
+    assert at.selectbox(key="run").value == dashboard.STARTER_LABEL
+    assert {m.label: m.value for m in at.metric}["model"] == "tiny-llama" and len(at.get("plotly_chart")) == 1
 
 
 @pytest.mark.slow
@@ -62,7 +71,8 @@ def test_generate_page():
     at = app("pages/2_Generate.py").run()
     assert not at.exception and not at.error
     assert "Emma" in at.text_area(key="prompt").value or "Write" in at.text_area(key="prompt").value
-    assert not at.get("plotly_chart")  # nothing before Generate
+    assert "An example with the default settings" in at.info[0].value  # first open: the defaults, generated
+    assert [s.value for s in at.subheader] == ["weightedkv (budget 64)", "full cache"] and len(titles(at)) == 2
     at.slider(key="budget").set_value(16)
     at.number_input(key="new").set_value(4)
     at.button(key="generate").click().run()
@@ -102,8 +112,14 @@ def write_sweep(root: Path) -> Path:
 
 
 def test_perplexity_page(runs):
+    import dashboard
+    from analysis import starter
+
+    starter.root().mkdir()
+    write_sweep(starter.root()).rename(starter.sweep_dir())  # as if computed on a first open
     at = app("pages/3_Perplexity.py").run()
     assert not at.exception and "No perplexity sweeps" in at.info[0].value
+    assert at.selectbox(key="sweep").value == dashboard.STARTER_LABEL and len(titles(at)) == 2
     write_sweep(runs)
     at = app("pages/3_Perplexity.py").run()
     assert not at.exception and not at.error
@@ -130,6 +146,7 @@ def test_home_captures_a_run_on_the_embedded_model(runs):
     assert not at.exception and not at.error
     from analysis.runs import load_run
 
+    assert at.selectbox(key="run").value == runs / "quick"  # the new run is shown
     capture = load_run(runs / "quick")
     assert capture.meta["source"] == {"corpus": "books"} and capture.meta["tokens"] == 32
     assert capture.get(29, "value").shape == (1, 3, 32, 64)
@@ -180,3 +197,101 @@ def test_perturbation_page_runs_a_small_study_on_the_embedded_model(runs):
     summary = json.loads((runs / "small" / "perturbation.json").read_text())
     assert summary["mode"] == "fig2" and summary["layers"] == [0, 29] and summary["tokens"] == 32
     assert at.selectbox(key="study").value == "small" and len(at.get("plotly_chart")) == 3
+
+
+@pytest.mark.slow
+def test_two_sessions_at_once_get_what_each_would_alone():
+    """A capture, a generation, a perplexity sweep and a replay, run through the functions the pages call,
+    in threads at the same time: each gets exactly what it gets alone.
+
+    Each job switches the shared model's attention implementation or hooks it (a capture records
+    through its own attention function; the evaluator swaps in the grouped one), so without
+    ``dashboard.model_lock`` one job's forward runs under another's attention.
+    """
+    import threading
+
+    import dashboard
+
+    prompt = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
+    jobs = {
+        "capture": lambda: dashboard.capture_embedded("books", 32, 1).get(20, "value"),
+        "generate": lambda: dashboard.generate_text(prompt, "weightedkv", 12, 4, None, 6, False, 1.0, 0)["kept"],
+        "sweep": lambda: [r["ppl"] for r in dashboard.sweep_embedded("books", 48, 24, ["weightedkv"], [12])[0]["results"]],
+        "replay": lambda: [h.positions for h in
+                           dashboard.replay_cached("default", list(range(100, 130)), "weightedkv", 12, 4, 20).steps[-1]],
+    }
+    alone = {name: job() for name, job in jobs.items()}
+    dashboard._replays().clear()  # the replay is cached per process: make the concurrent round compute it again
+    together, errors, guard = {}, [], threading.Lock()
+
+    def run(name):
+        try:
+            result = jobs[name]()
+            with guard:
+                together.setdefault(name, []).append(result)
+        except Exception as err:  # noqa: BLE001 - reported below with the job's name
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    assert all(torch.equal(got, alone["capture"]) for got in together["capture"])
+    assert together["generate"] == [alone["generate"]] * 2 and together["replay"] == [alone["replay"]] * 2
+    assert all(got == pytest.approx(alone["sweep"], rel=1e-6) for got in together["sweep"])
+
+
+def test_model_lock_is_one_reentrant_lock_per_model():
+    import threading
+
+    import dashboard
+
+    with dashboard.model_lock():
+        with dashboard.model_lock():  # a locked helper may call another
+            got = []
+            other = threading.Thread(target=lambda: got.append(dashboard._lock("default", "eager").acquire(timeout=0)))
+            other.start()
+            other.join()
+            assert got == [False]  # held: another thread (session) has to wait
+    assert dashboard._lock("default", "eager").acquire(timeout=0)
+    dashboard._lock("default", "eager").release()
+
+
+@pytest.mark.slow
+def test_attention_page_on_the_starter(runs):
+    """First open computes the starter capture; the replay runs the real cache; the slider steps through it."""
+    at = app("pages/5_Attention.py").run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="run").value.startswith("starter:")
+    assert titles(at)[0] == "Attention map, layer 15, KV head 0 (mean over its query heads)"
+    victim = int(titles(at)[1].split("removes ")[1].split()[0])
+    assert f"WeightedKV would remove position **{victim}**" in at.markdown[0].value
+    assert titles(at)[2] == "Slots held after token 63 (layer 15, KV head 0, budget 32)"
+    strips = json.loads(at.get("plotly_chart")[2].proto.spec)["data"]
+    held = {t["y"][0] for t in strips if t["name"] == "held"}
+    assert held == {"weightedkv", "weightedkv_evict", "streaming_llm"}
+    streaming = next(t for t in strips if t["name"] == "held" and t["y"][0] == "streaming_llm")["x"]
+    assert streaming == [0, 1, 2, 3] + list(range(36, 64))  # sinks + the newest: StreamingLLM's window
+    assert "weightedkv: what each slot's value mixes after token 63" in titles(at)[3]
+
+    at.slider(key="step").set_value(40).run()
+    at.selectbox(key="head").set_value(2).run()
+    assert not at.exception and not at.error
+    assert titles(at)[2] == "Slots held after token 40 (layer 15, KV head 2, budget 32)"
+    assert "after token 40" in titles(at)[3]
+    at.multiselect(key="methods").set_value(["streaming_llm"]).run()
+    assert not at.exception and "Mixtures are not available" not in [i.value for i in at.info]
+
+
+def test_starter_set_up_is_idempotent(tmp_path, monkeypatch):
+    """`python -m analysis.starter` (run by set-up) does nothing, without loading a model, once the set exists."""
+    from analysis import starter
+
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path))
+    for folder, name in ((starter.capture_dir(), "meta.json"), (starter.sweep_dir(), "perplexity.json")):
+        folder.mkdir(parents=True)
+        (folder / name).write_text("{}")
+    monkeypatch.setattr("analysis.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    assert starter.main(["--quiet"]) == 0
