@@ -70,7 +70,8 @@ def small_study(root: Path) -> None:
         done[0] += n
         bar(done[0] / len(seqs))
 
-    summary, tensors = run_study(loaded, seqs, settings, progress=progress, source={"corpus": corpus})
+    with dashboard.model_lock():  # captures and compressed caches switch the shared model's attention
+        summary, tensors = run_study(loaded, seqs, settings, progress=progress, source={"corpus": corpus})
     save_study(out, summary, tensors, png=False)
     st.session_state["study"] = out.name
     st.success(f"saved {out}")
