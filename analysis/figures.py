@@ -32,12 +32,15 @@ class Sizes:
     table_window: int
     stream_documents: int
     stream_tokens: int | None  # None: as many as the model has positions
+    perturb_sequences: int = 8  # half books, half web
+    fig2_future: int = 800  # steps after the one compression at t0 = 100
+    sweep_tokens: int = 1024
 
 
 FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table_tokens=4096, table_window=1024,
              stream_documents=4, stream_tokens=None)
 QUICK = Sizes(spectra_sequences=2, spectra_tokens=512, table_documents=1, table_tokens=384, table_window=384,
-              stream_documents=2, stream_tokens=768)
+              stream_documents=2, stream_tokens=768, perturb_sequences=2, fig2_future=200, sweep_tokens=256)
 
 
 @dataclass
@@ -122,6 +125,32 @@ def build_fig3_replay(run: FigureRun, out: Path) -> None:
     run.advance(1)
 
 
+def _perturbation(run: FigureRun, out: Path, settings) -> None:
+    """A merging-effects study (``analysis.perturbation_study``) on sequences from two corpora."""
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.perturbation_study import run_study, save_study
+
+    loaded, n = run.loaded(), run.sizes.perturb_sequences
+    half = max(1, n // 2)
+    seqs = [s for corpus, k in (("books", half), ("web", n - half)) if k
+            for s in token_sequences(loaded.tokenizer, load_documents(corpus=corpus), settings.tokens, k)]
+    summary, tensors = run_study(loaded, seqs, settings, source={"corpus": "books+web"})
+    save_study(out / "study", summary, tensors, png=run.png)
+    run.advance(1)
+
+
+def build_fig2_perturbation(run: FigureRun, out: Path) -> None:
+    from analysis.perturbation_study import Settings
+
+    _perturbation(run, out, Settings("fig2", 100 + run.sizes.fig2_future, future=run.sizes.fig2_future))
+
+
+def build_merge_vs_evict(run: FigureRun, out: Path) -> None:
+    from analysis.perturbation_study import Settings
+
+    _perturbation(run, out, Settings("sweep", run.sizes.sweep_tokens, budgets=[min(run.budgets)]))
+
+
 STREAM_METHODS = ["weightedkv", "weightedkv_evict"]
 
 
@@ -178,6 +207,8 @@ FIGURES: dict[str, Figure] = {
     "fig1_spectra": Figure(build_fig1_spectra, lambda r: {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences, "tokens": r.sizes.spectra_tokens}, "Fig. 1: key vs value singular-value spectra (+ rank heatmaps, RoPE keys)"),  # noqa: E501
     "fig3_replay": Figure(build_fig3_replay, lambda r: {"policy": "WeightedKV(budget=4, sinks=0, recent=0)"}, "Fig. 3: the toy example replayed step by step through WeightedKV.compress", needs_model=False),  # noqa: E501
     "fig4_stream": Figure(build_fig4_stream, lambda r: {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.stream_documents, "tokens": r.sizes.stream_tokens or "model positions", "budget": r.budgets[0], "methods": STREAM_METHODS}, "Fig. 4: running log-perplexity over one long stream, WeightedKV vs eviction", units=lambda r: len(STREAM_METHODS) * r.sizes.stream_documents),  # noqa: E501
+    "fig2_perturbation": Figure(build_fig2_perturbation, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "t0": 100, "future": r.sizes.fig2_future, "corpora": "books+web"}, "Fig. 2: one merge vs one eviction at step 100, attention cosine and output error over the next steps"),  # noqa: E501
+    "merge_vs_evict": Figure(build_merge_vs_evict, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "tokens": r.sizes.sweep_tokens, "budget": min(r.budgets), "corpora": "books+web"}, "Teacher-forced output error per layer and KV head: WeightedKV merge minus eviction"),  # noqa: E501
     "table1": Figure(build_table1, lambda r: {"model": r.model, "corpora": r.corpora, "budgets": r.budgets, "documents": r.sizes.table_documents, "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}, "Table I: perplexity of every method per corpus at each budget, per-document spread", units=_table_units),  # noqa: E501
 }
 
