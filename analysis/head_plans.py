@@ -1,7 +1,8 @@
 """Per-head budget plans from a head profile, and the baselines they are compared with.
 
-Rule (``greedy_plan``): every head starts at the floor (``Plan.floor()``: sinks + recent + 1, the
-least a head can hold); then slots are handed out one at a time, each to the head whose predicted
+Rule (``greedy_plan``): every head starts at the smallest profiled budget, or at the floor
+(``Plan.floor()``: sinks + recent + 1, the least a head can hold) when the total cannot give every
+head that much (so predictions below the profiled range are used only when nothing else fits); then slots are handed out one at a time, each to the head whose predicted
 error drops most from one more slot, until the total memory is spent. A head's predicted error at
 budget b is its better method's teacher-forced error, min(weightedkv, weightedkv_evict), linear in
 log2(b) between the profiled budgets, 0 at the profiled length (nothing is compressed there) and
@@ -85,11 +86,15 @@ def greedy_plan(profile: dict, total: int, sinks: int = 4, recent: int | None = 
     floor = floor_of(sinks, recent)
     check_total(total, L * H, floor)
     cap = max_budget or profile["tokens"] - 1
+    if cap < floor:
+        raise UserError(f"--max-budget {cap} is below the floor {floor} (sinks + recent + 1)")
+    start = min(profile["budgets"]) if min(profile["budgets"]) * L * H <= total else floor
+    start = min(max(start, floor), cap)
     pts, grids = head_curves(profile)
-    budgets = [[floor] * H for _ in range(L)]
-    heap = [(-(_predict(pts[l][h], floor) - _predict(pts[l][h], floor + 1)), l, h) for l in range(L) for h in range(H)]
+    budgets = [[start] * H for _ in range(L)]
+    heap = [(-(_predict(pts[l][h], start) - _predict(pts[l][h], start + 1)), l, h) for l in range(L) for h in range(H)]
     heapq.heapify(heap)
-    left = total - floor * L * H
+    left = total - start * L * H
     while left > 0 and heap:
         _, l, h = heapq.heappop(heap)
         budgets[l][h] += 1
