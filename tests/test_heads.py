@@ -204,3 +204,29 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
                    "3 layers x 3 KV heads, but the model has 30 x 3", evaluation)
     assert_refused(heads_command("evaluate", "--plan", str(out / "plan.json"), "--baselines", "uniform,zig", *common),
                    "unknown baseline 'zig'", evaluation)
+
+
+def test_heads_page(tmp_path, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("KVLENS_RUNS", str(tmp_path))
+    page = str(ROOT / "pages" / "6_Heads.py")
+    at = AppTest.from_file(page, default_timeout=120).run()
+    assert not at.exception and "No head profiles" in at.info[0].value
+    profile = fake_profile()
+    for n, r in enumerate(profile["rows"]):
+        r |= {"rank": n + 1, "key_post_rope_rank90": 10.0 + n, "merge_minus_evict": 0.01 * (n - 9)}
+    profile["columns"] = list(profile["rows"][0])
+    profile |= {"sequences": 1}
+    (tmp_path / "prof").mkdir()
+    (tmp_path / "prof" / "profile.json").write_text(json.dumps(profile))
+    at = AppTest.from_file(page, default_timeout=120).run()
+    assert not at.exception and not at.error
+    assert len(at.dataframe[0].value) == 18 and list(at.dataframe[0].value["rank"])[:3] == [1, 2, 3]
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert titles[0].startswith("sensitivity vs key_post_rope_rank90") and titles[1] == "sensitivity per head"
+    assert titles[2].startswith("plan greedy-2304: 2304 slots")
+    at.selectbox(key="start").set_value("uniform").run()
+    at.selectbox(key="heatmap_measure").set_value("merge_minus_evict").run()
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert not at.exception and titles[1] == "merge_minus_evict per head" and titles[2] == "plan uniform: 2304 slots"
