@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from analysis.heads import grid, measures
+from analysis.heads import grid
 
 
 def table_rows(profile: dict, digits: int = 4) -> list[dict]:
@@ -58,10 +58,6 @@ def fig_plan_heatmap(plan) -> go.Figure:
         fig.data[0].text = [["merge" if m else "evict" for m in row] for row in plan.merge]
         fig.data[0].texttemplate = "%{z}<br>%{text}"
     return fig
-
-
-def measure_choices(profile: dict) -> list[str]:
-    return measures(profile)
 
 
 def fig_evaluation(summary: dict) -> go.Figure:
