@@ -57,8 +57,7 @@ def check_methods(methods) -> list[str]:
     return methods
 
 
-# TODO(perturb-sweep): replace with analysis.perturbation's sweep at merge (issue 7). Until then
-# this wraps main's teacher-forced engine (analysis.teacher_forced), the replay the brief describes.
+# The same teacher-forced engine as the perturbation command's sweep mode (analysis.teacher_forced).
 def head_errors(capture, methods, budgets, sinks: int = 4, layers=None, progress=None) -> dict[tuple[str, int], Tensor]:
     """{(method, budget): (num_layers, num_kv_heads) mean teacher-forced relative output error}.
 
