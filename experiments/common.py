@@ -65,6 +65,19 @@ def parse_ints(text: str | None, name: str) -> list[int] | None:
     return values
 
 
+def plan_and_budgets(args) -> tuple[object, list[int]]:
+    """--plan FILE (checked against --total-budget) replaces --budget: (plan or None, budgets)."""
+    from analysis.plans import Plan
+
+    if args.plan:
+        plan = Plan.load(args.plan)
+        plan.check_total(args.total_budget)
+        return plan, []
+    if args.total_budget is not None:
+        raise UserError("--total-budget limits a --plan: give one")
+    return None, parse_ints(args.budget, "budget")
+
+
 def load_model_from_args(args, **kwargs):
     from analysis.models import load_model
 

@@ -24,7 +24,7 @@ import argparse
 import shutil
 
 from experiments.common import (add_output_args, command_parser, load_model_from_args,
-                                parse_ints, run_main, text_source)
+                                parse_ints, plan_and_budgets, run_main, text_source)
 
 
 SWEEP_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm"
@@ -81,7 +81,6 @@ def main(argv=None) -> None:
     from analysis.corpora import load_documents, token_sequences
     from analysis.errors import UserError
     from analysis.perplexity import load_partial_settings, make_windows
-    from analysis.plans import Plan
     from analysis.runs import check_out_dir
     from analysis.sweep import run_sweep, save_sweep, sweep_jobs
 
@@ -93,13 +92,7 @@ def main(argv=None) -> None:
     args.tokens = 4096 if args.tokens is None else args.tokens
     args.documents = 1 if args.documents is None else args.documents
     methods = [m.strip() for m in (args.methods or SWEEP_METHODS).split(",") if m.strip()]
-    budgets = parse_ints(args.budget, "budget")
-    plan = Plan.load(args.plan) if args.plan else None
-    if plan is not None:
-        plan.check_total(args.total_budget)
-        budgets = []
-    elif args.total_budget is not None:
-        raise UserError("--total-budget limits a --plan: give one")
+    plan, budgets = plan_and_budgets(args)
     jobs = sweep_jobs(methods, budgets, args.window, sinks=args.sinks, recent=args.recent, plan=plan)
     if args.tokens < args.window:
         raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from experiments.common import load_model_from_args, parse_ints, text_source
+from experiments.common import load_model_from_args, plan_and_budgets, text_source
 
 STREAM_METHODS = "weightedkv,weightedkv_evict"
 STREAM_DOCUMENTS = 4
@@ -20,20 +20,13 @@ def main_stream(args) -> None:
     from analysis.corpora import load_documents, token_sequences
     from analysis.errors import UserError
     from analysis.perplexity import load_partial_settings
-    from analysis.plans import Plan
     from analysis.runs import check_out_dir
     from analysis.stream import check_stream_length, run_stream, save_stream
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--stream runs in one process (its documents are batch rows): run it without torchrun")
     methods = [m.strip() for m in (args.methods or STREAM_METHODS).split(",") if m.strip()]
-    budgets = parse_ints(args.budget, "budget")
-    plan = Plan.load(args.plan) if args.plan else None
-    if plan is not None:
-        plan.check_total(args.total_budget)
-        budgets = []
-    elif args.total_budget is not None:
-        raise UserError("--total-budget limits a --plan: give one")
+    plan, budgets = plan_and_budgets(args)
     documents = STREAM_DOCUMENTS if args.documents is None else args.documents
     if documents < 1:
         raise UserError(f"--documents must be at least 1, got {documents}")
