@@ -24,7 +24,7 @@ import argparse
 import shutil
 
 from experiments.common import (add_output_args, command_parser, load_model_from_args,
-                                parse_ints, plan_and_budgets, run_main, text_source)
+                                plan_and_budgets, run_main, text_source)
 
 
 SWEEP_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm"
