@@ -8,6 +8,7 @@
     python -m experiments.bench_compress sweep       # a 1-window sweep: jobs as batch rows vs one by one
     python -m experiments.bench_compress prompt      # generate() after a long prompt, compressed vs full
     python -m experiments.bench_compress prefill     # peak memory of a chunked 4k-token prefill (subprocess)
+    python -m experiments.bench_compress cache --batch 32   # cache management alone: append+observe+compress
 
 Every timing is the median of interleaved repeats, so slow drift on a shared machine hits every
 method alike. Prints markdown tables.
@@ -247,6 +248,40 @@ def bench_prompt(loaded, args) -> None:
         print(f"| {method} m={budget or 'all'} | {sec:.1f} |")
 
 
+def bench_cache(loaded, args) -> None:
+    """One layer's append + observe + compress per decode step, without the model (synthetic tensors
+    of the model's geometry). Uses only the API every commit has, so ``PYTHONPATH=<older tree>``
+    measures an older core with the same script."""
+    from analysis.compress import LayerState, make_policy
+
+    s = loaded.summary()
+    H, G, D, B, m = s["num_kv_heads"], s["num_heads"] // s["num_kv_heads"], s["head_dim"], args.batch, args.budget
+    gen = torch.Generator().manual_seed(0)
+    print(f"\n### Cache management per layer and decode step, batch {B}, m={m} (ms; x {s['num_layers']} layers)\n")
+    print("| method | ms per layer-step | ms per model step |\n|---|---|---|")
+    for method in ("weightedkv", "streaming_llm", "h2o", "cam"):
+        policy = make_policy(method, m)
+        k, v = torch.randn(B, H, m, D, generator=gen), torch.randn(B, H, m, D, generator=gen)
+        try:
+            state = LayerState.empty(k, v, 0, stats=policy.stats)
+        except (TypeError, AttributeError):  # the first core: no capacity or statistics arguments
+            state = LayerState.empty(k, v)
+        state.append(k, v, torch.arange(m))
+        attn = torch.rand(B, H * G, m, m, generator=gen).tril()
+        state.observe(attn / attn.sum(-1, keepdim=True))
+        steps = args.steps * 10
+        new = torch.randn(steps, B, H, 1, D, generator=gen)
+        weights = torch.rand(steps, B, H * G, 1, m + 1, generator=gen)
+        weights = weights / weights.sum(-1, keepdim=True)
+        began = time.perf_counter()
+        for t in range(steps):
+            state.append(new[t], new[t], torch.tensor([m + t]))
+            state.observe(weights[t])
+            policy.compress(state)
+        per = (time.perf_counter() - began) / steps * 1000
+        print(f"| {method} | {per:.2f} | {per * s['num_layers']:.1f} |")
+
+
 PREFILL_CHILD = """
 import resource, sys, torch
 from analysis.cache import CompressedCache
@@ -279,7 +314,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "prompt",
-                                         "prefill"))
+                                         "prefill", "cache"))
     add_model_args(parser)
     parser.add_argument("--budgets", default="128,256,1024", help="budgets for 'step' (default: 128,256,1024)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths (default: 1k..8k)")
@@ -295,7 +330,8 @@ def main(argv=None) -> None:
     loaded = load_model_from_args(args)
     print(f"model {loaded.model_id}, device {loaded.device}, torch threads {torch.get_num_threads()}")
     benches = {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput, "profile": bench_profile,
-               "fullstep": bench_fullstep, "sweep": bench_sweep, "prompt": bench_prompt, "prefill": bench_prefill}
+               "fullstep": bench_fullstep, "sweep": bench_sweep, "prompt": bench_prompt, "prefill": bench_prefill,
+               "cache": bench_cache}
     benches[args.what](loaded, args)
 
 
