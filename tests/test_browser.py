@@ -197,3 +197,18 @@ def test_every_page_first_open_and_main_forms(server, page):
     settle(page, 4, ACTION_S)
     check(page, "attention-step-back", 4)
     assert before != title.text_content() and "after token" in title.text_content()
+
+    # Perturbation: no study yet on first open; a tiny Fig. 2 study through the sidebar form.
+    open_page(page, f"{url}/Perturbation", "perturbation", 0, "Perturbation: merging vs evicting, head by head and end to end")
+    form = page.locator('[data-testid="stSidebar"]')
+    form.get_by_label("sequences", exact=True).fill("1")
+    form.get_by_label("t0 (fig2)", exact=True).fill("20")
+    form.get_by_label("future queries (fig2, ideal)", exact=True).fill("12")
+    form.get_by_label("layers (empty: all)", exact=True).fill("0,29")
+    form.get_by_label("run name", exact=True).fill("browser-fig2")
+    submit(page, "Run study", 3)
+    check(page, "perturbation-after-study", 3)
+    assert (runs / "browser-fig2" / "perturbation.json").is_file()
+
+    # Heads: opens without an error before any profile exists.
+    open_page(page, f"{url}/Heads", "heads", 0, "Which heads to compress")
