@@ -135,7 +135,10 @@ def _perturbation(run: FigureRun, out: Path, settings) -> None:
     seqs = [s for corpus, k in (("books", half), ("web", n - half)) if k
             for s in token_sequences(loaded.tokenizer, load_documents(corpus=corpus), settings.tokens, k)]
     summary, tensors = run_study(loaded, seqs, settings, source={"corpus": "books+web"})
-    save_study(out / "study", summary, tensors, png=run.png)
+    study = save_study(out / "study", summary, tensors, png=run.png)  # JSON, CSV, curves stay in study/
+    for figure in sorted((study / "figures").iterdir()):  # the figures sit beside every other figure's
+        figure.replace(out / figure.name)
+    (study / "figures").rmdir()
     run.advance(1)
 
 

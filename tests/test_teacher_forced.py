@@ -26,7 +26,9 @@ def test_error_is_exactly_zero_without_compression_and_positive_with_it():
     for job in (("full", 40), ("weightedkv", 40), ("weightedkv", 99)):  # budget >= T never compresses
         assert torch.equal(error[job], torch.zeros_like(error[job])), job
     squeezed = error["weightedkv", 12]
-    assert torch.equal(squeezed[..., :12], torch.zeros_like(squeezed[..., :12]))  # before the cache fills
+    # before the cache fills nothing is evicted; the rows attend over budget + 1 slots, the reference over
+    # T + 1, so only the summation order differs
+    assert float(squeezed[..., :12].max()) < 1e-5
     assert (squeezed[..., 13:] > 0).float().mean() > 0.9  # after it, the output moves
     mean = result.mean_after_fill()
     assert mean.shape == (len(JOBS), 2, 3) and float(mean[1].min()) > 0
