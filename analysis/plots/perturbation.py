@@ -66,8 +66,9 @@ def fig_head_heatmap(summary: dict, method: str, budget=None, metric: str = "rel
         kwargs = {"colorscale": "RdBu_r", "zmid": 0, "zmin": -top, "zmax": top}
     fig = go.Figure(go.Heatmap(z=z, x=heads, y=layers, hovertemplate="layer %{y}, KV head %{x}: %{z:.3g}<extra></extra>",
                                colorbar_title=metric, **kwargs))
-    fig.update_layout(title=f"{LABELS.get(metric, metric)} — {title}", xaxis_title="KV head", yaxis_title="layer",
-                      template="plotly_white", width=520, height=700)
+    fig.update_layout(title=dict(text=f"{LABELS.get(metric, metric)}<br>{title}", font_size=13), xaxis_title="KV head",
+                      yaxis_title="layer", template="plotly_white", width=520, height=700,
+                      xaxis_type="category", yaxis_type="category")  # one row per measured layer, even if few
     return fig
 
 
