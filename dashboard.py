@@ -91,21 +91,26 @@ def sweep_embedded(corpus: str, tokens: int, window: int, methods: list[str], bu
         return starter.sweep(cached_model(), corpus, tokens, window, methods, budgets, on_progress=bar)
 
 
+FIRST_OPEN = {  # what the progress bar says while a page's first open computes its starter part
+    "capture": "capturing 256 tokens of Austen",
+    "sweep": "a small perplexity sweep on Austen",
+    "fig2": "a Fig. 2 study on two sequences",
+    "profile": "profiling the heads on 256 Austen tokens",
+}
+
+
+def starter_dir(part: str) -> Path:
+    """A starter part's directory (analysis/starter.py): read from disk, or computed here once (set-up
+    normally has made it). Two first sessions at once: the second waits, then finds it on disk."""
+    name, folder, _, make = starter.PARTS[part]
+    if not starter.is_made(part):
+        with model_lock(), progress(f"first open: {FIRST_OPEN[part]} (once per machine)") as bar:
+            make(cached_model(), bar)
+    return folder()
+
+
 def starter_capture() -> Path:
-    """The starter capture run: read from disk, or computed here once (set-up normally has made it)."""
-    if not (starter.capture_dir() / "meta.json").is_file():
-        # two first sessions at once: the second waits, then finds it on disk
-        with model_lock(), progress("first open: capturing 256 tokens of Austen (once per machine)") as bar:
-            starter.make_capture(cached_model(), bar)
-    return starter.capture_dir()
-
-
-def starter_sweep() -> Path:
-    """The starter perplexity sweep: read from disk, or computed here once (set-up normally has made it)."""
-    if not (starter.sweep_dir() / "perplexity.json").is_file():
-        with model_lock(), progress("first open: a small perplexity sweep on Austen (once per machine)") as bar:
-            starter.make_sweep(cached_model(), bar)
-    return starter.sweep_dir()
+    return starter_dir("capture")
 
 
 def generate_text(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,

@@ -35,12 +35,15 @@ class Sizes:
     perturb_sequences: int = 8  # half books, half web
     fig2_future: int = 800  # steps after the one compression at t0 = 100
     sweep_tokens: int = 1024
+    heads_documents: int = 4  # books documents profiled per head
+    heads_tokens: int = 1024
 
 
-FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table_tokens=4096, table_window=1024,
+FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table_tokens=1024, table_window=1024,
              stream_documents=4, stream_tokens=None)
 QUICK = Sizes(spectra_sequences=2, spectra_tokens=512, table_documents=1, table_tokens=384, table_window=384,
-              stream_documents=2, stream_tokens=768, perturb_sequences=2, fig2_future=200, sweep_tokens=256)
+              stream_documents=2, stream_tokens=768, perturb_sequences=2, fig2_future=200, sweep_tokens=256,
+              heads_documents=1, heads_tokens=256)
 
 
 @dataclass
@@ -154,6 +157,32 @@ def build_merge_vs_evict(run: FigureRun, out: Path) -> None:
     _perturbation(run, out, Settings("sweep", run.sizes.sweep_tokens, budgets=[min(run.budgets)]))
 
 
+def build_heads(run: FigureRun, out: Path) -> None:
+    """Head profile (analysis/heads.py) on the first corpus, its figures, and the greedy plan at min(budgets)x."""
+    from analysis.capture import capture_sequences
+    from analysis.corpora import load_documents, token_sequences
+    from analysis.head_plans import greedy_plan
+    from analysis.heads import profile_capture
+    from analysis.plots.heads import fig_plan_heatmap, profile_figures
+    from analysis.runs import write_json
+
+    loaded, s = run.loaded(), run.sizes
+    budgets = [b for b in (32, 64, 128, 256, 512) if b < s.heads_tokens]
+    sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), s.heads_tokens,
+                                s.heads_documents)
+    profile = profile_capture(capture_sequences(loaded, sequences, progress=False), budgets=budgets)
+    profile |= {"model": loaded.model_id, "source": {"corpus": run.corpora[0]}, "skip": 0}
+    write_json(out / "profile.json", profile)
+    for stem, fig in profile_figures(profile).items():
+        write_figure(fig, out, stem, png=run.png)
+    heads = len(profile["layers"]) * profile["num_kv_heads"]
+    plan = greedy_plan(profile, min(run.budgets) * heads, sinks=profile["sinks"], name=f"greedy-{min(run.budgets)}x",
+                       model=profile["model"])
+    write_json(out / "plan.json", plan.to_json())
+    write_figure(fig_plan_heatmap(plan), out, "plan_budgets", png=run.png)
+    run.advance(1)
+
+
 STREAM_METHODS = ["weightedkv", "weightedkv_evict"]
 
 
@@ -212,6 +241,7 @@ FIGURES: dict[str, Figure] = {
     "fig4_stream": Figure(build_fig4_stream, lambda r: {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.stream_documents, "tokens": r.sizes.stream_tokens or "model positions", "budget": r.budgets[0], "methods": STREAM_METHODS}, "Fig. 4: running log-perplexity over one long stream, WeightedKV vs eviction", units=lambda r: len(STREAM_METHODS) * r.sizes.stream_documents),  # noqa: E501
     "fig2_perturbation": Figure(build_fig2_perturbation, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "t0": 100, "future": r.sizes.fig2_future, "corpora": "books+web"}, "Fig. 2: one merge vs one eviction at step 100, attention cosine and output error over the next steps"),  # noqa: E501
     "merge_vs_evict": Figure(build_merge_vs_evict, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "tokens": r.sizes.sweep_tokens, "budget": min(r.budgets), "corpora": "books+web"}, "Teacher-forced output error per layer and KV head: WeightedKV merge minus eviction"),  # noqa: E501
+    "heads": Figure(build_heads, lambda r: {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.heads_documents, "tokens": r.sizes.heads_tokens, "plan": f"greedy {min(r.budgets)}x"}, "Which heads to compress: head profile (sensitivity, merge minus evict, key rank) and a greedy budget plan"),  # noqa: E501
     "table1": Figure(build_table1, lambda r: {"model": r.model, "corpora": r.corpora, "budgets": r.budgets, "documents": r.sizes.table_documents, "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}, "Table I: perplexity of every method per corpus at each budget, per-document spread", units=_table_units),  # noqa: E501
 }
 

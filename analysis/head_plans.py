@@ -15,6 +15,10 @@ Baselines at the same total: ``uniform_plan`` (every head the same), ``layer_pla
 linear from 1.5x the mean at layer 0 to 0.5x at the last layer, equal across a layer's heads) and
 ``random_plan`` (random positive weights per head, seeded). Every plan's total is at most the
 request and every head gets at least the floor.
+
+Controls that separate the plan's two choices: ``uniform-evict`` (uniform budgets, every head evicts:
+the uniform baseline with the other method), and ``budgets-merge`` / ``budgets-evict`` (the plan's own
+budgets, every head merging / evicting: how much comes from the allocation alone).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from analysis.errors import UserError
 from analysis.heads import EVICT, MERGE, curves
 from analysis.plans import Plan
 
-BASELINES = ("uniform", "layer", "random")
+BASELINES = ("uniform", "layer", "random", "uniform-evict", "budgets-merge", "budgets-evict")
 
 
 def parse_total(text: str | int, num_heads: int) -> int:
@@ -167,4 +171,9 @@ def baseline(name: str, like: Plan, total: int | None = None, cap: int | None = 
         return layer_plan(*args, cap=cap, model=like.model)
     if name == "random":
         return random_plan(*args, cap=cap, seed=seed, model=like.model)
+    if name in ("uniform-evict", "budgets-merge", "budgets-evict"):
+        shape = uniform_plan(*args, model=like.model) if name == "uniform-evict" else like
+        merge = name.endswith("-merge")
+        return Plan(shape.budgets, shape.sinks, shape.recent, merge=[[merge] * len(r) for r in shape.budgets],
+                    name=name, model=like.model)
     raise UserError(f"unknown baseline {name!r}: choose from {', '.join(BASELINES)}")

@@ -77,7 +77,7 @@ def summary_rows(per_sequence: Tensor, curves: Tensor | None, labels: dict, laye
     per_sequence (S, L, H) (or (S, L) without ``kv_heads``): one number per sequence and cell;
     curves (S, L, H, T) or None: per step. One row per (layer, KV head), then one overall row
     (``layer``/``kv_head`` None: mean over layers and heads first, then over sequences) carrying
-    the thinned curve with its band (std over sequences).
+    each sequence's value and the thinned curve with its band (std over sequences).
     """
     rows = []
     S = per_sequence.shape[0]
@@ -91,7 +91,8 @@ def summary_rows(per_sequence: Tensor, curves: Tensor | None, labels: dict, laye
                                   "sequences": S})
     flat = per_sequence.reshape(S, -1).mean(1)  # (S,)
     overall = labels | {"layer": None, "kv_head": None, "mean": float(flat.mean()),
-                        "std": float(flat.std(unbiased=False)), "sequences": S}
+                        "std": float(flat.std(unbiased=False)), "sequences": S,
+                        "per_sequence": [float(x) for x in flat]}  # paired comparisons across methods
     if curves is not None:
         curve = curves.reshape(S, -1, curves.shape[-1]).mean(1)  # (S, T): mean over layers and heads
         steps, mean = thin(curve.mean(0))

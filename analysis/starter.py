@@ -1,9 +1,11 @@
 """The starter set: what the dashboard shows on first open, before the user has made a run.
 
-A 256-token Austen capture with the attention maps of its last 64 queries (home, Spectra and
-Attention pages) and a small perplexity sweep (Perplexity page), both on the embedded model. They
-are computed once into ``$KVLENS_STARTER`` (default ``~/.cache/kvlens/starter``), by set-up or by
-the first page that needs them, and read from disk afterwards.
+On the embedded model: a 256-token Austen capture with the attention maps of its last 64 queries
+(home, Spectra and Attention pages), a small perplexity sweep (Perplexity page), a Fig. 2
+perturbation study on one Austen and one Python-docs sequence (Perturbation page) and a head
+profile of 256 Austen tokens (Heads page). Each is computed once into ``$KVLENS_STARTER`` (default
+``~/.cache/kvlens/starter``), by set-up or by the first page that needs it, and read from disk
+afterwards.
 
     python -m analysis.starter [--quiet]    # compute whatever is missing (./run.sh setup runs this)
 """
@@ -19,7 +21,11 @@ from analysis.paths import cache_dir
 CAPTURE = dict(corpus="books", tokens=256, maps_window=(192, 256))
 SWEEP = dict(corpus="books", tokens=256, window=128, budgets=[32],
              methods=["full", "weightedkv", "weightedkv_evict", "streaming_llm"])
+FIG2 = dict(corpora=("books", "web"), t0=100, future=100)  # one sequence of t0 + future tokens from each
+PROFILE = dict(corpus="books", tokens=256, budgets=[32, 64, 128])
 LABEL = "starter: Austen, 256 tokens (embedded model)"
+FIG2_LABEL = "starter: Fig. 2 on Austen + Python docs, t0 = 100, 100 steps (embedded model)"
+PROFILE_LABEL = "starter: heads of 256 Austen tokens (embedded model)"
 
 
 def root() -> Path:
@@ -32,6 +38,26 @@ def capture_dir() -> Path:
 
 def sweep_dir() -> Path:
     return root() / "ppl-{corpus}-{tokens}-w{window}-m{budgets[0]}".format(**SWEEP)
+
+
+def fig2_dir() -> Path:
+    return root() / "fig2-books-web-t{t0}-n{future}".format(**FIG2)
+
+
+def profile_dir() -> Path:
+    return root() / "heads-{corpus}-{tokens}".format(**PROFILE)
+
+
+def counter(total: int, on_progress=None):
+    """A ``progress(n)`` callback (units done) that reports ``on_progress(fraction)``."""
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if on_progress:
+            on_progress(done[0] / total)
+
+    return progress
 
 
 def documents(corpus: str):
@@ -62,15 +88,8 @@ def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], bud
 
     jobs = sweep_jobs(methods, budgets, window)  # bad settings fail before any work
     windows = make_windows(token_sequences(loaded.tokenizer, documents(corpus), tokens, 1), window)
-    total, done = len(jobs) * len(windows.docs), [0]
-
-    def progress(n: int) -> None:
-        done[0] += n
-        if on_progress:
-            on_progress(done[0] / total)
-
     return run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens, documents=1,
-                     progress=progress)
+                     progress=counter(len(jobs) * len(windows.docs), on_progress))
 
 
 def make_capture(loaded, on_progress=None) -> Path:
@@ -95,11 +114,59 @@ def make_sweep(loaded, on_progress=None) -> Path:
     return out
 
 
+def make_fig2(loaded, on_progress=None) -> Path:
+    """The starter Fig. 2 study (every layer and KV head), computed unless it is already on disk."""
+    from analysis.corpora import token_sequences
+    from analysis.perturbation_study import Settings, run_study, save_study
+
+    out, s = fig2_dir(), FIG2
+    if not (out / "perturbation.json").is_file():
+        settings = Settings(mode="fig2", tokens=s["t0"] + s["future"], t0=s["t0"], future=s["future"])
+        seqs = [seq for c in s["corpora"]
+                for seq in token_sequences(loaded.tokenizer, documents(c), settings.tokens, 1)]
+        summary, tensors = run_study(loaded, seqs, settings, progress=counter(len(seqs), on_progress),
+                                     source={"corpora": list(s["corpora"])})
+        save_study(out, summary, tensors, overwrite=True, png=False)
+    return out
+
+
+def make_profile(loaded, on_progress=None) -> Path:
+    """The starter head profile (every layer and KV head), computed unless it is already on disk."""
+    from analysis.capture import capture_sequences
+    from analysis.corpora import token_sequences
+    from analysis.heads import profile_capture
+    from analysis.runs import atomic_dir, write_json
+
+    out, s = profile_dir(), PROFILE
+    if not (out / "profile.json").is_file():
+        seqs = token_sequences(loaded.tokenizer, documents(s["corpus"]), s["tokens"], 1)
+        capture = capture_sequences(loaded, seqs, progress=False)
+        result = profile_capture(capture, budgets=s["budgets"], progress=counter(2 * len(capture.layers), on_progress))
+        result |= {"model": loaded.model_id, "source": {"corpus": s["corpus"]}, "skip": 0}
+        with atomic_dir(out, overwrite=True) as tmp:
+            write_json(tmp / "profile.json", result)
+    return out
+
+
+# (name, directory, the file that marks it done, maker); set-up and the pages go through this table
+PARTS = {
+    "capture": ("starter capture", capture_dir, "meta.json", make_capture),
+    "sweep": ("starter perplexity sweep", sweep_dir, "perplexity.json", make_sweep),
+    "fig2": ("starter Fig. 2 study", fig2_dir, "perturbation.json", make_fig2),
+    "profile": ("starter head profile", profile_dir, "profile.json", make_profile),
+}
+
+
+def is_made(part: str) -> bool:
+    _, folder, marker, _ = PARTS[part]
+    return (folder() / marker).is_file()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.starter", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    missing = [d for d, f in ((capture_dir(), "meta.json"), (sweep_dir(), "perplexity.json")) if not (d / f).is_file()]
+    missing = [p for p in PARTS if not is_made(p)]
     if not missing:
         return 0
     from tqdm.auto import tqdm
@@ -107,7 +174,8 @@ def main(argv=None) -> int:
     from analysis.models import load_model
 
     loaded = load_model("default")
-    for name, make in (("starter capture", make_capture), ("starter perplexity sweep", make_sweep)):
+    for part in missing:
+        name, _, _, make = PARTS[part]
         with tqdm(total=100, desc=name, unit="%", disable=args.quiet) as bar:
             make(loaded, lambda fraction: bar.update(round(100 * fraction) - bar.n))
             bar.update(100 - bar.n)

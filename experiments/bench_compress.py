@@ -9,6 +9,7 @@
     python -m experiments.bench_compress prompt      # generate() after a long prompt, compressed vs full
     python -m experiments.bench_compress prefill     # peak memory of a chunked 4k-token prefill (subprocess)
     python -m experiments.bench_compress cache --batch 32   # cache management alone: append+observe+compress
+    python -m experiments.bench_compress perturb --window 1024 --budgets 128,256  # sweep vs perplexity run
 
 Every timing is the median of interleaved repeats, so slow drift on a shared machine hits every
 method alike. Prints markdown tables.
@@ -310,19 +311,95 @@ def bench_prefill(loaded, args) -> None:
         print(f"| {method} | {float(out.stdout.strip().splitlines()[-1]):.0f} |")
 
 
+PERTURB_METHODS = ("streaming_llm", "h2o", "tova", "cam", "weightedkv", "weightedkv_evict", "random")
+
+PERTURB_CHILD = """
+import sys
+from experiments.bench_compress import perturb_part
+perturb_part(*sys.argv[1:])
+"""
+
+
+def perturb_part(part: str, model: str, tokens: str, budgets: str, threads: str) -> None:
+    """One side of ``perturb`` in this (fresh) process: prints seconds and peak RSS added (MB)."""
+    from analysis.corpora import token_sequences
+    from analysis.models import load_model
+    from analysis.starter import documents
+
+    torch.set_num_threads(int(threads))
+    loaded = load_model(model)
+    T, budgets = int(tokens), [int(b) for b in budgets.split(",")]
+    seqs = token_sequences(loaded.tokenizer, documents("books"), T, 1)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    began = time.perf_counter()
+    if part == "forward":  # the model alone over the same tokens: what any pass over them costs
+        from analysis.capture import last_logit_only
+
+        with torch.inference_mode():
+            loaded.model(torch.tensor([seqs[0][1]], device=loaded.device), use_cache=True, **last_logit_only(loaded.model))
+    elif part == "sweep":  # what `experiments.perturbation sweep` runs: capture, then every layer's replay
+        from analysis.perturbation_study import Settings, run_study
+
+        run_study(loaded, seqs, Settings(mode="sweep", tokens=T, methods=list(PERTURB_METHODS), budgets=budgets))
+    else:  # what `experiments.perplexity --window T` runs on the same tokens: one window, every job
+        from analysis.perplexity import make_windows
+        from analysis.sweep import run_jobs, sweep_jobs
+
+        run_jobs(loaded.model, make_windows(seqs, T), sweep_jobs(list(PERTURB_METHODS), budgets, T), batch_size=32)
+    seconds = time.perf_counter() - began
+    print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+
+
+def bench_perturb(loaded, args) -> None:
+    """The teacher-forced sweep (all layers x KV heads, 7 methods x 2 budgets, one sequence) against one
+    perplexity run of the same jobs over the same tokens, and a plain forward of the model over them;
+    each part in a fresh process (its peak RSS is its own), alternating."""
+    import subprocess
+    import sys
+
+    s = loaded.summary()
+    T, budgets = args.window, args.budgets
+    runs: dict[str, list[tuple[float, float]]] = {p.strip(): [] for p in args.parts.split(",")}
+    if not set(runs) <= {"forward", "sweep", "perplexity"}:
+        raise SystemExit(f"--parts takes forward, sweep and perplexity, got {args.parts!r}")
+    for _ in range(args.repeats):
+        for part in runs:
+            child = [sys.executable, "-c", PERTURB_CHILD, part, args.model, str(T), budgets,
+                     str(args.threads or torch.get_num_threads())]
+            out = subprocess.run(child, capture_output=True, text=True, check=True)
+            runs[part].append(tuple(map(float, out.stdout.strip().splitlines()[-1].split())))
+    # what the capture must hold: queries, keys and values of every layer (float32)
+    held = s["num_layers"] * (s["num_heads"] + 2 * s["num_kv_heads"]) * T * s["head_dim"] * 4 / 2**20
+    print(f"\n### {s['num_layers']} layers x {s['num_kv_heads']} KV heads, {len(PERTURB_METHODS)} methods x "
+          f"budgets {budgets}, {T} tokens of one sequence (median of {args.repeats})\n")
+    print("| run | seconds | peak RSS added (MB) |\n|---|---|---|")
+    med = {part: [statistics.median(v[i] for v in values) for i in (0, 1)] for part, values in runs.items()}
+    for part, (seconds, mb) in med.items():
+        print(f"| {part} | {seconds:.1f} | {mb:.0f} |")
+    square = s["num_heads"] * T * T * 4 / 2**20
+    if {"sweep", "perplexity"} <= set(med):
+        print(f"\nsweep / perplexity time: {med['sweep'][0] / med['perplexity'][0]:.2f}")
+    print(f"\ncaptured queries, keys and values of all layers: {held:.0f} MB; one layer's T x T attention: "
+          f"{square:.0f} MB, all layers': {s['num_layers'] * square:.0f} MB")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench_compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "prompt",
-                                         "prefill", "cache"))
+                                         "prefill", "cache", "perturb"))
     add_model_args(parser)
-    parser.add_argument("--budgets", default="128,256,1024", help="budgets for 'step' (default: 128,256,1024)")
+    parser.add_argument("--budgets", default="128,256,1024",
+                        help="budgets for 'step' and 'perturb' (default: 128,256,1024)")
     parser.add_argument("--lengths", default="1024,2048,4096,8192", help="context lengths (default: 1k..8k)")
     parser.add_argument("--batch", type=int, default=1, help="batch rows (default: 1; use 32+ for throughput)")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per repeat (default: 20)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats, median kept (default: 3)")
-    parser.add_argument("--window", type=int, default=512, help="window for 'throughput' (default: 512)")
+    parser.add_argument("--window", type=int, default=512,
+                        help="window for 'throughput', tokens for 'perturb' (default: 512)")
     parser.add_argument("--budget", type=int, default=128, help="budget for 'throughput' (default: 128)")
+    parser.add_argument("--parts", default="forward,sweep,perplexity",
+                        help="what 'perturb' runs (default: forward,sweep,perplexity)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -331,7 +408,7 @@ def main(argv=None) -> None:
     print(f"model {loaded.model_id}, device {loaded.device}, torch threads {torch.get_num_threads()}")
     benches = {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput, "profile": bench_profile,
                "fullstep": bench_fullstep, "sweep": bench_sweep, "prompt": bench_prompt, "prefill": bench_prefill,
-               "cache": bench_cache}
+               "cache": bench_cache, "perturb": bench_perturb}
     benches[args.what](loaded, args)
 
 

@@ -5,17 +5,25 @@
                                                             # (measured: 5.6 min of one core's CPU time)
 
 Figures (names for --only; the list is analysis.figures.FIGURES):
-  fig1_spectra  Fig. 1, key vs value singular-value spectra, on the first corpus (+ rank heatmaps, RoPE keys)
-  fig3_replay   Fig. 3, the toy example replayed step by step through the real WeightedKV policy
-  fig4_stream   Fig. 4, running log-perplexity over one long stream per document, WeightedKV vs its
-                eviction ablation at the first budget, mean ± spread over documents (first corpus)
-  table1        Table I, perplexity of every method on each corpus at each budget, per-document spread
-                (table.md, table.csv, table.json and a figure)
+  fig1_spectra       Fig. 1, key vs value singular-value spectra, on the first corpus (+ rank heatmaps, RoPE keys)
+  fig2_perturbation  Fig. 2, one merge vs one eviction at step 100, output error and attention cosine over
+                     the next steps, per layer and KV head (books + web)
+  fig3_replay        Fig. 3, the toy example replayed step by step through the real WeightedKV policy
+  fig4_stream        Fig. 4, running log-perplexity over one long stream per document, WeightedKV vs its
+                     eviction ablation at the first budget, mean ± spread over documents (first corpus)
+  merge_vs_evict     teacher-forced output error per layer and KV head, merge minus evict, first budget
+  heads              head profile on the first corpus (sensitivity, merge minus evict, key rank) and the
+                     greedy per-head plan at the first budget per head on average
+  table1             Table I, perplexity of every method on each corpus at each budget, per-document spread
+                     (table.md, table.csv, table.json and a figure)
 
-Sizes            full (default)                                   --quick
-  fig1_spectra   10 sequences x 1024 tokens                       2 x 512
-  fig4_stream    4 documents x 8192 tokens (the model's positions) 2 x 768
-  table1         4 documents x 4096 tokens per corpus, window 1024 1 x 384, window 384 (one window)
+Sizes                full (default)                                    --quick
+  fig1_spectra       10 sequences x 1024 tokens                        2 x 512
+  fig2_perturbation  8 sequences, t0 = 100 + 800 steps                 2, 100 + 200
+  fig4_stream        4 documents x 8192 tokens (the model's positions) 2 x 768
+  merge_vs_evict     8 sequences x 1024 tokens                         2 x 256
+  heads              4 documents x 1024 tokens                         1 x 256
+  table1             4 documents x 1024 tokens per corpus, window 1024 1 x 384, window 384 (one window each)
 --sequences N replaces the number of sequences/documents of every figure.
 
 Output: OUT/NAME/ per figure (each figure as NAME.html + NAME.png, its data beside it, and
@@ -162,7 +170,8 @@ def main(argv=None, *, sizes=None, load=None) -> None:
     sizes = sizes or (QUICK if args.quick else FULL)
     if args.sequences is not None:
         n = args.sequences
-        sizes = dataclasses.replace(sizes, spectra_sequences=n, table_documents=n, stream_documents=n)
+        sizes = dataclasses.replace(sizes, spectra_sequences=n, table_documents=n, stream_documents=n,
+                                    perturb_sequences=n, heads_documents=n)
     run = FigureRun(model=args.model, corpora=[c.strip() for c in args.corpora.split(",") if c.strip()],
                     budgets=parse_ints(args.budgets, "budgets") or [], sizes=sizes, png=not args.no_png,
                     quiet=args.quiet, out=out, load=load or (lambda: load_model_from_args(args)))

@@ -8,8 +8,9 @@
 profile writes DIR/profile.json (one row per (layer, kv_head): every measure and the sensitivity
 rank; see analysis/heads.py) and figures; plan writes DIR/plan.json (the JSON CompressedCache and
 ``experiments.perplexity --plan`` accept; rule in analysis/head_plans.py) and its budget heatmap;
-evaluate writes DIR/evaluation.json with the plan and the uniform, per-layer and random baselines at
-the plan's total memory, per corpus, with per-document perplexity. Evaluation documents that come
+evaluate writes DIR/evaluation.json with the plan and its baselines (uniform, per-layer, random, and
+the controls uniform-evict, budgets-merge, budgets-evict; analysis/head_plans.py) at the plan's
+total memory, per corpus, with per-document perplexity. Evaluation documents that come
 from the profiled documents are refused.
 """
 
@@ -65,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--skip", type=int, default=0, help="skip each corpus's first N documents (default: 0)")
     e.add_argument("--window", type=int, default=1024, help="window W, stride W/2 (default: 1024)")
     e.add_argument("--baselines", default="uniform,layer,random",
-                   help="comma list of uniform, layer, random (default: all three)")
+                   help="comma list of uniform, layer, random and the controls uniform-evict, budgets-merge, "
+                        "budgets-evict (default: uniform,layer,random)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
     e.add_argument("--batch-size", type=int, default=32, help="windows decoded together (default: 32)")
     e.add_argument("--no-png", action="store_true", help="write figures as HTML only")
@@ -81,7 +83,7 @@ def profile(args) -> None:
     from analysis.errors import UserError
     from analysis.heads import check_methods, profile_capture
     from analysis.plots.export import write_figure
-    from analysis.plots.heads import fig_heatmap, fig_scatter
+    from analysis.plots.heads import profile_figures
     from analysis.runs import atomic_dir, check_out_dir, write_json
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
@@ -103,9 +105,8 @@ def profile(args) -> None:
     result |= {"model": loaded.model_id, "source": source, "skip": args.skip}
     with atomic_dir(args.out, args.overwrite) as tmp:
         write_json(tmp / "profile.json", result)
-        write_figure(fig_scatter(result), tmp, "scatter_rank_sensitivity", png=not args.no_png)
-        for measure in ("sensitivity", "merge_minus_evict", "key_post_rope_rank90"):
-            write_figure(fig_heatmap(result, measure), tmp, f"heatmap_{measure}", png=not args.no_png)
+        for stem, fig in profile_figures(result).items():
+            write_figure(fig, tmp, stem, png=not args.no_png)
     top = sorted(result["rows"], key=lambda r: r["rank"])[:3]
     print("most sensitive heads: " + ", ".join(f"L{r['layer']}H{r['kv_head']} ({r['sensitivity']:.3f})" for r in top))
     print(f"wrote {args.out}")

@@ -73,8 +73,25 @@ def show(summary: dict) -> None:
     st.plotly_chart(fig_running_log_ppl(summary, methods, budget), key="fig_running_log_ppl")
 
     st.subheader("Speed")
-    st.dataframe([{"method": r["method"], "budget": r["budget"], "tokens/s": r["tokens_per_second"],
-                   "seconds": r["seconds"]} for r in results], key="speed", hide_index=True)
+    st.caption("Methods at the same budget are decoded together, as rows of one batch, so they share one time: "
+               "compare budgets and `full` here; one method's step cost against another's is "
+               "`python -m experiments.bench_compress step`.")
+    st.dataframe(speed_rows(results), key="speed", hide_index=True)
+
+
+def speed_rows(results: list[dict]) -> list[dict]:
+    """One row per decode group (``full`` alone, then each budget's methods together)."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault("full" if r["method"] == "full" else r["budget"], []).append(r)
+    rows = []
+    for key, group in groups.items():
+        seconds = sum(r["seconds"] for r in group)
+        scored = sum(r["tokens_per_second"] * r["seconds"] for r in group if r["tokens_per_second"])
+        rows.append({"budget": "all (full)" if key == "full" else key,
+                     "decoded together": ", ".join(r["method"] for r in group),
+                     "seconds": round(seconds, 2), "tokens/s": round(scored / seconds, 1) if seconds else None})
+    return rows
 
 
 def main() -> None:
@@ -91,7 +108,7 @@ def main() -> None:
     if st.session_state.get("sweep") not in names:
         st.session_state["sweep"] = names[0]
     name = st.selectbox("sweep", names, key="sweep")
-    path = paths[name] or dashboard.starter_sweep()
+    path = paths[name] or dashboard.starter_dir("sweep")
     import json
 
     show(json.loads((path / "perplexity.json").read_text()))

@@ -1,8 +1,8 @@
 """Perturbation: where does merging the value help, where does it hurt, and does the prediction move?
 
 Opens a study directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``perturbation.json`` (from
-``python -m experiments.perturbation MODE``), or runs a small study here on the embedded model and
-saves it there with the same files as the command. All logic lives in analysis/.
+``python -m experiments.perturbation MODE``) or the starter Fig. 2 study, or runs a small study here
+on the embedded model and saves it there with the same files as the command. All logic lives in analysis/.
 """
 
 import json
@@ -12,6 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 import dashboard
+from analysis import starter
 from analysis.compress import METHODS
 from analysis.corpora import CORPORA
 from analysis.errors import UserError
@@ -64,12 +65,7 @@ def small_study(root: Path) -> None:
     out = check_out_dir(root / (name.strip() or f"perturb-{mode}-{time.strftime('%H%M%S')}"))
     loaded = dashboard.cached_model()
     seqs = token_sequences(loaded.tokenizer, load_documents(corpus=corpus), n_tokens, int(sequences))
-    bar, done = dashboard.progress_callback(f"{mode} study"), [0]
-
-    def progress(n: int) -> None:
-        done[0] += n
-        bar(done[0] / len(seqs))
-
+    progress = starter.counter(len(seqs), dashboard.progress_callback(f"{mode} study"))
     with dashboard.model_lock():  # captures and compressed caches switch the shared model's attention
         summary, tensors = run_study(loaded, seqs, settings, progress=progress, source={"corpus": corpus})
     save_study(out, summary, tensors, png=False)
@@ -107,7 +103,7 @@ def show(summary: dict) -> None:
         layer = st.selectbox("layer", ["all"] + summary["layers"], key="layer")
         st.plotly_chart(fig_ideal(summary, None if layer == "all" else layer), key="ideal")
     with st.expander("result rows"):
-        st.dataframe([{k: v for k, v in r.items() if k not in ("steps", "curve", "curve_std")}
+        st.dataframe([{k: v for k, v in r.items() if k not in ("steps", "curve", "curve_std", "per_sequence")}
                       for r in summary["results"]], key="rows", hide_index=True)
 
 
@@ -117,14 +113,14 @@ def main() -> None:
     small_study(root)
     dirs = study_dirs(root)
     if not dirs:
-        st.info(f"No perturbation studies in {root}/ yet: run a small one from the sidebar, or "
-                f"`python -m experiments.perturbation fig2 --sequences 2 --out {root}/fig2`.")
-        return
-    names = [p.name for p in dirs]
+        st.info(f"No perturbation studies in {root}/ yet, so this shows the starter Fig. 2 study. Run a small one "
+                f"from the sidebar, or `python -m experiments.perturbation fig2 --sequences 2 --out {root}/fig2`.")
+    paths = {p.name: p for p in dirs} | {starter.FIG2_LABEL: None}  # the starter: computed once, when chosen
+    names = list(paths)
     if st.session_state.get("study") not in names:
         st.session_state["study"] = names[0]
     name = st.selectbox("study", names, key="study")
-    path = root / name / RESULTS
+    path = (paths[name] or dashboard.starter_dir("fig2")) / RESULTS
     show(load_summary(str(path), path.stat().st_mtime))
 
 

@@ -1,9 +1,9 @@
 """Heads: which (layer, KV head) to compress. Profile table, rank vs sensitivity, heatmaps, a budget plan.
 
 Reads a profile directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``profile.json`` from
-``python -m experiments.heads profile``. A plan starts from the greedy rule or a baseline at the chosen
-total memory, can be edited head by head, downloaded as the JSON the cache accepts, and evaluated
-against uniform WeightedKV at equal memory on text the profile did not see.
+``python -m experiments.heads profile``, or the starter profile. A plan starts from the greedy rule
+or a baseline at the chosen total memory, can be edited head by head, downloaded as the JSON the
+cache accepts, and evaluated against uniform WeightedKV at equal memory on text the profile did not see.
 """
 
 import json
@@ -12,13 +12,14 @@ from pathlib import Path
 import streamlit as st
 
 import dashboard
+from analysis import starter
 from analysis.corpora import CORPORA
 from analysis.errors import UserError
 from analysis.heads import measures
 from analysis.plans import Plan
 from analysis.plots.heads import fig_evaluation, fig_heatmap, fig_plan_heatmap, fig_scatter, table_rows
 
-STARTS = ("greedy", "uniform", "layer", "random")
+STARTS = ("greedy", "uniform", "layer", "random", "uniform-evict", "budgets-merge", "budgets-evict")
 
 
 def profile_dirs(root: Path) -> list[Path]:
@@ -68,14 +69,9 @@ def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, d
     seqs = evaluation_sequences(loaded.tokenizer, {"corpus": corpus}, tokens, documents, skip, profile["text_ids"])
     windows = make_windows(seqs, window)
     plans = [baseline("uniform", plan), plan]
-    total, done = len(plans) * len(windows.docs), [0]
-    bar = dashboard.progress_callback("evaluating")
-
-    def progress(n: int) -> None:
-        done[0] += n
-        bar(done[0] / total)
-
-    return evaluate_plans(loaded, windows, plans, {"corpus": corpus}, tokens, documents, progress=progress)
+    progress = starter.counter(len(plans) * len(windows.docs), dashboard.progress_callback("evaluating"))
+    with dashboard.model_lock():  # the evaluator switches the shared model's attention
+        return evaluate_plans(loaded, windows, plans, {"corpus": corpus}, tokens, documents, progress=progress)
 
 
 def plan_section(path: Path, profile: dict) -> None:
@@ -120,11 +116,12 @@ def main() -> None:
     root = dashboard.runs_root()
     dirs = profile_dirs(root)
     if not dirs:
-        st.info(f"No head profiles in {root}/ yet: run `python -m experiments.heads profile --corpus books "
-                f"--tokens 1024 --documents 4 --out {root}/heads`.")
-        return
-    name = st.selectbox("profile", [p.name for p in dirs], key="profile")
-    path = root / name
+        st.info(f"No head profiles in {root}/ yet, so this shows the starter profile (256 tokens). Make a real one "
+                f"with `python -m experiments.heads profile --corpus books --tokens 1024 --documents 4 "
+                f"--out {root}/heads`.")
+    paths = {p.name: p for p in dirs} | {starter.PROFILE_LABEL: None}  # the starter: computed once, when chosen
+    name = st.selectbox("profile", list(paths), key="profile")
+    path = paths[name] or dashboard.starter_dir("profile")
     profile = load_profile(str(path), path.stat().st_mtime)
     st.caption(f"{profile['model']} · {len(profile['rows'])} heads · {profile['sequences']} x {profile['tokens']} "
                f"tokens of {', '.join(profile['text_ids'])} · budgets {profile['budgets']}")

@@ -198,8 +198,9 @@ def test_every_page_first_open_and_main_forms(server, page):
     check(page, "attention-step-back", 4)
     assert before != title.text_content() and "after token" in title.text_content()
 
-    # Perturbation: no study yet on first open; a tiny Fig. 2 study through the sidebar form.
-    open_page(page, f"{url}/Perturbation", "perturbation", 0, "Perturbation: merging vs evicting, head by head and end to end")
+    # Perturbation: the starter Fig. 2 study on first open; a tiny Fig. 2 study through the sidebar form.
+    open_page(page, f"{url}/Perturbation", "perturbation", 3,
+              "Perturbation: merging vs evicting, head by head and end to end")
     form = page.locator('[data-testid="stSidebar"]')
     form.get_by_label("sequences", exact=True).fill("1")
     form.get_by_label("t0 (fig2)", exact=True).fill("20")
@@ -210,5 +211,5 @@ def test_every_page_first_open_and_main_forms(server, page):
     check(page, "perturbation-after-study", 3)
     assert (runs / "browser-fig2" / "perturbation.json").is_file()
 
-    # Heads: opens without an error before any profile exists.
-    open_page(page, f"{url}/Heads", "heads", 0, "Which heads to compress")
+    # Heads: the starter profile on first open: scatter, heatmap and the plan's budgets.
+    open_page(page, f"{url}/Heads", "heads", 3, "Which heads to compress")

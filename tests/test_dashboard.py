@@ -134,7 +134,9 @@ def test_perplexity_page(runs):
     at.multiselect(key="curve_methods").set_value(["weightedkv"]).run()
     assert not at.exception and titles(at)[1].startswith("Running log-perplexity, m=16")
     assert [t["name"] for t in json.loads(at.get("plotly_chart")[1].proto.spec)["data"]] == ["weightedkv (m=16)"]
-    assert list(at.dataframe[1].value["tokens/s"]) == [190.0, 95.0, 95.0, 95.0, 95.0]
+    speed = at.dataframe[1].value  # one row per decode group: methods at one budget share a batch
+    assert list(speed["tokens/s"]) == [190.0, 95.0, 95.0] and list(speed["seconds"]) == [0.5, 2.0, 2.0]
+    assert list(speed["decoded together"]) == ["full", "weightedkv, streaming_llm", "weightedkv, streaming_llm"]
 
 
 def test_home_captures_a_run_on_the_embedded_model(runs):
@@ -157,16 +159,24 @@ def test_perturbation_page(runs, tiny_model):
     from analysis.models import LoadedModel
     from analysis.perturbation_study import Settings, run_study, save_study
 
-    at = app("pages/4_Perturbation.py").run()
-    assert not at.exception and "No perturbation studies" in at.info[0].value
+    import dashboard
+    from analysis import starter
+
     loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
     seqs = [(f"s{i}", torch.randint(0, 100, (40,), generator=gen).tolist()) for i in range(2)]
-    for settings in (Settings("fig2", 40, t0=20, future=20, sinks=2),
+    fig2 = Settings("fig2", 40, t0=20, future=20, sinks=2)
+    save_study(starter.fig2_dir(), *run_study(loaded, seqs, fig2), png=False)  # as if set-up had made it
+    at = app("pages/4_Perturbation.py").run()
+    assert not at.exception and not at.error and "No perturbation studies" in at.info[0].value
+    assert at.selectbox(key="study").value == starter.FIG2_LABEL and len(at.get("plotly_chart")) == 3
+    for settings in (fig2,
                      Settings("sweep", 40, methods=["weightedkv", "weightedkv_evict"], budgets=[12, 16], sinks=2),
                      Settings("end2end", 40, methods=["weightedkv", "h2o"], budgets=[12], sinks=2),
                      Settings("ideal", 40, steps=[20], future=8, sinks=2)):
         save_study(runs / settings.mode, *run_study(loaded, seqs, settings), png=False)
+    at = app("pages/4_Perturbation.py").run()
+    assert at.selectbox(key="study").options[-1] == dashboard.starter.FIG2_LABEL and not at.info
     for mode, charts in (("fig2", 3), ("sweep", 2), ("end2end", 3), ("ideal", 1)):
         at = app("pages/4_Perturbation.py")
         at.session_state["study"] = mode
@@ -290,7 +300,8 @@ def test_starter_set_up_is_idempotent(tmp_path, monkeypatch):
     from analysis import starter
 
     monkeypatch.setenv("KVLENS_STARTER", str(tmp_path))
-    for folder, name in ((starter.capture_dir(), "meta.json"), (starter.sweep_dir(), "perplexity.json")):
+    for _, folder, name, _ in starter.PARTS.values():
+        folder = folder()
         folder.mkdir(parents=True)
         (folder / name).write_text("{}")
     monkeypatch.setattr("analysis.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))

@@ -84,6 +84,16 @@ def test_uniform_baseline_of_a_plan_keeps_its_shape_and_total():
         baseline("pyramid", plan)
 
 
+def test_controls_keep_one_choice_of_the_plan_and_fix_the_other():
+    plan = greedy_plan(fake_profile(), 18 * 40)
+    assert 0 < sum(map(sum, plan.merge)) < 18  # the fake profile makes some heads merge, not all
+    for name, merge in (("budgets-merge", True), ("budgets-evict", False)):
+        control = baseline(name, plan)
+        assert control.budgets == plan.budgets and control.merge == [[merge] * 3] * 6 and control.name == name
+    evict = baseline("uniform-evict", plan)
+    assert evict.budgets == baseline("uniform", plan).budgets and evict.merge == [[False] * 3] * 6
+
+
 def tiny_capture(tiny_model, random_ids, T=48, B=2):
     from analysis.capture import record
 
@@ -209,19 +219,26 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
 def test_heads_page(tmp_path, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
-    monkeypatch.setenv("KVLENS_RUNS", str(tmp_path))
+    from analysis import starter
+
+    monkeypatch.setenv("KVLENS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
     page = str(ROOT / "pages" / "6_Heads.py")
-    at = AppTest.from_file(page, default_timeout=120).run()
-    assert not at.exception and "No head profiles" in at.info[0].value
     profile = fake_profile()
     for n, r in enumerate(profile["rows"]):
         r |= {"rank": n + 1, "key_post_rope_rank90": 10.0 + n, "merge_minus_evict": 0.01 * (n - 9)}
     profile["columns"] = list(profile["rows"][0])
     profile |= {"sequences": 1}
-    (tmp_path / "prof").mkdir()
-    (tmp_path / "prof" / "profile.json").write_text(json.dumps(profile))
+    starter.profile_dir().mkdir(parents=True)  # as if set-up had made the starter profile
+    (starter.profile_dir() / "profile.json").write_text(json.dumps(profile | {"model": "starter"}))
     at = AppTest.from_file(page, default_timeout=120).run()
-    assert not at.exception and not at.error
+    assert not at.exception and not at.error and "No head profiles" in at.info[0].value
+    assert at.selectbox(key="profile").value == starter.PROFILE_LABEL and "starter" in at.caption[0].value
+    (tmp_path / "runs" / "prof").mkdir(parents=True)
+    (tmp_path / "runs" / "prof" / "profile.json").write_text(json.dumps(profile))
+    at = AppTest.from_file(page, default_timeout=120).run()
+    assert not at.exception and not at.error and not at.info
+    assert at.selectbox(key="profile").options == ["prof", starter.PROFILE_LABEL]
     assert len(at.dataframe[0].value) == 18 and list(at.dataframe[0].value["rank"])[:3] == [1, 2, 3]
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
     assert titles[0].startswith("sensitivity vs key_post_rope_rank90") and titles[1] == "sensitivity per head"

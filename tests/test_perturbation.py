@@ -8,7 +8,7 @@ import torch
 from analysis.capture import record
 from analysis.compress import LayerState
 from analysis.errors import UserError
-from analysis.perturbation import PAIR, perturb, perturb_state, perturbation_study, state_at
+from analysis.perturbation import PAIR, perturb, perturb_state, state_at
 
 NEG = -1.0e4  # a score whose softmax weight underflows to exactly 0 in float32
 
@@ -88,30 +88,6 @@ def test_state_at_equals_full_cache_and_capture(tiny_model, random_ids):
     out = perturb(cap, 1, 12, future=4, methods=PAIR + ("h2o",))
     assert out["weightedkv"]["victim"] == out["weightedkv_evict"]["victim"]
     assert len(out["h2o"]["rel_error"]["per_step"]) == 4
-
-
-@pytest.fixture(scope="module")
-def books_capture(embedded):
-    from analysis.capture import capture_sequences
-    from analysis.corpora import load_documents, token_sequences
-
-    seqs = token_sequences(embedded.tokenizer, load_documents(corpus="books"), 320, 1)
-    return capture_sequences(embedded, seqs, layers=[2, 10, 20, 28],
-                             kinds=("query_post_rope", "key_post_rope", "value"), progress=False)
-
-
-# strict: this records a measurement, not a hope. If the merge ever does beat eviction here (a fix
-# in the merge, another model), the unexpected pass fails the suite and the note must be updated.
-@pytest.mark.xfail(strict=True, reason=(
-    "paper's claim not reproduced on SmolLM2-135M/books: mean rel. output error after the merge "
-    "5.14e-4 vs 3.90e-4 after evicting the same token; merge closer in 30.6% of 36 (layer, KV head, t) "
-    "cases (320 tokens, layers 2,10,20,28, t=96,192,288, future 16). At 8 x 1024 tokens, 7 layers, "
-    "t=256,512,768, future 200: 2.45e-4 vs 2.37e-4, merge closer in 42% of 504 cases"))
-def test_merge_perturbs_less_than_evicting_the_same_token(books_capture):
-    """The paper's claim (§IV): folding the victim's value into its neighbour beats dropping it."""
-    study = perturbation_study(books_capture, steps=(96, 192, 288), future=16)
-    merge, evict = (study["methods"][m]["rel_error"]["mean"] for m in PAIR)
-    assert merge < evict, (merge, evict, study["merge_vs_evict"])
 
 
 # --- the study modes (analysis.merge_study, end_to_end, ideal_merge, perturbation_study) ------------------

@@ -77,3 +77,11 @@ def fig_evaluation(summary: dict) -> go.Figure:
     fig.update_layout(barmode="group", scattermode="group", title=f"Perplexity at equal cache memory — plan {summary['plan']}",
                       yaxis_title="perplexity (dots: per document)", template="plotly_white", width=900, height=520)
     return fig
+
+
+def profile_figures(profile: dict) -> dict[str, go.Figure]:
+    """The figures a profile run writes: rank vs sensitivity, and heatmaps of three measures."""
+    figs = {"scatter_rank_sensitivity": fig_scatter(profile)}
+    for measure in ("sensitivity", "merge_minus_evict", "key_post_rope_rank90"):
+        figs[f"heatmap_{measure}"] = fig_heatmap(profile, measure)
+    return figs
