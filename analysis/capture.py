@@ -264,10 +264,11 @@ def capture_sequences(
         raise UserError(f"sequences must all have the same length, got {sorted(lengths)}")
     parts = []
     bar = tqdm(sequences, desc="capture", unit="seq", disable=not progress)
+    only_last = last_logit_only(loaded.model)
     for n, (_, ids) in enumerate(bar):
         with record(loaded.model, layers=layers, kinds=kinds, dtype=dtype, maps_window=maps_window) as rec, \
                 torch.inference_mode():
-            loaded.model(torch.tensor([ids], device=loaded.device), use_cache=True, **last_logit_only(loaded.model))
+            loaded.model(torch.tensor([ids], device=loaded.device), use_cache=True, **only_last)
         parts.append(rec.result())
         if on_progress:
             on_progress((n + 1) / len(sequences))

@@ -335,8 +335,9 @@ def perturb_part(part: str, model: str, tokens: str, budgets: str, threads: str)
     if part == "forward":  # the model alone over the same tokens: what any pass over them costs
         from analysis.capture import last_logit_only
 
+        ids = torch.tensor([seqs[0][1]], device=loaded.device)
         with torch.inference_mode():
-            loaded.model(torch.tensor([seqs[0][1]], device=loaded.device), use_cache=True, **last_logit_only(loaded.model))
+            loaded.model(ids, use_cache=True, **last_logit_only(loaded.model))
     elif part == "sweep":  # what `experiments.perturbation sweep` runs: capture, then every layer's replay
         from analysis.perturbation_study import Settings, run_study
 
@@ -361,7 +362,9 @@ def bench_perturb(loaded, args) -> None:
     T, budgets = args.window, args.budgets
     runs: dict[str, list[tuple[float, float]]] = {p.strip(): [] for p in args.parts.split(",")}
     if not set(runs) <= {"forward", "sweep", "perplexity"}:
-        raise SystemExit(f"--parts takes forward, sweep and perplexity, got {args.parts!r}")
+        from analysis.errors import UserError
+
+        raise UserError(f"--parts takes forward, sweep and perplexity, got {args.parts!r}")
     for _ in range(args.repeats):
         for part in runs:
             child = [sys.executable, "-c", PERTURB_CHILD, part, args.model, str(T), budgets,

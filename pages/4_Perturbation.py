@@ -2,7 +2,8 @@
 
 Opens a study directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``perturbation.json`` (from
 ``python -m experiments.perturbation MODE``) or the starter Fig. 2 study, or runs a small study here
-on the embedded model and saves it there with the same files as the command. All logic lives in analysis/.
+on the embedded model and saves it there with the same files as the command. All logic lives in
+analysis/.
 """
 
 import json
