@@ -1,8 +1,9 @@
 """Regenerate every figure of the toolkit on the embedded default, into one directory.
 
-    python -m experiments.figures --out figures/            # full size (hours on CPU, minutes on a GPU)
+    python -m experiments.figures --out figures/            # full size (over an hour on 2 CPU cores:
+                                                            # table1 took 32 min, fig4_stream 12 min)
     python -m experiments.figures --quick --out figs-quick  # small sizes: <= 10 minutes on 2 CPU cores
-                                                            # (measured: 5.6 min of one core's CPU time)
+                                                            # (measured: 3 min 53 s, 2 quiet cores)
 
 Figures (names for --only; the list is analysis.figures.FIGURES):
   fig1_spectra       Fig. 1, key vs value singular-value spectra, on the first corpus (+ rank heatmaps, RoPE keys)
