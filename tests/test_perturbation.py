@@ -162,6 +162,8 @@ def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
         if mode == "end2end":
             kl = {r["method"]: r for r in data["results"] if r["metric"] == "kl"}
             assert kl["full"]["layer"] is None and kl["full"]["mean"] < 1e-6 and kl["weightedkv"]["mean"] > 0
+            each = kl["weightedkv"]["per_sequence"]  # paired comparisons read these
+            assert len(each) == 2 and sum(each) / 2 == pytest.approx(kl["weightedkv"]["mean"])
         if mode == "ideal":
             overall = {(r["metric"], r["method"]): r["mean"] for r in data["results"] if r["layer"] is None}
             assert overall["at_merge", "ideal"] < 1e-5 < overall["at_merge", "convex_query"]
