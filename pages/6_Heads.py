@@ -15,6 +15,7 @@ import dashboard
 from analysis import starter
 from analysis.corpora import CORPORA
 from analysis.errors import UserError
+from analysis.head_plans import BASELINES
 from analysis.heads import measures
 from analysis.plans import Plan
 from analysis.plots.heads import fig_evaluation, fig_heatmap, fig_plan_heatmap, fig_scatter, table_rows
@@ -55,7 +56,8 @@ def edit_plan(plan: Plan) -> Plan:
     return Plan(budgets, plan.sinks, plan.recent, merge=merges, name=plan.name, model=plan.model)
 
 
-def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, documents: int, skip: int) -> list[dict]:
+def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, documents: int, skip: int,
+             baselines: list[str]) -> list[dict]:
     from analysis.head_eval import evaluate_plans, evaluation_sequences
     from analysis.head_plans import baseline
     from analysis.perplexity import make_windows
@@ -68,7 +70,7 @@ def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, d
         raise UserError(f"the plan gives a head {plan.max_budget} slots, not below the window {window}")
     seqs = evaluation_sequences(loaded.tokenizer, {"corpus": corpus}, tokens, documents, skip, profile["text_ids"])
     windows = make_windows(seqs, window)
-    plans = [baseline("uniform", plan), plan]
+    plans = [baseline(name, plan, cap=window - 1) for name in baselines] + [plan]
     progress = starter.counter(len(plans) * len(windows.docs), dashboard.progress_callback("evaluating"))
     with dashboard.model_lock():  # the evaluator switches the shared model's attention
         return evaluate_plans(loaded, windows, plans, {"corpus": corpus}, tokens, documents, progress=progress)
@@ -91,8 +93,11 @@ def plan_section(path: Path, profile: dict) -> None:
     st.download_button("Export plan (JSON)", json.dumps(data, indent=1), file_name=f"{plan.name}.json",
                        mime="application/json", key="export")
 
-    st.subheader("Evaluate against uniform WeightedKV at equal memory")
+    st.subheader("Evaluate against uniform WeightedKV (and other baselines) at equal memory")
     with st.form("evaluate"):
+        baselines = st.multiselect("baselines", BASELINES, default=["uniform"], key="eval_baselines",
+                                   help="uniform-evict, budgets-merge and budgets-evict separate the plan's two "
+                                        "choices (budgets, merge or evict): see analysis/head_plans.py")
         e1, e2, e3, e4, e5 = st.columns(5)
         corpus = e1.selectbox("corpus", list(CORPORA), index=list(CORPORA).index("web"), key="eval_corpus")
         tokens = e2.number_input("tokens", 64, 8192, 2048, step=64, key="eval_tokens")
@@ -100,10 +105,12 @@ def plan_section(path: Path, profile: dict) -> None:
         documents = e4.number_input("documents", 1, 16, 2, key="eval_documents")
         skip = e5.number_input("skip documents", 0, 1000, 0, key="eval_skip")
         go = st.form_submit_button("Evaluate")
-    key = (json.dumps(data, sort_keys=True), corpus, int(tokens), int(window), int(documents), int(skip))
+    key = (json.dumps(data, sort_keys=True), corpus, int(tokens), int(window), int(documents), int(skip),
+           tuple(baselines))
     results = st.session_state.setdefault("head_evaluations", {})
     if go and key not in results:
-        results[key] = evaluate(plan, profile, corpus, int(tokens), int(window), int(documents), int(skip))
+        results[key] = evaluate(plan, profile, corpus, int(tokens), int(window), int(documents), int(skip),
+                                list(baselines))
     if key in results:
         rows = results[key]
         st.dataframe([{"plan": r["plan"], "slots": r["total_slots"], "ppl": round(r["ppl"], 3)}

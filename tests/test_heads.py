@@ -247,3 +247,27 @@ def test_heads_page(tmp_path, monkeypatch):
     at.selectbox(key="heatmap_measure").set_value("merge_minus_evict").run()
     titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
     assert not at.exception and titles[1] == "merge_minus_evict per head" and titles[2] == "plan uniform: 2304 slots"
+
+
+@pytest.mark.slow
+def test_heads_page_evaluates_a_plan_and_its_baselines_on_the_embedded_model(tmp_path, monkeypatch):
+    """First open computes the starter profile; Evaluate runs the plan and the chosen baselines."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("KVLENS_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
+    from analysis import starter
+
+    at = AppTest.from_file(str(ROOT / "pages" / "6_Heads.py"), default_timeout=600).run()
+    assert not at.exception and not at.error and at.selectbox(key="profile").value == starter.PROFILE_LABEL
+    assert "256 tokens of books/austen/emma" in at.caption[0].value  # computed on this first open
+    at.number_input(key="mean_budget").set_value(16).run()
+    at.multiselect(key="eval_baselines").set_value(["uniform", "budgets-evict"])
+    at.selectbox(key="eval_corpus").set_value("web")
+    for name, value in (("eval_tokens", 256), ("eval_window", 256), ("eval_documents", 1)):
+        at.number_input(key=name).set_value(value)
+    at.button[-1].click().run()
+    assert not at.exception and not at.error
+    table = at.dataframe[-1].value
+    assert list(table["plan"]) == ["uniform", "budgets-evict", "greedy-1440"] and set(table["slots"]) <= {1440}
+    assert (table["ppl"] > 1).all()
