@@ -168,6 +168,21 @@ def _summarise(settings: Settings, per_seq: dict, layers: list[int]) -> tuple[li
     return rows, {k: v.contiguous().float() for k, v in tensors.items()}
 
 
+def paired_lines(summary: dict, method: str = "weightedkv", other: str = "weightedkv_evict") -> list[str]:
+    """Per metric and budget: in how many sequences ``method``'s overall value is below ``other``'s."""
+    overall = {(r["metric"], r["method"], r["budget"]): r.get("per_sequence") for r in summary["results"]
+               if r["layer"] is None and r["kv_head"] is None}
+    lines = []
+    for (metric, name, budget), values in overall.items():
+        base = overall.get((metric, other, budget))
+        if name != method or values is None or base is None:
+            continue
+        lower = sum(a < b for a, b in zip(values, base))
+        at = f" m={budget}" if budget is not None else ""
+        lines.append(f"{metric}{at}: {method} below {other} in {lower} of {len(values)} sequences (paired)")
+    return lines
+
+
 def rows_csv(rows: list[dict]) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")

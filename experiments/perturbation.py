@@ -135,7 +135,7 @@ def main(argv=None) -> None:
     from tqdm.auto import tqdm
 
     from analysis.models import EMBEDDED_NAME
-    from analysis.perturbation_study import check_result_dir, run_study, save_study
+    from analysis.perturbation_study import check_result_dir, paired_lines, run_study, save_study
     from analysis.runs import check_out_dir
     from experiments.common import load_model_from_args
 
@@ -157,6 +157,8 @@ def main(argv=None) -> None:
         if r["layer"] is None and r["kv_head"] is None:
             budget = f" m={r['budget']}" if r["budget"] is not None else ""
             print(f"{r['metric']:>18} {r['method']:>16}{budget}: {r['mean']:.4g} ± {r['std']:.2g}")
+    for line in paired_lines(summary):
+        print(line)
     print(f"wrote {args.out}")
 
 

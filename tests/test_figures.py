@@ -128,6 +128,8 @@ def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, caps
     for corpus in ("books", "web", "latex", "math"):
         assert f"{corpus} m=12" in table and f"{corpus} m=16" in table
     assert "weightedkv_evict" in table and "±" in table  # 2 documents: a spread
+    assert "Paired by document: weightedkv's perplexity is below weightedkv_evict's in" in table
+    assert "of 16 (corpus, budget, document) cells" in table  # 4 corpora x 2 budgets x 2 documents
     stream = json.loads((out / "fig4_stream" / "stream.json").read_text())
     assert [r["method"] for r in stream["results"]] == ["weightedkv", "weightedkv_evict"]
     assert stream["tokens"] == 24 and len(stream["results"][0]["per_document_nll"]) == 2
@@ -206,3 +208,19 @@ def test_partial_results_of_other_settings_are_dropped(tmp_path):
     assert (partial / "weightedkv-128" / "0.pt").is_file()
     _prepare_partial(partial, {"tokens": 512})  # other settings: window 0 is another window now
     assert not (partial / "weightedkv-128").exists()
+
+
+def test_paired_counts_cells_where_merge_has_the_lower_perplexity():
+    from analysis.table1 import paired, table_markdown
+
+    def entry(corpus, method, budget, docs):
+        return {"corpus": corpus, "method": method, "budget": budget, "ppl": 1.0, "ppl_doc_std": 0.0,
+                "documents": len(docs), "per_document_ppl": docs}
+
+    table = {"model": "m", "corpora": ["a", "b"], "budgets": [8], "methods": ["weightedkv", "weightedkv_evict"],
+             "documents": 2, "tokens": 16, "window": 16, "stride": 8, "sinks": 2,
+             "entries": [entry("a", "weightedkv", 8, {"x": 1.0, "y": 3.0}),
+                         entry("a", "weightedkv_evict", 8, {"x": 2.0, "y": 3.0}),
+                         entry("b", "weightedkv", 8, {"z": 5.0}), entry("b", "weightedkv_evict", 8, {"z": 4.0})]}
+    assert paired(table) == (1, 3)  # x lower; y a tie (not lower); z higher
+    assert "below weightedkv_evict's in 1 of 3 (corpus, budget, document) cells" in table_markdown(table)

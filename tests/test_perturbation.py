@@ -134,7 +134,7 @@ def test_end_to_end_kl_is_zero_without_compression(tiny_model, random_ids):
 def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
     import json
 
-    from analysis.perturbation_study import Settings, check_result_dir, run_study, save_study
+    from analysis.perturbation_study import Settings, check_result_dir, paired_lines, run_study, save_study
 
     loaded = tiny_loaded(tiny_model)
     seqs = [(f"s{i}", random_ids(1, 40, seed=i)[0].tolist()) for i in range(2)]
@@ -159,6 +159,9 @@ def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
                 if row["method"] == "full" or row["budget"] == 40:  # budget >= T: nothing compressed
                     assert row["mean"] == 0.0 and row["std"] == 0.0, row
             assert len([r for r in data["results"] if r["layer"] is not None]) == 5 * 4 * 2  # jobs (full + 2 methods x 2 budgets) x layers x heads
+            lines = paired_lines(data)  # budget 40 >= T: both exact 0, so merge is never strictly below
+            assert len(lines) == 2
+            assert lines[1] == "rel_error m=40: weightedkv below weightedkv_evict in 0 of 2 sequences (paired)"
         if mode == "end2end":
             kl = {r["method"]: r for r in data["results"] if r["metric"] == "kl"}
             assert kl["full"]["layer"] is None and kl["full"]["mean"] < 1e-6 and kl["weightedkv"]["mean"] > 0
