@@ -159,10 +159,9 @@ def build_merge_vs_evict(run: FigureRun, out: Path) -> None:
 
 def build_heads(run: FigureRun, out: Path) -> None:
     """Head profile (analysis/heads.py) on the first corpus, its figures, and the greedy plan at min(budgets)x."""
-    from analysis.capture import capture_sequences
     from analysis.corpora import load_documents, token_sequences
     from analysis.head_plans import greedy_plan
-    from analysis.heads import profile_capture
+    from analysis.heads import profile_sequences
     from analysis.plots.heads import fig_plan_heatmap, profile_figures
     from analysis.runs import write_json
 
@@ -170,8 +169,7 @@ def build_heads(run: FigureRun, out: Path) -> None:
     budgets = [b for b in (32, 64, 128, 256, 512) if b < s.heads_tokens]
     sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), s.heads_tokens,
                                 s.heads_documents)
-    profile = profile_capture(capture_sequences(loaded, sequences, progress=False), budgets=budgets)
-    profile |= {"model": loaded.model_id, "source": {"corpus": run.corpora[0]}, "skip": 0}
+    profile = profile_sequences(loaded, sequences, {"corpus": run.corpora[0]}, budgets=budgets)
     write_json(out / "profile.json", profile)
     for stem, fig in profile_figures(profile).items():
         write_figure(fig, out, stem, png=run.png)

@@ -186,3 +186,52 @@ def curves(profile: dict, method: str) -> dict[int, list[list[float]]]:
     if method not in profile["methods"]:
         raise UserError(f"unknown method {method!r} for this profile: it has {', '.join(profile['methods'])}")
     return {b: grid(profile, error_column(method, b)) for b in profile["budgets"]}
+
+
+def profile_sequences(loaded, sequences, source: dict, methods=DEFAULT_METHODS, budgets=DEFAULT_BUDGETS,
+                      sinks: int = 4, recent_window: int = 60, skip: int = 0, capture_progress: bool = False,
+                      progress=None) -> dict:
+    """Capture ``sequences`` with ``loaded`` and profile them: what the command, the figure and the starter
+    write as profile.json (``profile_capture`` plus the model, the text source and ``summary``)."""
+    from analysis.capture import capture_sequences
+
+    capture = capture_sequences(loaded, sequences, progress=capture_progress)
+    result = profile_capture(capture, methods, budgets, sinks, recent_window, progress=progress)
+    return result | {"model": loaded.model_id, "source": source, "skip": skip, "summary": profile_summary(result)}
+
+
+def profile_summary(profile: dict) -> dict:
+    """The profile's headline numbers: per budget the mean error of merge and evict over heads and the
+    heads where merging is lower; the heads with merge-minus-evict < 0 and its range; and the Pearson
+    correlation of ``sensitivity`` with every other measure over heads."""
+    import statistics
+
+    rows = profile["rows"]
+    per_budget = {}
+    for b in profile["budgets"]:
+        merge, evict = ([r[error_column(m, b)] for r in rows] for m in (MERGE, EVICT))
+        per_budget[str(b)] = {"mean_error_merge": statistics.fmean(merge), "mean_error_evict": statistics.fmean(evict),
+                              "heads_merge_lower": sum(a < e for a, e in zip(merge, evict))}
+    mme = [r["merge_minus_evict"] for r in rows]
+    sens = [r["sensitivity"] for r in rows]
+    correlation = {}
+    for c in profile["columns"]:
+        if c in ("layer", "kv_head", "rank", "sensitivity") or c.startswith("error_"):
+            continue
+        values = [r[c] for r in rows]
+        correlation[c] = statistics.correlation(values, sens) if len(set(values)) > 1 and len(set(sens)) > 1 else None
+    return {"heads": len(rows), "per_budget": per_budget, "heads_merge_better": sum(x < 0 for x in mme),
+            "merge_minus_evict_min": min(mme), "merge_minus_evict_max": max(mme),
+            "correlation_with_sensitivity": correlation}
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """The summary as the profile command prints it."""
+    lines = [f"m={b}: mean error merge {v['mean_error_merge']:.3f} / evict {v['mean_error_evict']:.3f}; merge lower "
+             f"in {v['heads_merge_lower']} of {summary['heads']} heads" for b, v in summary["per_budget"].items()]
+    lines.append(f"merge-minus-evict < 0 (mean over budgets) in {summary['heads_merge_better']} of {summary['heads']} "
+                 f"heads; range {summary['merge_minus_evict_min']:.3f} .. {summary['merge_minus_evict_max']:.3f}")
+    corr = summary["correlation_with_sensitivity"]
+    lines.append("correlation with sensitivity: " + ", ".join(
+        f"{c} {v:+.2f}" for c, v in sorted(corr.items(), key=lambda cv: -abs(cv[1] or 0)) if v is not None))
+    return lines

@@ -132,17 +132,16 @@ def make_fig2(loaded, on_progress=None) -> Path:
 
 def make_profile(loaded, on_progress=None) -> Path:
     """The starter head profile (every layer and KV head), computed unless it is already on disk."""
-    from analysis.capture import capture_sequences
     from analysis.corpora import token_sequences
-    from analysis.heads import profile_capture
+    from analysis.heads import profile_sequences
     from analysis.runs import atomic_dir, write_json
 
     out, s = profile_dir(), PROFILE
     if not (out / "profile.json").is_file():
         seqs = token_sequences(loaded.tokenizer, documents(s["corpus"]), s["tokens"], 1)
-        capture = capture_sequences(loaded, seqs, progress=False)
-        result = profile_capture(capture, budgets=s["budgets"], progress=counter(2 * len(capture.layers), on_progress))
-        result |= {"model": loaded.model_id, "source": {"corpus": s["corpus"]}, "skip": 0}
+        steps = 2 * loaded.summary()["num_layers"]
+        result = profile_sequences(loaded, seqs, {"corpus": s["corpus"]}, budgets=s["budgets"],
+                                   progress=counter(steps, on_progress))
         with atomic_dir(out, overwrite=True) as tmp:
             write_json(tmp / "profile.json", result)
     return out

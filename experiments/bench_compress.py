@@ -358,12 +358,15 @@ def bench_perturb(loaded, args) -> None:
     import subprocess
     import sys
 
+    from analysis.errors import UserError
+    from analysis.sweep import sweep_jobs
+
     s = loaded.summary()
-    T, budgets = args.window, args.budgets
+    T = args.window
+    budgets = ",".join(map(str, parse_ints(args.budgets, "budgets")))
+    sweep_jobs(list(PERTURB_METHODS), parse_ints(budgets, "budgets"), T)  # bad budgets: one line, before any child
     runs: dict[str, list[tuple[float, float]]] = {p.strip(): [] for p in args.parts.split(",")}
     if not set(runs) <= {"forward", "sweep", "perplexity"}:
-        from analysis.errors import UserError
-
         raise UserError(f"--parts takes forward, sweep and perplexity, got {args.parts!r}")
     for _ in range(args.repeats):
         for part in runs:

@@ -78,10 +78,9 @@ def _parser() -> argparse.ArgumentParser:
 def profile(args) -> None:
     from tqdm.auto import tqdm
 
-    from analysis.capture import capture_sequences
     from analysis.corpora import load_documents, token_sequences
     from analysis.errors import UserError
-    from analysis.heads import check_methods, profile_capture
+    from analysis.heads import check_methods, profile_sequences, summary_lines
     from analysis.plots.export import write_figure
     from analysis.plots.heads import profile_figures
     from analysis.runs import atomic_dir, check_out_dir, write_json
@@ -97,16 +96,16 @@ def profile(args) -> None:
     docs = load_documents(**source)[args.skip:]
     loaded = load_model_from_args(args)
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
-    capture = capture_sequences(loaded, sequences, progress=not args.quiet)
-    layers = len(capture.layers)
-    bar = tqdm(total=2 * layers, unit="layer", desc="profile", disable=args.quiet)
-    result = profile_capture(capture, methods, budgets, args.sinks, args.recent_window, progress=bar.update)
+    bar = tqdm(total=2 * loaded.summary()["num_layers"], unit="layer", desc="profile", disable=args.quiet)
+    result = profile_sequences(loaded, sequences, source, methods, budgets, args.sinks, args.recent_window,
+                               skip=args.skip, capture_progress=not args.quiet, progress=bar.update)
     bar.close()
-    result |= {"model": loaded.model_id, "source": source, "skip": args.skip}
     with atomic_dir(args.out, args.overwrite) as tmp:
         write_json(tmp / "profile.json", result)
         for stem, fig in profile_figures(result).items():
             write_figure(fig, tmp, stem, png=not args.no_png)
+    for line in summary_lines(result["summary"]):
+        print(line)
     top = sorted(result["rows"], key=lambda r: r["rank"])[:3]
     print("most sensitive heads: " + ", ".join(f"L{r['layer']}H{r['kv_head']} ({r['sensitivity']:.3f})" for r in top))
     print(f"wrote {args.out}")

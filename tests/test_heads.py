@@ -271,3 +271,19 @@ def test_heads_page_evaluates_a_plan_and_its_baselines_on_the_embedded_model(tmp
     table = at.dataframe[-1].value
     assert list(table["plan"]) == ["uniform", "budgets-evict", "greedy-1440"] and set(table["slots"]) <= {1440}
     assert (table["ppl"] > 1).all()
+
+
+def test_profile_summary_by_hand():
+    from analysis.heads import profile_summary, summary_lines
+
+    cols = ["layer", "kv_head", "rank", "sensitivity", "merge_minus_evict", "entropy",
+            "error_weightedkv_8", "error_weightedkv_evict_8"]
+    rows = [dict(zip(cols, v)) for v in ([0, 0, 1, 0.3, -0.1, 3.0, 0.2, 0.3],
+                                         [0, 1, 2, 0.2, 0.1, 2.0, 0.4, 0.3],
+                                         [1, 0, 3, 0.1, 0.05, 1.0, 0.5, 0.45])]
+    summary = profile_summary({"budgets": [8], "columns": cols, "rows": rows})
+    assert summary["per_budget"]["8"] == {"mean_error_merge": pytest.approx(1.1 / 3),
+                                          "mean_error_evict": pytest.approx(1.05 / 3), "heads_merge_lower": 1}
+    assert summary["heads_merge_better"] == 1 and summary["merge_minus_evict_min"] == -0.1
+    assert summary["correlation_with_sensitivity"]["entropy"] == pytest.approx(1.0)  # linear in sensitivity
+    assert "merge lower in 1 of 3 heads" in summary_lines(summary)[0]
