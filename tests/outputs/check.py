@@ -49,11 +49,14 @@ COMMANDS: dict[str, list[str]] = {
 NO_QUIET = {"fig2", "sweep", "end2end", "ideal", "heads_plan"}  # those take --quiet already, or have none
 
 
-def _strip(data):
+def _strip(data, work: str):
+    """Drop the fields that measure time or name a place; paths under the work directory become relative."""
     if isinstance(data, dict):
-        return {k: _strip(v) for k, v in data.items() if k not in VOLATILE}
+        return {k: _strip(v, work) for k, v in data.items() if k not in VOLATILE}
     if isinstance(data, list):
-        return [_strip(v) for v in data]
+        return [_strip(v, work) for v in data]
+    if isinstance(data, str) and data.startswith(work):
+        return "<work>" + data[len(work):]
     return data
 
 
@@ -64,7 +67,7 @@ def _tensors(path: Path) -> dict[str, str]:
             for name, t in sorted(load_file(str(path)).items())}
 
 
-def snapshot(directory: Path) -> dict:
+def snapshot(directory: Path, work: Path) -> dict:
     """What a run directory holds that must not change: JSON less volatile fields, tensor digests."""
     out = {}
     for path in sorted(directory.rglob("*")):
@@ -72,7 +75,7 @@ def snapshot(directory: Path) -> dict:
         if rel.startswith(".") or "/." in rel or not path.is_file():
             continue
         if path.suffix == ".json":
-            out[rel] = _strip(json.loads(path.read_text()))
+            out[rel] = _strip(json.loads(path.read_text()), str(work))
         elif path.suffix == ".safetensors":
             out[rel] = _tensors(path)
     return out
@@ -88,7 +91,7 @@ def run(name: str, work: Path, dirs: dict[str, Path]) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"{name}: {' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
     dirs[name] = out
-    return snapshot(out)
+    return snapshot(out, work)
 
 
 def first_difference(want, got, where: str = "") -> str | None:
