@@ -9,15 +9,15 @@ from pathlib import Path
 
 import streamlit as st
 
-from dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture, user_errors
+from analysis.app.dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture, user_errors
+from analysis.report.norms import fig_norms
+from analysis.runtime.runs import list_runs, load_run, save_run
+from analysis.text.corpora import CORPORA
 
 HOME_TITLE = "kvlens — what is inside the KV cache"
 
 
 def home() -> None:
-    from analysis.corpora import CORPORA
-    from analysis.plots.runs import fig_norms
-    from analysis.runs import list_runs, load_run, save_run
 
     st.title(HOME_TITLE)
     st.caption("Keys, values, queries and attention of a real model on real text. Pages: Spectra (keys are "

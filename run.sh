@@ -44,14 +44,14 @@ setup() {
     if command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq chromium >/dev/null; then :;
     else say "warning: could not install chromium; figures will be written as HTML only"; fi
   fi
-  if ! "$PY" -c "import sys; from analysis.corpora import CORPORA, is_fetched; sys.exit(not all(map(is_fetched, CORPORA)))"; then
+  if ! "$PY" -c "import sys; from analysis.text.corpora import CORPORA, is_fetched; sys.exit(not all(map(is_fetched, CORPORA)))"; then
     say "fetching the text corpora from Debian packages"
     if command -v apt-get >/dev/null; then apt_update || true; fi
-    "$PY" -m analysis.corpora fetch
+    "$PY" -m analysis.text.corpora fetch
   fi
-  "$PY" -m analysis.models >/dev/null  # converts the embedded GGUF once (about 20 s)
+  "$PY" -m analysis.models.loading >/dev/null  # converts the embedded GGUF once (about 20 s)
   # What the dashboard shows on first open (a capture and a small sweep, ~1-2 min once; then instant).
-  "$PY" -m analysis.starter
+  "$PY" -m analysis.app.starter
 }
 
 cmd="${1:-dashboard}"; [ $# -gt 0 ] && shift

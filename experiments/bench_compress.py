@@ -21,10 +21,26 @@ import argparse
 import contextlib
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+from torch.profiler import profile
+from transformers import DynamicCache
 
+from analysis.app.starter import documents
+from analysis.compress import METHODS, LayerState, make_policy
+from analysis.errors import UserError
+from analysis.models.loading import load_model
+from analysis.perplexity.decode import window_nll
+from analysis.perplexity.jobs import run_jobs, sweep_jobs
+from analysis.perplexity.windows import make_windows
+from analysis.perturbation.study import Settings, run_study
+from analysis.runtime import kernel as attention
+from analysis.runtime.cache import CompressedCache
+from analysis.runtime.capture import last_logit_only
+from analysis.text.corpora import load_documents, token_sequences
 from experiments.common import add_model_args, load_model_from_args, parse_ints, run_main
 
 
@@ -34,7 +50,6 @@ def _median_ms(fn, repeats: int) -> float:
 
 def _decode_timer(model, method, budget, length, batch, steps, device):
     """Return a function that prefills ``length`` tokens, then times ``steps`` single-token steps."""
-    from analysis.cache import CompressedCache
 
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, length + steps + 2), generator=torch.Generator().manual_seed(0)).to(device)
@@ -68,7 +83,6 @@ def _decode_timer(model, method, budget, length, batch, steps, device):
 
 
 def bench_step(loaded, args) -> None:
-    from analysis.compress import METHODS
 
     methods = [m for m in METHODS if m not in ("full",)]
     print(f"\n### Decode step, batch {args.batch}, {args.steps} steps, median of {args.repeats} (ms/step)\n")
@@ -94,7 +108,6 @@ def bench_step(loaded, args) -> None:
 
 def bench_memory(loaded, args) -> None:
     """Feed up to 8k tokens in 64-token chunks; report cache bytes and process peak RSS per 1k."""
-    from analysis.cache import CompressedCache
 
     model, device = loaded.model, loaded.device
     lengths = parse_ints(args.lengths, "lengths")
@@ -120,8 +133,6 @@ def bench_memory(loaded, args) -> None:
 
 def bench_throughput(loaded, args) -> None:
     """Batched window evaluator vs a naive loop: one window at a time, one model() call per token."""
-    from analysis.cache import CompressedCache
-    from analysis.perplexity import window_nll
 
     model, device, W = loaded.model, loaded.device, args.window
     ids = torch.randint(0, model.config.vocab_size, (args.batch, W), generator=torch.Generator().manual_seed(0))
@@ -145,7 +156,6 @@ def bench_throughput(loaded, args) -> None:
 
 def bench_profile(loaded, args) -> None:
     """Where a decode step's time goes: torch profiler over 10 steps, top operators by self time."""
-    from torch.profiler import profile
 
     run = _decode_timer(loaded.model, "weightedkv", args.budget, args.budget, args.batch, 10, loaded.device)
     run()  # warm-up
@@ -165,9 +175,7 @@ def bench_fullstep(loaded, args) -> None:
     The full cache is a plain DynamicCache prefilled with m tokens and cropped back after each step,
     run under the same kvlens attention (no slot mask), so the ratio is cache management alone.
     """
-    from transformers import DynamicCache
 
-    from analysis import attention
 
     model, device, m = loaded.model, loaded.device, args.budget
     ids = torch.randint(0, model.config.vocab_size, (args.batch, m + args.steps + 2),
@@ -205,9 +213,6 @@ def bench_fullstep(loaded, args) -> None:
 
 def bench_sweep(loaded, args) -> None:
     """One window, several methods: jobs as batch rows of one decode vs each job on its own."""
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.perplexity import make_windows
-    from analysis.sweep import run_jobs, sweep_jobs
 
     docs = load_documents(corpus="books")
     windows = make_windows(token_sequences(loaded.tokenizer, docs, args.window, 1), args.window)
@@ -229,8 +234,6 @@ def bench_sweep(loaded, args) -> None:
 
 def bench_prompt(loaded, args) -> None:
     """generate() after the Generate page's default Austen prompt: compressed (m=64) vs full."""
-    from analysis.cache import CompressedCache
-    from analysis.corpora import load_documents
 
     text = next(d for d in load_documents(corpus="books") if "pride" in d.id.lower()).text[:6000]
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids[:, : args.window].to(loaded.device)
@@ -253,7 +256,6 @@ def bench_cache(loaded, args) -> None:
     """One layer's append + observe + compress per decode step, without the model (synthetic tensors
     of the model's geometry). Uses only the API every commit has, so ``PYTHONPATH=<older tree>``
     measures an older core with the same script."""
-    from analysis.compress import LayerState, make_policy
 
     s = loaded.summary()
     H, G, D, B, m = s["num_kv_heads"], s["num_heads"] // s["num_kv_heads"], s["head_dim"], args.batch, args.budget
@@ -285,8 +287,8 @@ def bench_cache(loaded, args) -> None:
 
 PREFILL_CHILD = """
 import resource, sys, torch
-from analysis.cache import CompressedCache
-from analysis.models import load_model
+from analysis.runtime.cache import CompressedCache
+from analysis.models.loading import load_model
 lm = load_model(device="cpu")
 ids = torch.randint(0, lm.model.config.vocab_size, (1, 4096), generator=torch.Generator().manual_seed(0))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -300,8 +302,6 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 
 def bench_prefill(loaded, args) -> None:
     """Peak memory added by a 4k-token prefill in 512-token chunks, each method in a fresh process."""
-    import subprocess
-    import sys
 
     print("\n### Peak RSS added by a 4,096-token prefill in 512-token chunks, m=256, batch 1 (MB)\n")
     print("| method | peak MB above the loaded model |\n|---|---|")
@@ -322,9 +322,6 @@ perturb_part(*sys.argv[1:])
 
 def perturb_part(part: str, model: str, tokens: str, budgets: str, threads: str) -> None:
     """One side of ``perturb`` in this (fresh) process: prints seconds and peak RSS added (MB)."""
-    from analysis.corpora import token_sequences
-    from analysis.models import load_model
-    from analysis.starter import documents
 
     torch.set_num_threads(int(threads))
     loaded = load_model(model)
@@ -333,18 +330,14 @@ def perturb_part(part: str, model: str, tokens: str, budgets: str, threads: str)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
     if part == "forward":  # the model alone over the same tokens: what any pass over them costs
-        from analysis.capture import last_logit_only
 
         ids = torch.tensor([seqs[0][1]], device=loaded.device)
         with torch.inference_mode():
             loaded.model(ids, use_cache=True, **last_logit_only(loaded.model))
     elif part == "sweep":  # what `experiments.perturbation sweep` runs: capture, then every layer's replay
-        from analysis.perturbation_study import Settings, run_study
 
         run_study(loaded, seqs, Settings(mode="sweep", tokens=T, methods=list(PERTURB_METHODS), budgets=budgets))
     else:  # what `experiments.perplexity --window T` runs on the same tokens: one window, every job
-        from analysis.perplexity import make_windows
-        from analysis.sweep import run_jobs, sweep_jobs
 
         run_jobs(loaded.model, make_windows(seqs, T), sweep_jobs(list(PERTURB_METHODS), budgets, T), batch_size=32)
     seconds = time.perf_counter() - began
@@ -355,11 +348,7 @@ def bench_perturb(loaded, args) -> None:
     """The teacher-forced sweep (all layers x KV heads, 7 methods x 2 budgets, one sequence) against one
     perplexity run of the same jobs over the same tokens, and a plain forward of the model over them;
     each part in a fresh process (its peak RSS is its own), alternating."""
-    import subprocess
-    import sys
 
-    from analysis.errors import UserError
-    from analysis.sweep import sweep_jobs
 
     s = loaded.summary()
     T = args.window

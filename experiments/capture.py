@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 
-from experiments.common import (add_output_args, command_parser, load_model_from_args,
-                                parse_ints, run_main, text_source)
+from analysis.errors import UserError
+from analysis.io import check_out_dir
+from analysis.runtime.capture import KINDS, capture_sequences
+from analysis.runtime.runs import save_run
+from analysis.text.corpora import load_documents, token_sequences
+from experiments.common import add_output_args, command_parser, load_model_from_args, parse_ints, run_main, text_source
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from analysis.capture import KINDS, capture_sequences
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.errors import UserError
-    from analysis.runs import check_out_dir, save_run
 
     args = build_parser().parse_args(argv)
     if args.tokens < 1 or args.sequences < 1:

@@ -6,7 +6,11 @@ import argparse
 import os
 import sys
 
+from transformers.utils import logging as hf_logging
+
+from analysis.compress.plans import Plan
 from analysis.errors import UserError
+from analysis.models.loading import load_model
 
 
 def command_parser(name: str, doc: str) -> argparse.ArgumentParser:
@@ -67,7 +71,6 @@ def parse_ints(text: str | None, name: str) -> list[int] | None:
 
 def plan_and_budgets(args) -> tuple[object, list[int]]:
     """--plan FILE (checked against --total-budget) replaces --budget: (plan or None, budgets)."""
-    from analysis.plans import Plan
 
     if args.plan:
         plan = Plan.load(args.plan)
@@ -79,12 +82,10 @@ def plan_and_budgets(args) -> tuple[object, list[int]]:
 
 
 def load_model_from_args(args, **kwargs):
-    from analysis.models import load_model
 
     if not args.online:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if getattr(args, "quiet", False):  # --quiet: no progress bars, transformers' "Loading weights" too
-        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     return load_model(args.model, device=args.device, dtype=args.dtype, online=args.online,

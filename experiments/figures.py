@@ -5,7 +5,7 @@
     python -m experiments.figures --quick --out figs-quick  # small sizes: <= 10 minutes on 2 CPU cores
                                                             # (measured: 3 min 53 s, 2 quiet cores)
 
-Figures (names for --only; the list is analysis.figures.FIGURES):
+Figures (names for --only; the list is analysis.report.figures.FIGURES):
   fig1_spectra       Fig. 1, key vs value singular-value spectra, on the first corpus (+ rank heatmaps, RoPE keys)
   fig2_perturbation  Fig. 2, one merge vs one eviction at step 100, output error and attention cosine over
                      the next steps, per layer and KV head (books + web)
@@ -40,6 +40,7 @@ others are still made); 2 for bad input (unknown --only name, --out holding some
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import shutil
@@ -47,6 +48,14 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from analysis.errors import UserError
+from analysis.io import atomic_dir, write_json
+from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.table1 import TABLE_METHODS
+from analysis.report.figures import FIGURE_JSON, FIGURES, FULL, QUICK, STREAM_METHODS, FigureRun, kept
+from analysis.text.corpora import CORPORA
 from experiments.common import add_model_args, load_model_from_args, parse_ints, run_main
 
 MANIFEST = "manifest.json"
@@ -72,7 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_figures_dir(out: Path) -> dict:
     """The manifest of an existing figures directory, {} for a new or empty one; anything else is refused."""
-    from analysis.errors import UserError
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a figures directory")
@@ -92,8 +100,6 @@ def check_figures_dir(out: Path) -> dict:
 
 
 def _selected(only: str | None) -> list[str]:
-    from analysis.errors import UserError
-    from analysis.figures import FIGURES
 
     if only is None:
         return list(FIGURES)
@@ -107,11 +113,6 @@ def _selected(only: str | None) -> list[str]:
 
 def _check_inputs(run, names: list[str]) -> None:
     """Everything that can be refused before any work (budgets vs windows, corpora)."""
-    from analysis.corpora import CORPORA
-    from analysis.errors import UserError
-    from analysis.figures import STREAM_METHODS
-    from analysis.sweep import sweep_jobs
-    from analysis.table1 import TABLE_METHODS
 
     unknown = [c for c in run.corpora if c not in CORPORA]
     if unknown or not run.corpora:
@@ -128,7 +129,6 @@ def _check_inputs(run, names: list[str]) -> None:
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    from analysis.runs import write_json
 
     write_json(out / MANIFEST, manifest)
 
@@ -157,12 +157,8 @@ def _figure_command(args, name: str) -> str:
 
 def main(argv=None, *, sizes=None, load=None) -> None:
     """``sizes`` and ``load`` (-> LoadedModel) replace the presets and the model loader (tests only)."""
-    import dataclasses
 
-    from tqdm.auto import tqdm
 
-    from analysis.figures import FIGURE_JSON, FIGURES, FULL, QUICK, FigureRun, kept
-    from analysis.runs import atomic_dir, write_json
 
     args = build_parser().parse_args(argv)
     names = _selected(args.only)

@@ -20,8 +20,27 @@ import argparse
 import json
 from pathlib import Path
 
-from experiments.common import (add_model_args, add_output_args, add_text_args, load_model_from_args,
-                                parse_ints, run_main, text_source)
+from tqdm.auto import tqdm
+
+from analysis.compress.plans import Plan
+from analysis.errors import UserError
+from analysis.heads.allocate import BASELINES, baseline, greedy_plan, parse_total
+from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_sequences
+from analysis.heads.profile import check_methods, profile_sequences, summary_lines
+from analysis.io import atomic_dir, check_out_dir, write_json
+from analysis.perplexity.windows import make_windows
+from analysis.report.export import write_figure
+from analysis.report.heads import fig_evaluation, fig_plan_heatmap, profile_figures
+from analysis.text.corpora import load_documents, token_sequences
+from experiments.common import (
+    add_model_args,
+    add_output_args,
+    add_text_args,
+    load_model_from_args,
+    parse_ints,
+    run_main,
+    text_source,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,14 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def profile(args) -> None:
-    from tqdm.auto import tqdm
 
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.errors import UserError
-    from analysis.heads import check_methods, profile_sequences, summary_lines
-    from analysis.plots.export import write_figure
-    from analysis.plots.heads import profile_figures
-    from analysis.runs import atomic_dir, check_out_dir, write_json
 
     methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()])
     budgets = parse_ints(args.budgets, "budgets")
@@ -112,7 +124,6 @@ def profile(args) -> None:
 
 
 def load_profile(path: str | Path) -> dict:
-    from analysis.errors import UserError
 
     f = Path(path) / "profile.json"
     if not f.is_file():
@@ -124,10 +135,6 @@ def load_profile(path: str | Path) -> dict:
 
 
 def plan(args) -> None:
-    from analysis.head_plans import greedy_plan, parse_total
-    from analysis.plots.export import write_figure
-    from analysis.plots.heads import fig_plan_heatmap
-    from analysis.runs import atomic_dir, check_out_dir, write_json
 
     prof = load_profile(args.profile)
     heads = len(prof["layers"]) * prof["num_kv_heads"]
@@ -147,16 +154,7 @@ def plan(args) -> None:
 
 
 def evaluate(args) -> None:
-    from tqdm.auto import tqdm
 
-    from analysis.errors import UserError
-    from analysis.head_eval import comparison, evaluate_plans, evaluation_sequences
-    from analysis.head_plans import BASELINES, baseline
-    from analysis.perplexity import make_windows
-    from analysis.plans import Plan
-    from analysis.plots.export import write_figure
-    from analysis.plots.heads import fig_evaluation
-    from analysis.runs import atomic_dir, check_out_dir, write_json
 
     plan_ = Plan.load(args.plan)
     raw = json.loads(Path(args.plan).read_text())

@@ -21,11 +21,29 @@ DIR/running_log_ppl.html/.png (mean ± spread over documents); resumes like a sw
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 
-from experiments.common import (add_output_args, command_parser, load_model_from_args,
-                                plan_and_budgets, run_main, text_source)
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
 
+from analysis.errors import UserError
+from analysis.io import check_out_dir, load_partial_settings
+from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.sweep import run_sweep
+from analysis.perplexity.windows import make_windows
+from analysis.report.save import save_sweep
+from analysis.text.corpora import load_documents, token_sequences
+from experiments.common import (
+    add_output_args,
+    command_parser,
+    load_model_from_args,
+    plan_and_budgets,
+    run_main,
+    text_source,
+)
+from experiments.perplexity_stream import main_stream
 
 SWEEP_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm"
 
@@ -60,13 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _distributed(device: str) -> tuple[int, int]:
     """(rank, world size): torchrun sets WORLD_SIZE; gloo on CPU, NCCL on CUDA."""
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    import torch
-    import torch.distributed as dist
 
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
@@ -76,17 +91,10 @@ def _distributed(device: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-    from tqdm.auto import tqdm
 
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.errors import UserError
-    from analysis.perplexity import load_partial_settings, make_windows
-    from analysis.runs import check_out_dir
-    from analysis.sweep import run_sweep, save_sweep, sweep_jobs
 
     args = build_parser().parse_args(argv)
     if args.stream:
-        from experiments.perplexity_stream import main_stream
 
         return main_stream(args)
     args.tokens = 4096 if args.tokens is None else args.tokens
@@ -136,7 +144,6 @@ def main(argv=None) -> None:
 
 def _barrier(world: int) -> None:
     if world > 1:
-        import torch.distributed as dist
 
         dist.barrier()
 

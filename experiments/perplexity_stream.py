@@ -8,6 +8,14 @@ from __future__ import annotations
 import os
 import shutil
 
+from tqdm.auto import tqdm
+
+from analysis.errors import UserError
+from analysis.io import check_out_dir, load_partial_settings
+from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.stream import check_stream_length, run_stream
+from analysis.report.save import save_stream
+from analysis.text.corpora import load_documents, token_sequences
 from experiments.common import load_model_from_args, plan_and_budgets, text_source
 
 STREAM_METHODS = "weightedkv,weightedkv_evict"
@@ -15,13 +23,7 @@ STREAM_DOCUMENTS = 4
 
 
 def main_stream(args) -> None:
-    from tqdm.auto import tqdm
 
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.errors import UserError
-    from analysis.perplexity import load_partial_settings
-    from analysis.runs import check_out_dir
-    from analysis.stream import check_stream_length, run_stream, save_stream
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--stream runs in one process (its documents are batch rows): run it without torchrun")
@@ -48,7 +50,6 @@ def main_stream(args) -> None:
         raise UserError("the model states no position limit: give --tokens")
     tokens = args.tokens if args.tokens is not None else max_positions
     check_stream_length(tokens, max_positions)
-    from analysis.sweep import sweep_jobs
 
     jobs = sweep_jobs(methods, budgets, tokens, sinks=args.sinks, recent=args.recent, plan=plan)  # before any work
     sequences = token_sequences(loaded.tokenizer, docs, tokens, documents)

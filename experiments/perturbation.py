@@ -22,8 +22,18 @@ Every mode averages over --sequences sequences (default 8; from books and web wh
 from __future__ import annotations
 
 import argparse
+import sys
 
-from experiments.common import add_model_args, add_output_args, parse_ints, run_main
+import torch
+from tqdm.auto import tqdm
+
+from analysis.errors import UserError
+from analysis.io import check_out_dir
+from analysis.models.loading import EMBEDDED_NAME
+from analysis.perturbation.study import Settings, check_result_dir, paired_lines, run_study
+from analysis.report.save import save_study
+from analysis.text.corpora import load_documents, token_sequences
+from experiments.common import add_model_args, add_output_args, load_model_from_args, parse_ints, run_main
 
 MIXED = ("books", "web")  # corpora used when none is named
 ALL_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm,random"
@@ -33,7 +43,6 @@ class OneLineParser(argparse.ArgumentParser):
     """Bad options (an unknown mode too) give one ``error: ...`` line and exit code 2, as a UserError does."""
 
     def error(self, message: str):
-        import sys
 
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
@@ -85,8 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args):
-    from analysis.errors import UserError
-    from analysis.perturbation_study import Settings
 
     ints = lambda name: parse_ints(getattr(args, name), name)  # noqa: E731
     methods = [m.strip() for m in getattr(args, "methods", "weightedkv").split(",") if m.strip()]
@@ -110,8 +117,6 @@ def settings_from(args):
 
 
 def load_sequences(args, tokenizer, tokens: int) -> list[tuple[str, list[int]]]:
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.errors import UserError
 
     if args.text or args.corpus:
         sources = [{"text": args.text} if args.text else {"corpus": args.corpus}]
@@ -131,13 +136,7 @@ def load_sequences(args, tokenizer, tokens: int) -> list[tuple[str, list[int]]]:
 
 
 def main(argv=None) -> None:
-    import torch
-    from tqdm.auto import tqdm
 
-    from analysis.models import EMBEDDED_NAME
-    from analysis.perturbation_study import check_result_dir, paired_lines, run_study, save_study
-    from analysis.runs import check_out_dir
-    from experiments.common import load_model_from_args
 
     args = build_parser().parse_args(argv)
     settings = settings_from(args)

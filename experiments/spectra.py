@@ -4,7 +4,7 @@
     python -m experiments.spectra --run runs/austen --out DIR      # reuse a capture
 
 Writes DIR/spectra.json (analysis.spectra.SpectraResult.to_json) and the figures of
-analysis.plots.spectra as HTML (plotly.js embedded) and PNG. DIR is built in a temp directory
+analysis.report.spectra as HTML (plotly.js embedded) and PNG. DIR is built in a temp directory
 beside it and renamed into place when complete.
 """
 
@@ -13,8 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from experiments.common import (add_output_args, command_parser, load_model_from_args,
-                                parse_ints, run_main, text_source)
+from analysis.errors import UserError
+from analysis.io import atomic_dir, check_out_dir, write_atomic
+from analysis.report.export import write_figure
+from analysis.report.spectra import standard_figures
+from analysis.runtime.capture import capture_sequences
+from analysis.runtime.runs import load_run
+from analysis.spectra import compute_spectra, summary_sentence
+from analysis.text.corpora import load_documents, token_sequences
+from experiments.common import add_output_args, command_parser, load_model_from_args, parse_ints, run_main, text_source
 
 KINDS = ("key_pre_rope", "key_post_rope", "value", "query_post_rope")
 
@@ -38,15 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def get_capture(args, layers, kinds):
-    from analysis.errors import UserError
 
     if args.run:
         if args.corpus or args.text:
             raise UserError("--run uses a saved capture; do not also give --corpus or --text")
-        from analysis.runs import load_run
         return load_run(args.run, device="cpu" if args.device == "auto" else args.device)
-    from analysis.capture import capture_sequences
-    from analysis.corpora import load_documents, token_sequences
 
     if args.tokens < 1 or args.sequences < 1:
         raise UserError("--tokens and --sequences must be at least 1")
@@ -61,11 +64,6 @@ def get_capture(args, layers, kinds):
 
 
 def main(argv=None) -> None:
-    from analysis.plots.export import write_atomic, write_figure
-    from analysis.plots.spectra import standard_figures
-    from analysis.errors import UserError
-    from analysis.runs import atomic_dir, check_out_dir
-    from analysis.spectra import compute_spectra, summary_sentence
 
     args = build_parser().parse_args(argv)
     layers = parse_ints(args.layers, "layers")

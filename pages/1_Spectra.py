@@ -1,19 +1,21 @@
 """Spectra: are keys lower-rank than values? (WeightedKV Fig. 1, per layer and head.)
 
 Source: a directory under runs/ (``$KVLENS_RUNS`` overrides), either a spectra output
-(``spectra.json``, from ``python -m experiments.spectra``) or a capture run (analysis.runs), or a
+(``spectra.json``, from ``python -m experiments.spectra``) or a capture run (analysis.runtime.runs), or a
 small capture computed here on the embedded default model. All logic lives in analysis/.
 """
 
+import json
 from pathlib import Path
 
 import streamlit as st
 
-from analysis.corpora import CORPORA
+from analysis.app.dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture
 from analysis.errors import UserError
-from analysis.plots.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys
+from analysis.report.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys
+from analysis.runtime.runs import load_run
 from analysis.spectra import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence
-from dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture
+from analysis.text.corpora import CORPORA
 
 METRICS = {"rank_90": "rank at 90% energy", "rank_99": "rank at 99% energy", "effective_rank": "effective rank"}
 
@@ -23,9 +25,7 @@ def result_from_dir(path: str, stamp: float, center: bool) -> dict:
     """SpectraResult (as JSON) of a run directory; ``stamp`` (mtime) invalidates the cache."""
     p = Path(path)
     if (p / "spectra.json").is_file():
-        import json
         return json.loads((p / "spectra.json").read_text())
-    from analysis.runs import load_run
     capture = load_run(p)
     return compute_spectra(capture, kinds=_kinds_of(capture), center=center).to_json()
 

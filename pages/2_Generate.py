@@ -6,10 +6,11 @@ layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-l
 
 import streamlit as st
 
+from analysis.app.dashboard import cached_model, generate_text, user_errors
 from analysis.compress import METHODS
 from analysis.errors import UserError
-from analysis.plots.generate import fig_kept_positions, fig_occupancy
-from dashboard import cached_model, generate_text, user_errors
+from analysis.report.generate import fig_kept_positions, fig_occupancy
+from analysis.text.corpora import load_documents, token_sequences
 
 INSTRUCTION = "Write three sentences about why a language model caches keys and values."
 
@@ -17,7 +18,6 @@ INSTRUCTION = "Write three sentences about why a language model caches keys and 
 @st.cache_data(show_spinner=False)
 def default_prompt(tokens: int = 300) -> str:
     """The opening ``tokens`` tokens of an Austen novel, or a short instruction without the corpus."""
-    from analysis.corpora import load_documents, token_sequences
 
     try:
         docs = load_documents(corpus="books")

@@ -5,16 +5,20 @@ Shows a sweep directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``perpl
 saves it there with the same files as the command.
 """
 
+import json
 import time
 from pathlib import Path
 
 import streamlit as st
 
-import dashboard
+from analysis.app import dashboard
 from analysis.compress import METHODS
-from analysis.corpora import CORPORA
 from analysis.errors import UserError
-from analysis.plots.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
+from analysis.io import check_out_dir
+from analysis.report.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
+from analysis.report.save import save_sweep
+from analysis.text.corpora import CORPORA
+from experiments.common import parse_ints
 
 QUICK_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
 
@@ -39,9 +43,6 @@ def quick_sweep(root: Path) -> None:
         start = st.form_submit_button("Run sweep")
     if not start:
         return
-    from analysis.sweep import save_sweep
-    from analysis.runs import check_out_dir
-    from experiments.common import parse_ints
 
     tokens, window = int(tokens), int(window)
     if not methods:
@@ -109,7 +110,6 @@ def main() -> None:
         st.session_state["sweep"] = names[0]
     name = st.selectbox("sweep", names, key="sweep")
     path = paths[name] or dashboard.starter_dir("sweep")
-    import json
 
     show(json.loads((path / "perplexity.json").read_text()))
 

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import streamlit as st
 
-import dashboard
-from analysis import starter
+from analysis.app import dashboard, starter
 from analysis.compress import METHODS
-from analysis.corpora import CORPORA
 from analysis.errors import UserError
-from analysis.perturbation_study import MODES, RESULTS, Settings, run_study, save_study
-from analysis.plots.perturbation import fig_fig2, fig_head_heatmap, fig_ideal, fig_layer_deviation, fig_positions
+from analysis.io import check_out_dir
+from analysis.perturbation.study import MODES, RESULTS, Settings, run_study
+from analysis.report.perturbation import fig_fig2, fig_head_heatmap, fig_ideal, fig_layer_deviation, fig_positions
+from analysis.report.save import save_study
+from analysis.text.corpora import CORPORA, load_documents, token_sequences
+from experiments.common import parse_ints
 
 
 def study_dirs(root: Path) -> list[Path]:
@@ -51,9 +53,6 @@ def small_study(root: Path) -> None:
         start = st.form_submit_button("Run study")
     if not start:
         return
-    from analysis.corpora import load_documents, token_sequences
-    from analysis.runs import check_out_dir
-    from experiments.common import parse_ints
 
     n_tokens = int(t0) + int(future) if mode == "fig2" else int(tokens)
     settings = Settings(mode=mode, tokens=n_tokens, layers=parse_ints(layers.strip() or None, "layers"),

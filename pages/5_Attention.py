@@ -2,18 +2,18 @@
 
 Source: a capture run under runs/ (``$KVLENS_RUNS`` overrides) or the starter capture (Austen,
 computed once on the embedded model). The replay decodes the run's text one token at a time through
-the real CompressedCache (analysis.replay); nothing here simulates a method.
+the real CompressedCache (analysis.runtime.replay); nothing here simulates a method.
 """
 
 import streamlit as st
 
-import dashboard
+from analysis.app import dashboard
 from analysis.compress import METHODS, make_policy
 from analysis.errors import UserError
-from analysis.models import EMBEDDED_NAME
-from analysis.plots.attention import fig_attention_map, fig_average_attention, fig_mixing, fig_replay_kept
-from analysis.replay import attention_window, average_attention, merge_preview
-from analysis.runs import list_runs
+from analysis.models.loading import EMBEDDED_NAME
+from analysis.report.attention import fig_attention_map, fig_average_attention, fig_mixing, fig_replay_kept
+from analysis.runtime.replay import attention_window, average_attention, merge_preview
+from analysis.runtime.runs import list_runs, load_run
 
 NEEDED = ("key_post_rope", "value", "attn_received_kv", "attn_count")
 REPLAY_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
@@ -23,7 +23,6 @@ MAX_REPLAY = 512  # token-by-token decoding: keep a replay to a minute or so on 
 @st.cache_resource(show_spinner="Loading the run…", max_entries=4)
 def load_capture(path: str, stamp: float):
     """A capture run, kept in memory (``stamp``: its mtime, so a replaced run is read again)."""
-    from analysis.runs import load_run
 
     return load_run(path)
 

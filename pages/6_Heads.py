@@ -11,14 +11,15 @@ from pathlib import Path
 
 import streamlit as st
 
-import dashboard
-from analysis import starter
-from analysis.corpora import CORPORA
+from analysis.app import dashboard, starter
+from analysis.compress.plans import Plan
 from analysis.errors import UserError
-from analysis.head_plans import BASELINES
-from analysis.heads import measures
-from analysis.plans import Plan
-from analysis.plots.heads import fig_evaluation, fig_heatmap, fig_plan_heatmap, fig_scatter, table_rows
+from analysis.heads.allocate import BASELINES, baseline, greedy_plan
+from analysis.heads.evaluate import evaluate_plans, evaluation_sequences
+from analysis.heads.profile import measures
+from analysis.perplexity.windows import make_windows
+from analysis.report.heads import fig_evaluation, fig_heatmap, fig_plan_heatmap, fig_scatter, table_rows
+from analysis.text.corpora import CORPORA
 
 STARTS = ("greedy", "uniform", "layer", "random", "uniform-evict", "budgets-merge", "budgets-evict")
 
@@ -36,7 +37,6 @@ def load_profile(path: str, mtime: float) -> dict:
 @st.cache_data(show_spinner="Planning…")
 def start_plan(path: str, mtime: float, start: str, total: int) -> dict:
     """The starting plan's JSON (cached: changing another selector does not re-plan)."""
-    from analysis.head_plans import baseline, greedy_plan
 
     profile = load_profile(path, mtime)
     greedy = greedy_plan(profile, total, sinks=profile["sinks"], name=f"greedy-{total}", model=profile["model"])
@@ -58,9 +58,6 @@ def edit_plan(plan: Plan) -> Plan:
 
 def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, documents: int, skip: int,
              baselines: list[str]) -> list[dict]:
-    from analysis.head_eval import evaluate_plans, evaluation_sequences
-    from analysis.head_plans import baseline
-    from analysis.perplexity import make_windows
 
     loaded = dashboard.cached_model()
     plan.check(loaded.model.config)

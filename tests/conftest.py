@@ -13,6 +13,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+from transformers.models.gemma2 import Gemma2Config
+from transformers.models.gemma3 import Gemma3TextConfig
+
+from analysis.models.loading import load_model
 
 VOCAB = 101
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
@@ -27,10 +41,6 @@ SLIDING_WINDOW = 4  # the Gemma configs' window: shorter than the test sequences
 
 def tiny_config(family: str):
     """A 4-layer config of ``family``; every rotary family has GQA except GPT-NeoX (no KV heads)."""
-    from transformers import (GPT2Config, GPTNeoXConfig, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config,
-                              Qwen3Config)
-    from transformers.models.gemma2 import Gemma2Config
-    from transformers.models.gemma3 import Gemma3TextConfig
 
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                   intermediate_size=128, max_position_embeddings=256)
@@ -62,7 +72,6 @@ def tiny_config(family: str):
 
 
 def build_tiny(family: str, attn_implementation: str = "eager", seed: int = 0):
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(family)
@@ -105,6 +114,5 @@ def random_ids():
 @pytest.fixture(scope="session")
 def embedded():
     """The embedded SmolLM2-135M-Instruct (LoadedModel), on CPU in float32, eager attention."""
-    from analysis.models import load_model
 
     return load_model(device="cpu")

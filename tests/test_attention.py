@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis import attention
+from analysis.runtime import kernel as attention
 from tests.conftest import FAMILIES
 
 

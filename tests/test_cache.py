@@ -1,4 +1,4 @@
-"""analysis.cache.CompressedCache inside ``generate()`` and a hand-written decode loop."""
+"""analysis.runtime.cache.CompressedCache inside ``generate()`` and a hand-written decode loop."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from analysis.cache import CompressedCache
 from analysis.compress import METHODS
 from analysis.errors import UserError
+from analysis.runtime.cache import CompressedCache
+from analysis.text.corpora import load_documents, token_sequences
 
 BUDGET, SINKS = 16, 4
 RECENT = BUDGET // 2 - SINKS  # the default split
@@ -49,7 +50,6 @@ def llama(tiny_model):
 
 @pytest.fixture(scope="module")
 def books(embedded):
-    from analysis.corpora import load_documents, token_sequences
 
     seqs = token_sequences(embedded.tokenizer, load_documents(corpus="books"), 40, 3)
     return torch.tensor([ids for _, ids in seqs])  # (3, 40): three different real texts

@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from analysis.cache import CompressedCache
 from analysis.compress import LayerState, make_policy
+from analysis.runtime.cache import CompressedCache
+from analysis.text.corpora import load_documents, token_sequences
 
 T, BUDGET, SINKS = 48, 24, 4
 
@@ -56,7 +57,6 @@ def compressed_nll(model, ids, method):
 
 @pytest.fixture(scope="module")
 def austen(embedded):
-    from analysis.corpora import load_documents, token_sequences
 
     seqs = token_sequences(embedded.tokenizer, load_documents(corpus="books"), T, 2)
     return torch.tensor([ids for _, ids in seqs])  # (2, T)

@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
 
-from analysis.cache import CompressedCache, restore
+import analysis.runtime.kernel as attention
+from analysis.compress.plans import Plan
 from analysis.errors import UserError
-from analysis.plans import Plan
+from analysis.runtime.cache import CompressedCache, restore
 
 BUDGET, SINKS = 16, 4
 
@@ -123,8 +125,7 @@ def test_decode_steps_are_in_place_static_and_never_sync(llama, random_ids, meth
         shapes = (state.keys.shape, state.acc.shape)
 
         # record host reads made inside kvlens's attention call, which includes observe + compress
-        import analysis.attention as attention
-        from transformers import AttentionInterface
+
 
         inside, calls = [False], []
 
@@ -186,7 +187,6 @@ def test_one_decode_step_replays_in_a_cuda_graph(llama, random_ids):
 
 # --- models with sliding-window layers ----------------------------------------------------------------
 def tiny_gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4,

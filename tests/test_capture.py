@@ -1,4 +1,4 @@
-"""analysis.capture on tiny random models of every supported family, and on the embedded model.
+"""analysis.runtime.capture on tiny random models of every supported family, and on the embedded model.
 
 References are independent of the recorder: the model's own DynamicCache after a plain forward or
 ``generate()``, ``output_attentions`` of a plain eager forward, and attention recomputed by hand
@@ -11,12 +11,13 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, FalconConfig
 
-from analysis.capture import KINDS, apply_rope, capture_sequences, record
 from analysis.errors import UserError
-from analysis.models import attention_modules, config_summary
-from tests.conftest import CAPTURE_FAMILIES, KEY_NORM_FAMILIES, SLIDING_WINDOW
+from analysis.models.loading import attention_modules, config_summary
+from analysis.runtime.capture import KINDS, apply_rope, capture_sequences, record
+from analysis.text.corpora import load_documents, token_sequences
+from tests.conftest import CAPTURE_FAMILIES, KEY_NORM_FAMILIES, SLIDING_WINDOW, tiny_config
 
 B, T = 2, 10
 ALL = CAPTURE_FAMILIES
@@ -312,7 +313,6 @@ def test_attention_implementation_and_hooks_restored_after_an_error_inside(tiny_
 # --- the real embedded model on real text ------------------------------------------------------------
 @pytest.mark.slow
 def test_embedded_model_on_books(embedded):
-    from analysis.corpora import load_documents, token_sequences
 
     docs = load_documents(corpus="books")
     sequences = token_sequences(embedded.tokenizer, docs, 256, 1)
@@ -343,7 +343,6 @@ def test_embedded_model_on_books(embedded):
 
 def test_unknown_fused_layout_is_refused():
     """Falcon fuses q/k/v differently from GPT-NeoX: refuse rather than return wrong pre-RoPE keys."""
-    from transformers import AutoModelForCausalLM, FalconConfig
 
     config = FalconConfig(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -381,9 +380,7 @@ class WrongShapeNorm(torch.nn.Module):
 
 def fresh(family: str, **overrides):
     """A tiny model of its own (the session's shared ones must not be modified)."""
-    from transformers import AutoModelForCausalLM
 
-    from tests.conftest import tiny_config
 
     torch.manual_seed(0)
     config = tiny_config(family)

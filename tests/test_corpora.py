@@ -7,11 +7,19 @@ import zlib
 
 import pytest
 
-from analysis import corpora, rdata
-from analysis.corpora import (CORPORA, Document, fetch_corpora, is_fetched, load_corpus,
-                              load_documents, load_text, token_sequences)
 from analysis.errors import UserError
 from analysis.paths import corpora_dir
+from analysis.text import corpora, rdata
+from analysis.text.corpora import (
+    CORPORA,
+    Document,
+    fetch_corpora,
+    is_fetched,
+    load_corpus,
+    load_documents,
+    load_text,
+    token_sequences,
+)
 from tests.conftest import needs_setup
 
 # ------------------------------------------------------------- a tiny R serialiser for fixtures
@@ -93,7 +101,7 @@ def test_rdata_bad_entries(tmp_path):
 def _austen_dir():
     found = sorted((corpora_dir() / "root").glob("usr/lib/R/site-library/janeaustenr/data"))
     if not found:
-        needs_setup("r-cran-janeaustenr not fetched (python -m analysis.corpora fetch books)")
+        needs_setup("r-cran-janeaustenr not fetched (python -m analysis.text.corpora fetch books)")
     return found[0]
 
 
@@ -114,7 +122,7 @@ EXPECTED_IDS = {"books": "books/austen/emma", "web": "web/python3.11-doc/library
 @pytest.mark.parametrize("name", list(CORPORA))
 def test_load_corpus(name):
     if not is_fetched(name):
-        needs_setup(f"corpus {name!r} not fetched (python -m analysis.corpora fetch {name})")
+        needs_setup(f"corpus {name!r} not fetched (python -m analysis.text.corpora fetch {name})")
     docs = load_corpus(name)
     ids = [d.id for d in docs]
     assert docs and len(set(ids)) == len(ids) and EXPECTED_IDS[name] in ids
@@ -129,7 +137,7 @@ def test_load_corpus(name):
 
 def test_second_fetch_is_instant():
     if not all(is_fetched(n) for n in CORPORA):
-        needs_setup("not all corpora fetched (python -m analysis.corpora fetch)")
+        needs_setup("not all corpora fetched (python -m analysis.text.corpora fetch)")
     start = time.perf_counter()
     fetch_corpora(progress=False)
     assert time.perf_counter() - start < 1.0
@@ -180,7 +188,7 @@ def test_unknown_corpus():
 
 def test_corpus_not_fetched(tmp_path, monkeypatch):
     monkeypatch.setenv("KVLENS_CACHE", str(tmp_path))
-    with pytest.raises(UserError, match=r"not downloaded.*python -m analysis.corpora fetch books"):
+    with pytest.raises(UserError, match=r"not downloaded.*python -m analysis.text.corpora fetch books"):
         load_corpus("books")
 
 

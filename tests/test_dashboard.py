@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
+
+from analysis.app import dashboard, starter
+from analysis.models.loading import LoadedModel
+from analysis.perturbation.study import Settings, run_study
+from analysis.report.save import save_study
+from analysis.runtime.capture import capture_sequences
+from analysis.runtime.runs import load_run, save_run
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def app(name: str):
-    from streamlit.testing.v1 import AppTest
 
     return AppTest.from_file(str(ROOT / name), default_timeout=120)
 
@@ -34,9 +43,6 @@ def runs(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_capture(runs, tiny_model):
     """A saved capture of the tiny llama (4 layers, 2 KV heads, head_dim 16): 1 x 24 tokens."""
-    from analysis.capture import capture_sequences
-    from analysis.models import LoadedModel
-    from analysis.runs import save_run
 
     loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
     ids = torch.randint(0, 100, (24,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -53,10 +59,7 @@ def test_home_with_a_capture(tiny_capture):
 
 
 def test_home_without_runs_shows_the_starter(tiny_capture, runs):
-    import shutil
 
-    import dashboard
-    from analysis import starter
 
     shutil.move(tiny_capture, starter.capture_dir())  # as if computed on an earlier first open
     at = app("app.py").run()
@@ -112,8 +115,6 @@ def write_sweep(root: Path) -> Path:
 
 
 def test_perplexity_page(runs):
-    import dashboard
-    from analysis import starter
 
     starter.root().mkdir()
     write_sweep(starter.root()).rename(starter.sweep_dir())  # as if computed on a first open
@@ -146,7 +147,6 @@ def test_home_captures_a_run_on_the_embedded_model(runs):
     at.text_input(key="name").set_value("quick")
     at.button[0].click().run()
     assert not at.exception and not at.error
-    from analysis.runs import load_run
 
     assert at.selectbox(key="run").value == runs / "quick"  # the new run is shown
     capture = load_run(runs / "quick")
@@ -156,11 +156,6 @@ def test_home_captures_a_run_on_the_embedded_model(runs):
 
 def test_perturbation_page(runs, tiny_model):
     """A saved study of every mode opens with its figures; moving a selector redraws without error."""
-    from analysis.models import LoadedModel
-    from analysis.perturbation_study import Settings, run_study, save_study
-
-    import dashboard
-    from analysis import starter
 
     loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
@@ -218,9 +213,7 @@ def test_two_sessions_at_once_get_what_each_would_alone():
     through its own attention function; the evaluator swaps in the grouped one), so without
     ``dashboard.model_lock`` one job's forward runs under another's attention.
     """
-    import threading
 
-    import dashboard
 
     prompt = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
     jobs = {
@@ -254,9 +247,7 @@ def test_two_sessions_at_once_get_what_each_would_alone():
 
 
 def test_model_lock_is_one_reentrant_lock_per_model():
-    import threading
 
-    import dashboard
 
     with dashboard.model_lock():
         with dashboard.model_lock():  # a locked helper may call another
@@ -296,13 +287,12 @@ def test_attention_page_on_the_starter(runs):
 
 
 def test_starter_set_up_is_idempotent(tmp_path, monkeypatch):
-    """`python -m analysis.starter` (run by set-up) does nothing, without loading a model, once the set exists."""
-    from analysis import starter
+    """`python -m analysis.app.starter` (run by set-up) does nothing, without loading a model, once the set exists."""
 
     monkeypatch.setenv("KVLENS_STARTER", str(tmp_path))
     for _, folder, name, _ in starter.PARTS.values():
         folder = folder()
         folder.mkdir(parents=True)
         (folder / name).write_text("{}")
-    monkeypatch.setattr("analysis.models.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr("analysis.models.loading.load_model", lambda *a, **k: pytest.fail("loaded a model"))
     assert starter.main(["--quiet"]) == 0

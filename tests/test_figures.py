@@ -11,10 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from analysis.compress.fig3 import replay
 from analysis.errors import UserError
-from analysis.fig3 import replay
-from analysis.figures import FIGURES, Figure, Sizes, kept
-from analysis.stream import check_stream_length, running_curve, stream_nll, stream_windows
+from analysis.perplexity.stream import check_stream_length, running_curve, stream_nll, stream_windows
+from analysis.perplexity.table1 import paired, table_markdown
+from analysis.report.figures import FIGURES, Figure, FigureRun, Sizes, kept
+from experiments import figures
+from experiments.figures import _prepare_partial
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") is not None
@@ -109,7 +112,6 @@ def test_figures_command_makes_and_then_keeps_fig3(tmp_path):
 
 @pytest.mark.slow
 def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, capsys):
-    from experiments import figures
 
     out = tmp_path / "figs"
     args = ["--out", str(out), "--quiet", "--budgets", "12,16"] + ([] if CHROMIUM else ["--no-png"])
@@ -145,13 +147,11 @@ def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, caps
 
 
 def _run(sizes, budgets):
-    from analysis.figures import FigureRun
 
     return FigureRun(budgets=budgets, sizes=sizes)
 
 
 def test_a_failing_figure_is_named_and_the_others_are_made(tmp_path, monkeypatch, capsys):
-    from experiments import figures
 
     def broken(run, directory):
         (directory / "half.html").write_text("half")
@@ -198,7 +198,6 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, case):
 
 
 def test_partial_results_of_other_settings_are_dropped(tmp_path):
-    from experiments.figures import _prepare_partial
 
     partial = tmp_path / ".partial" / "table1"
     _prepare_partial(partial, {"tokens": 384})
@@ -211,7 +210,6 @@ def test_partial_results_of_other_settings_are_dropped(tmp_path):
 
 
 def test_paired_counts_cells_where_merge_has_the_lower_perplexity():
-    from analysis.table1 import paired, table_markdown
 
     def entry(corpus, method, budget, docs):
         return {"corpus": corpus, "method": method, "budget": budget, "ppl": 1.0, "ppl_doc_std": 0.0,

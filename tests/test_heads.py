@@ -10,15 +10,31 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from streamlit.testing.v1 import AppTest
 
+from analysis.app import starter
+from analysis.compress.plans import Plan
 from analysis.errors import UserError
-from analysis.head_eval import check_split, evaluate_plans
-from analysis.head_plans import baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
-from analysis.heads import attention_stats, error_column, grid, head_errors, profile_capture
-from analysis.plans import Plan
+from analysis.heads.allocate import baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
+from analysis.heads.evaluate import check_split, evaluate_plans
+from analysis.heads.profile import (
+    attention_stats,
+    error_column,
+    grid,
+    head_errors,
+    profile_capture,
+    profile_summary,
+    summary_lines,
+)
+from analysis.perplexity.sweep import run_sweep
+from analysis.perplexity.windows import make_windows
+from analysis.runtime.capture import record
+from analysis.spectra import compute_spectra
+from analysis.text.corpora import load_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +111,6 @@ def test_controls_keep_one_choice_of_the_plan_and_fix_the_other():
 
 
 def tiny_capture(tiny_model, random_ids, T=48, B=2):
-    from analysis.capture import record
 
     model = tiny_model("llama")
     with record(model) as rec, torch.inference_mode():
@@ -106,7 +121,6 @@ def tiny_capture(tiny_model, random_ids, T=48, B=2):
 
 
 def test_profile_agrees_with_spectra_and_the_sweep(tiny_model, random_ids):
-    from analysis.spectra import compute_spectra
 
     capture = tiny_capture(tiny_model, random_ids)
     profile = profile_capture(capture, budgets=(8, 16), sinks=2, recent_window=8)
@@ -156,10 +170,7 @@ def test_overlapping_documents_are_refused():
 
 
 def test_uniform_plan_reproduces_the_uniform_evaluation_exactly(tiny_model, random_ids):
-    from types import SimpleNamespace
 
-    from analysis.perplexity import make_windows
-    from analysis.sweep import run_sweep
 
     model = tiny_model("llama")
     ids = random_ids(2, 40, seed=9)
@@ -203,7 +214,6 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
     evaluation = tmp_path / "evaluation"
     common = ["--tokens", "96", "--window", "64", "--documents", "1", "--quiet", "--no-png", "--out", str(evaluation)]
     plan_file = json.loads((out / "plan.json").read_text())
-    from analysis.corpora import load_documents
 
     plan_file["profile"]["text_ids"] = [load_documents(corpus="books")[0].id]  # as if it profiled the first book
     (tmp_path / "seen.json").write_text(json.dumps(plan_file))
@@ -217,9 +227,7 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
 
 
 def test_heads_page(tmp_path, monkeypatch):
-    from streamlit.testing.v1 import AppTest
 
-    from analysis import starter
 
     monkeypatch.setenv("KVLENS_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
@@ -252,11 +260,9 @@ def test_heads_page(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_heads_page_evaluates_a_plan_and_its_baselines_on_the_embedded_model(tmp_path, monkeypatch):
     """First open computes the starter profile; Evaluate runs the plan and the chosen baselines."""
-    from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("KVLENS_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
-    from analysis import starter
 
     at = AppTest.from_file(str(ROOT / "pages" / "6_Heads.py"), default_timeout=600).run()
     assert not at.exception and not at.error and at.selectbox(key="profile").value == starter.PROFILE_LABEL
@@ -274,7 +280,6 @@ def test_heads_page_evaluates_a_plan_and_its_baselines_on_the_embedded_model(tmp
 
 
 def test_profile_summary_by_hand():
-    from analysis.heads import profile_summary, summary_lines
 
     cols = ["layer", "kv_head", "rank", "sensitivity", "merge_minus_evict", "entropy",
             "error_weightedkv_8", "error_weightedkv_evict_8"]

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import analysis.perplexity as ppl
+import analysis.perplexity.decode as ppl
+import analysis.perplexity.jobs as sweep
 from analysis.errors import UserError
-from analysis.perplexity import evaluate, make_windows, scored_mask, window_nll
+from analysis.perplexity.decode import window_nll
+from analysis.perplexity.jobs import evaluate
+from analysis.perplexity.windows import make_windows, running_log_ppl, scored_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +72,6 @@ def test_rows_do_not_leak(tiny_model, random_ids):
 
 
 def test_evaluate_resumes_per_window_whatever_the_batch_size(tiny_model, random_ids, tmp_path, monkeypatch):
-    import analysis.sweep as sweep
 
     model = tiny_model("llama")
     w = make_windows([("a", random_ids(1, 120, 5)[0].tolist())], 40)  # 5 windows
@@ -109,7 +111,6 @@ def test_randomised_window_result_does_not_depend_on_batch_size(tiny_model, rand
 
 def test_sweep_jobs_share_rows_and_equal_one_by_one(tiny_model, random_ids, monkeypatch):
     """Fewer windows than the batch: jobs run side by side, each row under its own policy."""
-    import analysis.sweep as sweep
 
     model = tiny_model("llama")
     w = make_windows([("a", random_ids(1, 40, 7)[0].tolist())], 40)  # one window
@@ -189,11 +190,11 @@ def test_running_log_ppl_is_the_mean_of_each_documents_running_mean():
     for row, doc in enumerate(w.docs):
         targets = torch.arange(1, w.size) + w.starts[row]  # target index of each prediction
         nll[row] = targets.float() if doc == "a" else 4.0
-    curve = ppl.running_log_ppl(w, nll, points=39)
+    curve = running_log_ppl(w, nll, points=39)
     assert len(curve) == 39  # 39 scored targets per document, one point each
     for i, value in enumerate(curve):
         a = sum(range(1, i + 2)) / (i + 1)  # running mean of 1..i+1
         assert value == pytest.approx((a + 4.0) / 2, abs=1e-5)
     assert mask.sum() == 2 * 39
-    halved = ppl.running_log_ppl(w, nll, points=13)  # fewer points: every third target
+    halved = running_log_ppl(w, nll, points=13)  # fewer points: every third target
     assert halved == [curve[i] for i in range(2, 39, 3)]

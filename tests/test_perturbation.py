@@ -1,14 +1,24 @@
-"""analysis.perturbation: exact cases by hand, agreement with the cache, and the paper's claim."""
+"""analysis.perturbation.one_step: exact cases by hand, agreement with the cache, and the paper's claim."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from analysis.capture import record
 from analysis.compress import LayerState
 from analysis.errors import UserError
-from analysis.perturbation import PAIR, perturb, perturb_state, state_at
+from analysis.models.loading import LoadedModel
+from analysis.perturbation.end_to_end import end_to_end
+from analysis.perturbation.ideal import VARIANTS, ideal_errors
+from analysis.perturbation.one_step import PAIR, perturb, perturb_state, state_at
+from analysis.perturbation.study import Settings, check_result_dir, paired_lines, run_study
+from analysis.report.save import save_study
+from analysis.runtime.cache import CompressedCache
+from analysis.runtime.capture import record
+from experiments.common import run_main
+from experiments.perturbation import main
 
 NEG = -1.0e4  # a score whose softmax weight underflows to exactly 0 in float32
 
@@ -61,7 +71,6 @@ def test_merge_is_ideal_for_identical_keys_in_the_attention_ratio():
 
 
 def test_state_at_equals_full_cache_and_capture(tiny_model, random_ids):
-    from analysis.cache import CompressedCache
 
     model, ids, t = tiny_model("llama"), random_ids(2, 20, seed=3), 12
     with record(model) as rec, torch.inference_mode():
@@ -90,10 +99,9 @@ def test_state_at_equals_full_cache_and_capture(tiny_model, random_ids):
     assert len(out["h2o"]["rel_error"]["per_step"]) == 4
 
 
-# --- the study modes (analysis.merge_study, end_to_end, ideal_merge, perturbation_study) ------------------
+# --- the study modes (analysis.perturbation.summary, end_to_end, ideal_merge, perturbation_study) ------------------
 
 def tiny_loaded(tiny_model):
-    from analysis.models import LoadedModel
 
     return LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
 
@@ -106,7 +114,6 @@ def tiny_capture(tiny_model, random_ids, T=40, seed=0):
 
 
 def test_ideal_merge_is_exact_at_its_own_query_and_the_convex_ones_are_not(tiny_model, random_ids):
-    from analysis.ideal_merge import VARIANTS, ideal_errors
 
     for seed in range(3):
         errors = ideal_errors(tiny_capture(tiny_model, random_ids, seed=seed), 1, 20, 8, sinks=2)
@@ -118,7 +125,6 @@ def test_ideal_merge_is_exact_at_its_own_query_and_the_convex_ones_are_not(tiny_
 
 
 def test_end_to_end_kl_is_zero_without_compression(tiny_model, random_ids):
-    from analysis.end_to_end import end_to_end
 
     jobs = [("full", None), ("weightedkv", 12), ("weightedkv", 99), ("h2o", 12)]
     res = end_to_end(tiny_model("llama"), random_ids(1, 40, seed=1)[0], jobs, sinks=2)
@@ -132,9 +138,7 @@ def test_end_to_end_kl_is_zero_without_compression(tiny_model, random_ids):
 
 
 def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
-    import json
 
-    from analysis.perturbation_study import Settings, check_result_dir, paired_lines, run_study, save_study
 
     loaded = tiny_loaded(tiny_model)
     seqs = [(f"s{i}", random_ids(1, 40, seed=i)[0].tolist()) for i in range(2)]
@@ -183,7 +187,6 @@ def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
     (dict(mode="ideal", tokens=40, steps=[35], future=8), "--steps must lie in"),
 ])
 def test_bad_settings_are_one_line_errors(settings, message):
-    from analysis.perturbation_study import Settings
 
     with pytest.raises(UserError, match=message) as err:
         Settings(**settings).validate()
@@ -191,7 +194,6 @@ def test_bad_settings_are_one_line_errors(settings, message):
 
 
 def test_layers_and_heads_out_of_range():
-    from analysis.perturbation_study import Settings
 
     config = {"num_layers": 30, "num_kv_heads": 3}
     with pytest.raises(UserError, match="0..29"):
@@ -202,8 +204,6 @@ def test_layers_and_heads_out_of_range():
 
 @pytest.mark.slow
 def test_command_refuses_text_too_short_and_writes_nothing(tmp_path, capsys):
-    from experiments.perturbation import main
-    from experiments.common import run_main
 
     text = tmp_path / "short.txt"
     text.write_text("A short text. " * 20)
@@ -216,7 +216,6 @@ def test_command_refuses_text_too_short_and_writes_nothing(tmp_path, capsys):
 
 
 def test_unknown_mode_is_one_line(capsys):
-    from experiments.perturbation import main
 
     with pytest.raises(SystemExit) as code:
         main(["bogus", "--out", "x"])

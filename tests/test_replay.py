@@ -1,4 +1,4 @@
-"""analysis.replay on a tiny llama: the replay is the real cache, victims obey the policy, mixtures add up."""
+"""analysis.runtime.replay on a tiny llama: the replay is the real cache, victims obey the policy, mixtures add up."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from analysis.errors import UserError
-from analysis.replay import merge_preview, replay
+from analysis.models.loading import LoadedModel
+from analysis.runtime.cache import CompressedCache
+from analysis.runtime.capture import capture_sequences
+from analysis.runtime.replay import merge_preview, replay
 
 T, BUDGET, LAYER = 40, 12, 2
 
@@ -24,7 +27,6 @@ def weighted(tiny_model, tokens):
 
 def test_replay_holds_what_the_cache_holds(tiny_model, tokens, weighted):
     """The last step equals a CompressedCache fed the same tokens one at a time, every layer decoded."""
-    from analysis.cache import CompressedCache
 
     model = tiny_model("llama")
     cache = CompressedCache(model, "weightedkv", BUDGET)
@@ -70,8 +72,6 @@ def test_eviction_keeps_untouched_values(tiny_model, tokens):
 
 
 def test_merge_preview_is_the_lowest_average_attention_candidate(tiny_model, tokens):
-    from analysis.capture import capture_sequences
-    from analysis.models import LoadedModel
 
     loaded = LoadedModel(tiny_model("llama"), None, "tiny", torch.device("cpu"), torch.float32)
     capture = capture_sequences(loaded, [("s", tokens)], progress=False)

@@ -1,20 +1,23 @@
-"""analysis.runs (save/load, atomic output, refusing to clobber) and the ``experiments.capture`` command."""
+"""analysis.runtime.runs (save/load, atomic output, refusing to clobber) and the ``experiments.capture`` command."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
-from analysis.capture import Capture
 from analysis.errors import UserError
-from analysis.runs import META, TENSORS, atomic_dir, check_out_dir, list_runs, load_meta, load_run, save_run
+from analysis.io import atomic_dir, check_out_dir
+from analysis.runtime.capture import Capture
+from analysis.runtime.runs import META, TENSORS, list_runs, load_meta, load_run, save_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,8 +187,6 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
 @pytest.mark.slow
 def test_capture_command_bad_inputs(tmp_path):
     """Each: exit 2, one stderr line 'error: ...', and no run directory (or temp) left behind."""
-    import re
-    from concurrent.futures import ThreadPoolExecutor
 
     cases = _bad_inputs(tmp_path)
     existing_meta = (tmp_path / "existing" / META).read_bytes()

@@ -7,12 +7,21 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import pytest
 import scipy.linalg
 import torch
+from streamlit.testing.v1 import AppTest
 
 from analysis.errors import UserError
+from analysis.models.loading import LoadedModel
+from analysis.report.export import write_figure
+from analysis.report.spectra import fig_key_vs_value, fig_rank_heatmaps, standard_figures
+from analysis.runtime.capture import capture_sequences
+from analysis.runtime.runs import save_run
 from analysis.spectra import SpectraResult, compute_spectra, summary_sentence
+from experiments.bench_spectra import RandomCapture, loop_spectra
+from experiments.spectra import main
 from tests.conftest import needs_setup
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,7 +121,6 @@ def test_bad_inputs():
 
 
 def test_batched_equals_per_head_loop():
-    from experiments.bench_spectra import RandomCapture, loop_spectra
 
     cap = RandomCapture(layers=2, tokens=80, head_dim=16)
     ref = loop_spectra(cap)
@@ -123,7 +131,6 @@ def test_batched_equals_per_head_loop():
 
 
 def test_figures_state_normalisation():
-    from analysis.plots.spectra import fig_key_vs_value, fig_rank_heatmaps, standard_figures
 
     cap = fake(key_pre_rope=lambda seed: low_rank(2, seed=seed), key_post_rope=lambda seed: low_rank(6, seed=seed),
                value=lambda seed: low_rank(14, seed=seed))
@@ -138,9 +145,7 @@ def test_figures_state_normalisation():
 
 
 def test_write_figure(tmp_path, monkeypatch):
-    import plotly.graph_objects as go
 
-    from analysis.plots.export import write_figure
 
     fig = go.Figure(go.Scatter(y=[1, 2, 3]))
     html = write_figure(fig, tmp_path, "a", png=False)
@@ -160,9 +165,6 @@ def test_write_figure(tmp_path, monkeypatch):
 @pytest.fixture
 def tiny_run(tmp_path, tiny_model):
     """A saved capture of the tiny llama (4 layers, 4 query / 2 KV heads, head_dim 16), 2 x 40 tokens."""
-    from analysis.capture import capture_sequences
-    from analysis.models import LoadedModel
-    from analysis.runs import save_run
 
     loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(0)
@@ -171,7 +173,6 @@ def tiny_run(tmp_path, tiny_model):
 
 
 def test_command_on_saved_run(tiny_run, tmp_path, capsys):
-    from experiments.spectra import main
 
     out = tmp_path / "out"
     main(["--run", str(tiny_run), "--layers", "0,2-3", "--no-png", "--out", str(out), "--quiet"])
@@ -187,7 +188,6 @@ def test_command_on_saved_run(tiny_run, tmp_path, capsys):
 
 
 def test_dashboard_page(tiny_run, monkeypatch):
-    from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("KVLENS_RUNS", str(tiny_run.parent))
     at = AppTest.from_file(str(ROOT / "pages" / "1_Spectra.py"), default_timeout=60).run()
@@ -205,10 +205,6 @@ def test_dashboard_page(tiny_run, monkeypatch):
 
 
 def test_command_bad_inputs_leave_nothing(tiny_model, tmp_path):
-    from analysis.capture import capture_sequences
-    from analysis.models import LoadedModel
-    from analysis.runs import save_run
-    from experiments.spectra import main
 
     loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
     values_only = save_run(capture_sequences(loaded, [("s", list(range(40)))], kinds=("value",), progress=False),

@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
 
-from analysis.plans import Plan
+from analysis.compress.plans import Plan
+from analysis.errors import UserError
+from analysis.models.loading import load_model
+from analysis.perplexity.decode import window_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--corpus", "books", "--tokens", "96", "--window", "64", "--documents", "2", "--quiet", "--no-png"]
@@ -83,18 +88,13 @@ def test_resume_with_other_settings_is_refused_naming_them(tmp_path):
 def test_device_map(embedded, monkeypatch):
     """--device-map auto on a CPU-only machine puts every layer on the CPU, and the cache works there;
     a model class that declares no unsplittable blocks is refused in one line."""
-    import torch
 
-    from analysis.errors import UserError
-    from analysis.models import load_model
-    from analysis.perplexity import window_nll
 
     loaded = load_model("default", device_map="auto")
     assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
     ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(window_nll(loaded.model, ids, "weightedkv", 16),
                                window_nll(embedded.model, ids, "weightedkv", 16), rtol=0, atol=1e-4)
-    from transformers import LlamaForCausalLM
 
     monkeypatch.setattr(LlamaForCausalLM, "_no_split_modules", None)
     with pytest.raises(UserError, match="--device-map auto is not supported for it") as err:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.teacher_forced import sweep_layer
+from analysis.perturbation.teacher_forced import sweep_layer
+from analysis.runtime.cache import CompressedCache
+from analysis.runtime.capture import capture_sequences
+from analysis.text.corpora import load_documents, token_sequences
 
 JOBS = [("full", None), ("weightedkv", 12), ("weightedkv_evict", 12), ("h2o", 12), ("tova", 12), ("cam", 12),
         ("streaming_llm", 12), ("random", 12), ("weightedkv", 40), ("weightedkv", 99)]
@@ -47,9 +50,6 @@ def test_jobs_side_by_side_equal_each_job_alone():
 def test_sweep_state_is_what_the_compressed_cache_holds(embedded, method):
     """Layer 0 sees the same tokens whatever the cache does, so its teacher-forced state after T tokens
     must be the one CompressedCache holds inside the model after decoding them one by one."""
-    from analysis.cache import CompressedCache
-    from analysis.capture import capture_sequences
-    from analysis.corpora import load_documents, token_sequences
 
     seqs = token_sequences(embedded.tokenizer, load_documents(corpus="books"), 48, 1)
     cap = capture_sequences(embedded, seqs, layers=[0], kinds=("query_post_rope", "key_post_rope", "value"),

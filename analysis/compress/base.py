@@ -15,7 +15,7 @@ victim left) and a victim is freed in place, so a decoding step copies nothing. 
 position order: "right neighbour" means the valid slot of the same (row, head) holding the next
 larger position, and sinks and the recent window are defined by position. ``ordered()`` gives a
 dense, position-sorted copy for reading. Each (row, head) can have its own budget; a head under its
-budget holds free slots, which attention masks to exactly zero weight (``analysis.attention``).
+budget holds free slots, which attention masks to exactly zero weight (``analysis.runtime.kernel``).
 
 The per-step path has static shapes and no host synchronisation: host-side bookkeeping (how many
 slots may overflow, when to grow) uses Python ints that do not depend on tensor contents.

@@ -1,0 +1,203 @@
+"""The starter set: what the dashboard shows on first open, before the user has made a run.
+
+On the embedded model: a 256-token Austen capture with the attention maps of its last 64 queries
+(home, Spectra and Attention pages), a small perplexity sweep (Perplexity page), a Fig. 2
+perturbation study on one Austen and one Python-docs sequence (Perturbation page) and a head
+profile of 256 Austen tokens (Heads page). Each is computed once into ``$KVLENS_STARTER`` (default
+``~/.cache/kvlens/starter``), by set-up or by the first page that needs it, and read from disk
+afterwards.
+
+    python -m analysis.app.starter [--quiet]    # compute whatever is missing (./run.sh setup runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from analysis.heads.profile import profile_sequences
+from analysis.io import atomic_dir, write_json
+from analysis.models.loading import load_model
+from analysis.paths import cache_dir
+from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.sweep import run_sweep
+from analysis.perplexity.windows import make_windows
+from analysis.perturbation.study import Settings, run_study
+from analysis.report.save import save_study, save_sweep
+from analysis.runtime.capture import capture_sequences
+from analysis.runtime.runs import save_run
+from analysis.text.corpora import load_documents, token_sequences
+
+CAPTURE = dict(corpus="books", tokens=256, maps_window=(192, 256))
+
+
+SWEEP = dict(corpus="books", tokens=256, window=128, budgets=[32],
+             methods=["full", "weightedkv", "weightedkv_evict", "streaming_llm"])
+
+
+FIG2 = dict(corpora=("books", "web"), t0=100, future=100)  # one sequence of t0 + future tokens from each
+
+
+PROFILE = dict(corpus="books", tokens=256, budgets=[32, 64, 128])
+
+
+LABEL = "starter: Austen, 256 tokens (embedded model)"
+
+
+FIG2_LABEL = "starter: Fig. 2 on Austen + Python docs, t0 = 100, 100 steps (embedded model)"
+
+
+PROFILE_LABEL = "starter: heads of 256 Austen tokens (embedded model)"
+
+
+def root() -> Path:
+    return Path(os.environ.get("KVLENS_STARTER") or cache_dir() / "starter")
+
+
+def capture_dir() -> Path:
+    return root() / "capture-{corpus}-{tokens}-maps{maps_window[0]}".format(**CAPTURE)
+
+
+def sweep_dir() -> Path:
+    return root() / "ppl-{corpus}-{tokens}-w{window}-m{budgets[0]}".format(**SWEEP)
+
+
+def fig2_dir() -> Path:
+    return root() / "fig2-books-web-t{t0}-n{future}".format(**FIG2)
+
+
+def profile_dir() -> Path:
+    return root() / "heads-{corpus}-{tokens}".format(**PROFILE)
+
+
+def counter(total: int, on_progress=None):
+    """A ``progress(n)`` callback (units done) that reports ``on_progress(fraction)``."""
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if on_progress:
+            on_progress(done[0] / total)
+
+    return progress
+
+
+def documents(corpus: str):
+    """The corpus' documents; for ``books``, the Austen novels first (the text the paper's examples use)."""
+
+    docs = load_documents(corpus=corpus)
+    return [d for d in docs if "/austen/" in d.id] + [d for d in docs if "/austen/" not in d.id]
+
+
+def capture(loaded, corpus: str, tokens: int, sequences: int = 1, maps_window=None, on_progress=None):
+    """Capture ``sequences`` x ``tokens`` of ``corpus`` (Austen first) with ``loaded``."""
+
+    seqs = token_sequences(loaded.tokenizer, documents(corpus), int(tokens), int(sequences))
+    result = capture_sequences(loaded, seqs, progress=False, on_progress=on_progress, maps_window=maps_window)
+    result.meta["source"] = {"corpus": corpus}
+    return result
+
+
+def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int],
+          on_progress=None) -> tuple[dict, dict]:
+    """A perplexity sweep over one document of ``corpus``; ``on_progress(fraction)`` as windows finish."""
+
+    jobs = sweep_jobs(methods, budgets, window)  # bad settings fail before any work
+    windows = make_windows(token_sequences(loaded.tokenizer, documents(corpus), tokens, 1), window)
+    return run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens, documents=1,
+                     progress=counter(len(jobs) * len(windows.docs), on_progress))
+
+
+def make_capture(loaded, on_progress=None) -> Path:
+    """The starter capture run, computed unless it is already on disk."""
+
+    out = capture_dir()
+    if not (out / "meta.json").is_file():
+        save_run(capture(loaded, **CAPTURE, on_progress=on_progress), out, overwrite=True)
+    return out
+
+
+def make_sweep(loaded, on_progress=None) -> Path:
+    """The starter perplexity sweep, computed unless it is already on disk."""
+
+    out, s = sweep_dir(), SWEEP
+    if not (out / "perplexity.json").is_file():
+        summary, tensors = sweep(loaded, s["corpus"], s["tokens"], s["window"], s["methods"], s["budgets"],
+                                 on_progress)
+        save_sweep(out, summary, tensors, overwrite=True, png=False)
+    return out
+
+
+def make_fig2(loaded, on_progress=None) -> Path:
+    """The starter Fig. 2 study (every layer and KV head), computed unless it is already on disk."""
+
+    out, s = fig2_dir(), FIG2
+    if not (out / "perturbation.json").is_file():
+        settings = Settings(mode="fig2", tokens=s["t0"] + s["future"], t0=s["t0"], future=s["future"])
+        seqs = [seq for c in s["corpora"]
+                for seq in token_sequences(loaded.tokenizer, documents(c), settings.tokens, 1)]
+        summary, tensors = run_study(loaded, seqs, settings, progress=counter(len(seqs), on_progress),
+                                     source={"corpora": list(s["corpora"])})
+        save_study(out, summary, tensors, overwrite=True, png=False)
+    return out
+
+
+def make_profile(loaded, on_progress=None) -> Path:
+    """The starter head profile (every layer and KV head), computed unless it is already on disk."""
+
+    out, s = profile_dir(), PROFILE
+    if not (out / "profile.json").is_file():
+        seqs = token_sequences(loaded.tokenizer, documents(s["corpus"]), s["tokens"], 1)
+        steps = 2 * loaded.summary()["num_layers"]
+        result = profile_sequences(loaded, seqs, {"corpus": s["corpus"]}, budgets=s["budgets"],
+                                   progress=counter(steps, on_progress))
+        with atomic_dir(out, overwrite=True) as tmp:
+            write_json(tmp / "profile.json", result)
+    return out
+
+
+# (name, directory, the file that marks it done, maker); set-up and the pages go through this table
+PARTS = {
+    "capture": ("starter capture", capture_dir, "meta.json", make_capture),
+    "sweep": ("starter perplexity sweep", sweep_dir, "perplexity.json", make_sweep),
+    "fig2": ("starter Fig. 2 study", fig2_dir, "perturbation.json", make_fig2),
+    "profile": ("starter head profile", profile_dir, "profile.json", make_profile),
+}
+
+
+def is_made(part: str) -> bool:
+    _, folder, marker, _ = PARTS[part]
+    return (folder() / marker).is_file()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.app.starter", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    missing = [p for p in PARTS if not is_made(p)]
+    if not missing:
+        return 0
+
+
+    loaded = load_model("default")
+    for part in missing:
+        name, _, _, make = PARTS[part]
+        with tqdm(total=100, desc=name, unit="%", disable=args.quiet) as bar:
+            make(loaded, lambda fraction: bar.update(round(100 * fraction) - bar.n))
+            bar.update(100 - bar.n)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from analysis.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as err:  # e.g. corpora not fetched: one line, exit code 2, nothing written
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""Which heads can be compressed: profiles, per-head budget plans, evaluation on unseen text."""

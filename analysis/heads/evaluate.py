@@ -1,0 +1,73 @@
+"""Does a head plan beat a uniform budget on text it never saw? Perplexity of plans at equal memory.
+
+Each plan is run by the perplexity evaluator (``analysis.perplexity.sweep.run_sweep`` with ``plan=``, method
+weightedkv: the plan's per-head ``merge`` flags choose merge or evict) on evaluation documents that
+must not share a document with the profiling text (``check_split``).
+"""
+
+from __future__ import annotations
+
+from analysis.errors import UserError
+from analysis.perplexity.sweep import run_sweep
+from analysis.text.corpora import load_documents, token_sequences
+
+METHOD = "weightedkv"
+
+
+def base_id(text_id: str) -> str:
+    """A sequence id without its chunk suffix: 'books/x#2' is a chunk of document 'books/x'."""
+    return text_id.split("#", 1)[0]
+
+
+def check_split(profile_ids, evaluation_ids) -> None:
+    """One-line error when an evaluation sequence comes from a profiled document."""
+    profiled = {base_id(t) for t in profile_ids}
+    shared = sorted({base_id(t) for t in evaluation_ids} & profiled)
+    if shared:
+        raise UserError(f"evaluation text overlaps the profiling text ({len(shared)} document(s), e.g. {shared[0]}): "
+                        "pick other documents (--skip N) or another corpus")
+
+
+def evaluation_sequences(tokenizer, source: dict, tokens: int, documents: int, skip: int = 0,
+                         profile_ids=()) -> list[tuple[str, list[int]]]:
+    """``documents`` sequences of ``tokens`` from ``source`` after skipping its first ``skip`` documents."""
+
+    if skip < 0:
+        raise UserError(f"--skip must be at least 0, got {skip}")
+    docs = load_documents(**source)
+    if skip >= len(docs):
+        raise UserError(f"--skip {skip} leaves none of the {len(docs)} documents of {source}")
+    sequences = token_sequences(tokenizer, docs[skip:], tokens, documents)
+    check_split(profile_ids, [t for t, _ in sequences])
+    return sequences
+
+
+def evaluate_plans(loaded, windows, plans: list, source: dict, tokens: int, documents: int,
+                   batch_size: int = 32, progress=None, seed: int = 0) -> list[dict]:
+    """One evaluation.json row per plan: plan name, total slots, corpus, ppl and per-document ppl."""
+
+    rows = []
+    for plan in plans:
+        plan.check(loaded.model.config)
+        summary, _ = run_sweep(loaded, windows, [METHOD], [], source=source, tokens=tokens, documents=documents,
+                               batch_size=batch_size, progress=progress, plan=plan, seed=seed)
+        r = summary["results"][0]
+        rows.append({"plan": plan.name, "total_slots": plan.total_slots, "corpus": source.get("corpus", "text"),
+                     "source": source, "ppl": r["ppl"], "per_document_ppl": r["per_document_ppl"],
+                     "tokens": r["tokens"], "seconds": r["seconds"], "mean_budget": r["budget"]})
+    return rows
+
+
+def comparison(results: list[dict], reference: str = "uniform") -> list[dict]:
+    """Per corpus and plan: ppl change against ``reference`` in %, overall and per document (min/max)."""
+    out = []
+    for r in results:
+        ref = next((x for x in results if x["plan"] == reference and x["corpus"] == r["corpus"]), None)
+        if ref is None or r is ref:
+            continue
+        per = [100 * (r["per_document_ppl"][d] / ref["per_document_ppl"][d] - 1) for d in r["per_document_ppl"]
+               if d in ref["per_document_ppl"]]
+        out.append({"corpus": r["corpus"], "plan": r["plan"], "versus": reference,
+                    "ppl_change_percent": 100 * (r["ppl"] / ref["ppl"] - 1),
+                    "per_document_change_percent": per, "best_document": min(per), "worst_document": max(per)})
+    return out

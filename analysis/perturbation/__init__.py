@@ -1,0 +1,1 @@
+"""Merge vs evict, head by head: one step, teacher-forced, ideal merge, end to end."""

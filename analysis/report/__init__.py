@@ -1,0 +1,1 @@
+"""Figures: the plot builders, the figure registry and the writers of result directories."""

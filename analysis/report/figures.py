@@ -1,0 +1,249 @@
+"""Every figure of the toolkit from one place (``python -m experiments.figures``).
+
+A figure is one line in ``FIGURES``: its name -> ``Figure(builder, settings, about, units, needs_model)``.
+``builder(run, directory)`` writes the figure's files (HTML + PNG, data beside them) into a fresh
+directory; ``settings(run)`` is the dict of everything its output depends on. The runner builds each
+figure in a temporary directory renamed to ``OUT/NAME`` when complete, and records the settings in
+``OUT/NAME/figure.json``: a figure already there with the same settings is kept (a killed run redoes
+only what is missing). Long figures also keep per-(method, window) partial results in
+``OUT/.partial/NAME`` so a kill inside them loses at most one batch.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from analysis.compress.fig3 import replay
+from analysis.heads.allocate import greedy_plan
+from analysis.heads.profile import profile_sequences
+from analysis.io import write_json
+from analysis.perplexity.stream import check_stream_length, run_stream
+from analysis.perplexity.table1 import TABLE_METHODS, check_finite, run_table, table_csv, table_markdown, window_count
+from analysis.perturbation.study import Settings, run_study
+from analysis.report.export import write_figure
+from analysis.report.fig3 import fig_fig3_replay
+from analysis.report.heads import fig_plan_heatmap, profile_figures
+from analysis.report.save import save_study, write_stream
+from analysis.report.spectra import standard_figures
+from analysis.report.table1 import fig_table1
+from analysis.runtime.capture import capture_sequences
+from analysis.spectra import compute_spectra, summary_sentence
+from analysis.text.corpora import load_documents, token_sequences
+
+FIGURE_JSON = "figure.json"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each figure does; ``QUICK`` and ``FULL`` are the command's two presets."""
+    spectra_sequences: int
+    spectra_tokens: int
+    table_documents: int
+    table_tokens: int
+    table_window: int
+    stream_documents: int
+    stream_tokens: int | None  # None: as many as the model has positions
+    perturb_sequences: int = 8  # half books, half web
+    fig2_future: int = 800  # steps after the one compression at t0 = 100
+    sweep_tokens: int = 1024
+    heads_documents: int = 4  # books documents profiled per head
+    heads_tokens: int = 1024
+
+
+FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table_tokens=1024, table_window=1024,
+             stream_documents=4, stream_tokens=None)
+
+
+QUICK = Sizes(spectra_sequences=2, spectra_tokens=512, table_documents=1, table_tokens=384, table_window=384,
+              stream_documents=2, stream_tokens=768, perturb_sequences=2, fig2_future=200, sweep_tokens=256,
+              heads_documents=1, heads_tokens=256)
+
+
+@dataclass
+class FigureRun:
+    """What every builder may read: the options, the sizes, the model (loaded once) and the progress bar."""
+    model: str = "default"
+    corpora: list[str] = field(default_factory=lambda: ["books", "web", "latex", "math"])
+    budgets: list[int] = field(default_factory=lambda: [128, 256])
+    sizes: Sizes = FULL
+    png: bool = True
+    quiet: bool = False
+    out: Path = Path(".")
+    load: Callable[[], object] | None = None  # -> LoadedModel
+    advance: Callable[[int], None] = lambda n: None  # progress, in the units of ``Figure.units``
+    note: Callable[[str], None] = lambda text: None  # a live detail beside the progress bar
+    _loaded: object = None
+
+    def loaded(self):
+        if self._loaded is None:
+            self._loaded = self.load()
+        return self._loaded
+
+    def partial(self, name: str) -> Path:
+        return self.out / ".partial" / name
+
+
+@dataclass(frozen=True)
+class Figure:
+    build: Callable[[FigureRun, Path], None]
+    settings: Callable[[FigureRun], dict]
+    about: str
+    units: Callable[[FigureRun], int] = lambda run: 1
+    needs_model: bool = True
+
+
+@contextmanager
+def ticking(run: FigureRun, name: str, every: int = 16):
+    """Show the model forwards done inside a long figure (its units arrive only per finished batch)."""
+    count = 0
+
+    def hook(module, args, output):
+        nonlocal count
+        count += 1
+        if count % every == 0:
+            run.note(f"{name}: {count} model steps")
+
+    handle = run.loaded().model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --- builders -------------------------------------------------------------------------------------------
+def build_fig1_spectra(run: FigureRun, out: Path) -> None:
+
+    loaded, s = run.loaded(), run.sizes
+    sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), s.spectra_tokens,
+                                s.spectra_sequences)
+    capture = capture_sequences(loaded, sequences, kinds=("key_pre_rope", "key_post_rope", "value"), progress=False,
+                                on_progress=lambda f: None)
+    result = compute_spectra(capture, kinds=("key_pre_rope", "key_post_rope", "value"))
+    write_json(out / "spectra.json", result.to_json() | {"summary_sentence": summary_sentence(result)})
+    for stem, fig in standard_figures(result).items():
+        write_figure(fig, out, stem, png=run.png)
+    run.advance(1)
+
+
+def build_fig3_replay(run: FigureRun, out: Path) -> None:
+
+    steps = replay()
+    write_json(out / "fig3.json", [asdict(s) for s in steps])
+    write_figure(fig_fig3_replay(steps), out, "fig3_replay", png=run.png)
+    run.advance(1)
+
+
+def _perturbation(run: FigureRun, out: Path, settings) -> None:
+    """A merging-effects study (``analysis.perturbation.study``) on sequences from two corpora."""
+
+    loaded, n = run.loaded(), run.sizes.perturb_sequences
+    half = max(1, n // 2)
+    seqs = [s for corpus, k in (("books", half), ("web", n - half)) if k
+            for s in token_sequences(loaded.tokenizer, load_documents(corpus=corpus), settings.tokens, k)]
+    summary, tensors = run_study(loaded, seqs, settings, source={"corpus": "books+web"})
+    study = save_study(out / "study", summary, tensors, png=run.png)  # JSON, CSV, curves stay in study/
+    for figure in sorted((study / "figures").iterdir()):  # the figures sit beside every other figure's
+        figure.replace(out / figure.name)
+    (study / "figures").rmdir()
+    run.advance(1)
+
+
+def build_fig2_perturbation(run: FigureRun, out: Path) -> None:
+
+    _perturbation(run, out, Settings("fig2", 100 + run.sizes.fig2_future, future=run.sizes.fig2_future))
+
+
+def build_merge_vs_evict(run: FigureRun, out: Path) -> None:
+
+    _perturbation(run, out, Settings("sweep", run.sizes.sweep_tokens, budgets=[min(run.budgets)]))
+
+
+def build_heads(run: FigureRun, out: Path) -> None:
+    """Head profile (analysis/heads.py) on the first corpus, its figures, and the greedy plan at min(budgets)x."""
+
+    loaded, s = run.loaded(), run.sizes
+    budgets = [b for b in (32, 64, 128, 256, 512) if b < s.heads_tokens]
+    sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), s.heads_tokens,
+                                s.heads_documents)
+    profile = profile_sequences(loaded, sequences, {"corpus": run.corpora[0]}, budgets=budgets)
+    write_json(out / "profile.json", profile)
+    for stem, fig in profile_figures(profile).items():
+        write_figure(fig, out, stem, png=run.png)
+    heads = len(profile["layers"]) * profile["num_kv_heads"]
+    plan = greedy_plan(profile, min(run.budgets) * heads, sinks=profile["sinks"], name=f"greedy-{min(run.budgets)}x",
+                       model=profile["model"])
+    write_json(out / "plan.json", plan.to_json())
+    write_figure(fig_plan_heatmap(plan), out, "plan_budgets", png=run.png)
+    run.advance(1)
+
+
+STREAM_METHODS = ["weightedkv", "weightedkv_evict"]
+
+
+def _stream_tokens(run: FigureRun) -> int | None:
+    return run.sizes.stream_tokens
+
+
+def build_fig4_stream(run: FigureRun, out: Path) -> None:
+
+    loaded = run.loaded()
+    limit = loaded.summary()["max_positions"]
+    tokens = run.sizes.stream_tokens or limit
+    check_stream_length(tokens, limit)
+    sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), tokens,
+                                run.sizes.stream_documents)
+    with ticking(run, "fig4_stream"):
+        summary, tensors = run_stream(loaded, sequences, STREAM_METHODS, run.budgets[:1],
+                                      source={"corpus": run.corpora[0]}, partial=run.partial("fig4_stream"),
+                                      progress=run.advance)
+    write_stream(out, summary, tensors, png=run.png)
+
+
+def build_table1(run: FigureRun, out: Path) -> None:
+
+    s = run.sizes
+    with ticking(run, "table1"):
+        table = run_table(run.loaded(), run.corpora, run.budgets, tokens=s.table_tokens,
+                          documents=s.table_documents, window=s.table_window, partial=run.partial("table1"),
+                          progress=run.advance)
+    check_finite(table)
+    write_json(out / "table.json", table)
+    for name, text in (("table.md", table_markdown(table)), ("table.csv", table_csv(table))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    write_figure(fig_table1(table), out, "table1", png=run.png)
+
+
+def _table_units(run: FigureRun) -> int:
+
+    jobs = 1 + (len(TABLE_METHODS) - 1) * len(run.budgets)
+    return jobs * len(run.corpora) * run.sizes.table_documents * window_count(run.sizes.table_tokens,
+                                                                             run.sizes.table_window)
+
+
+# --- the registry: one line per figure -------------------------------------------------------------------
+FIGURES: dict[str, Figure] = {
+    "fig1_spectra": Figure(build_fig1_spectra, lambda r: {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences, "tokens": r.sizes.spectra_tokens}, "Fig. 1: key vs value singular-value spectra (+ rank heatmaps, RoPE keys)"),  # noqa: E501
+    "fig3_replay": Figure(build_fig3_replay, lambda r: {"policy": "WeightedKV(budget=4, sinks=0, recent=0)"}, "Fig. 3: the toy example replayed step by step through WeightedKV.compress", needs_model=False),  # noqa: E501
+    "fig4_stream": Figure(build_fig4_stream, lambda r: {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.stream_documents, "tokens": r.sizes.stream_tokens or "model positions", "budget": r.budgets[0], "methods": STREAM_METHODS}, "Fig. 4: running log-perplexity over one long stream, WeightedKV vs eviction", units=lambda r: len(STREAM_METHODS) * r.sizes.stream_documents),  # noqa: E501
+    "fig2_perturbation": Figure(build_fig2_perturbation, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "t0": 100, "future": r.sizes.fig2_future, "corpora": "books+web"}, "Fig. 2: one merge vs one eviction at step 100, attention cosine and output error over the next steps"),  # noqa: E501
+    "merge_vs_evict": Figure(build_merge_vs_evict, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "tokens": r.sizes.sweep_tokens, "budget": min(r.budgets), "corpora": "books+web"}, "Teacher-forced output error per layer and KV head: WeightedKV merge minus eviction"),  # noqa: E501
+    "heads": Figure(build_heads, lambda r: {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.heads_documents, "tokens": r.sizes.heads_tokens, "plan": f"greedy {min(r.budgets)}x"}, "Which heads to compress: head profile (sensitivity, merge minus evict, key rank) and a greedy budget plan"),  # noqa: E501
+    "table1": Figure(build_table1, lambda r: {"model": r.model, "corpora": r.corpora, "budgets": r.budgets, "documents": r.sizes.table_documents, "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}, "Table I: perplexity of every method per corpus at each budget, per-document spread", units=_table_units),  # noqa: E501
+}
+
+
+def kept(directory: Path, settings: dict) -> bool:
+    """True when ``directory`` holds a finished figure made with exactly these settings."""
+    marker = directory / FIGURE_JSON
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("settings") == json.loads(json.dumps(settings))
+    except (OSError, ValueError):
+        return False

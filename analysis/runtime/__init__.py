@@ -1,0 +1,1 @@
+"""Running a model: the attention kernel, the compressed cache, capture and replay."""

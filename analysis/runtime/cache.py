@@ -1,0 +1,266 @@
+"""A transformers ``Cache`` that runs a compression policy inside ``generate()`` and ``forward``.
+
+    with CompressedCache(model, method="weightedkv", budget=256) as cache:
+        model.generate(ids, past_key_values=cache, max_new_tokens=100)
+
+Each step a layer writes the new keys/values into free slots of its ``LayerState`` (``update``,
+called by the model before attention); kvlens's attention function (``analysis.runtime.kernel``) attends
+over the valid slots with a mask built from their positions, so the overflowing step sees m + 1
+slots as in Algorithm 1; it then hands the softmax weights to the layer, which updates its
+statistics and lets the policy shrink every head back to its budget.
+
+Side effects on the model, and how to undo them: building a cache registers two forward hooks on
+every attention module (they act only for a ``CompressedCache``) and switches the model's attention
+implementation to ``"kvlens"`` (eager arithmetic that returns weights). ``cache.close()``, or leaving
+the ``with`` block, removes the hooks and restores the previous implementation once the last open
+cache of that model is closed; so does dropping the last reference to the cache. ``restore(model)``
+undoes everything at once.
+
+Keys are cached post-RoPE with their original positions (``generate`` passes explicit
+``position_ids``), so nothing is re-rotated after eviction. ``get_seq_length()`` is the number of
+tokens the cache has seen, so a second ``generate()`` on the same cache continues the conversation.
+Sliding-window layers (Gemma 2/3, hybrid models) keep the model's own sliding cache: their window
+already bounds them, and compressing inside it would change what the model was trained to see.
+Batches must be unpadded (equal-length rows).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from weakref import WeakKeyDictionary
+
+import torch
+from torch import Tensor, nn
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+
+from analysis.compress import LayerState, Policy, make_policy
+from analysis.errors import UserError
+from analysis.models.loading import attention_modules
+from analysis.runtime import kernel as attention
+
+_OPEN: "WeakKeyDictionary[nn.Module, dict]" = WeakKeyDictionary()  # model -> hooks, previous impl, open caches
+
+
+class CompressedLayer(DynamicLayer):
+    """One layer's cache: a fixed-capacity ``LayerState`` kept within its budgets by the shared ``Policy``."""
+
+    is_croppable = False
+
+    def __init__(self, policy: Policy, layer_idx: int, budgets: list[int] | None = None,
+                 merge: list[bool] | None = None, recent: list[int] | None = None,
+                 row_ids: Tensor | None = None, row_budgets: Tensor | None = None, track_mixing: int = 0):
+        super().__init__()
+        self.policy, self.layer_idx = policy, layer_idx
+        self.budgets, self.merge, self.recent = budgets, merge, recent  # per KV head, from a plan
+        self.row_ids, self.row_budgets, self.track_mixing = row_ids, row_budgets, track_mixing
+        self.state: LayerState | None = None
+        self.pending = False  # appended tokens whose attention has not been seen yet
+
+    def _start(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.lazy_initialization(key_states, value_states)
+        device = key_states.device
+        state = LayerState.empty(key_states, value_states, 0, stats=self.policy.stats, layer=self.layer_idx,
+                                 row_ids=self.row_ids, track_mixing=self.track_mixing)
+        if self.row_budgets is not None:  # (B, 1): one budget per row (a sweep's jobs side by side)
+            state.budget = self.row_budgets.to(device).expand(-1, key_states.shape[1])
+        elif self.budgets is not None:
+            state.budget = torch.tensor(self.budgets, device=device)[None, :]  # (1, H)
+        if state.budget is not None:
+            state.budget_range = (int(state.budget.min()), int(state.budget.max()))
+        if self.merge is not None:
+            state.merge_mask = torch.tensor(self.merge, device=device)[None, :]  # (1, H)
+        if self.recent is not None:
+            state.recent = torch.tensor(self.recent, device=device)[None, :, None]  # (1, H, 1)
+        high = state.budget_range[1] if state.budget_range else self.policy.budget
+        if self.policy.name != "full" and high:
+            state._grow(high + 1)  # the overflowing step attends over budget + 1 slots
+        self.state = state
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self.pending:
+            raise RuntimeError("the attention of the previous step never reached the cache: was the model's "
+                               "attention implementation changed after the CompressedCache was built?")
+        if self.state is None:
+            self._start(key_states, value_states)
+        self.state.append(key_states, value_states)
+        # full keeps dense, ordered slots that any attention implementation reads correctly
+        self.pending = self.policy.name != "full"
+        self.keys, self.values = self.state.keys, self.state.values
+        return self.keys, self.values
+
+    def after_attention(self, weights: Tensor | None) -> None:
+        """Fold this step's attention (B, Hq, q, C) into the statistics, then compress."""
+        state = self.state
+        if weights is not None:
+            state.observe(weights)
+        elif self.policy.needs_attention:
+            raise UserError(f"{self.policy.name} needs attention weights, which this model's attention did not return")
+        self.policy.compress(state)
+        high = state.budget_range[1] if state.budget_range else self.policy.budget
+        if self.policy.name != "full" and state.capacity > high + 1:
+            state.compact(high + 1)  # after a long prompt: one copy gives the memory back
+        self.keys, self.values = state.keys, state.values
+        self.pending = False
+
+    def get_seq_length(self) -> int:
+        """Tokens seen so far (transformers reads it as the next token's position)."""
+        return self.state.seen if self.state is not None else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # kvlens's attention builds this layer's mask from slot positions; this only sizes the unused one
+        return (self.state.capacity if self.state is not None else 0) + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.state, self.pending = None, False
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if repeats != 1:
+            raise UserError("CompressedCache does not support beam search or num_return_sequences > 1")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise UserError("CompressedCache does not support beam search")
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        # generate()'s beam search reorders each layer through this; the inherited version would
+        # reorder keys/values but not ``state``, silently mixing beams
+        raise UserError("CompressedCache does not support beam search")
+
+
+def _bind(module: nn.Module, args, kwargs) -> None:
+    cache = kwargs.get("past_key_values")
+    layer = cache.layers[module.layer_idx] if isinstance(cache, CompressedCache) else None
+    attention.bind(module, layer if isinstance(layer, CompressedLayer) else None)
+
+
+def _unbind(module: nn.Module, args, kwargs, output) -> None:
+    attention.bind(module, None)
+    cache = kwargs.get("past_key_values")
+    if isinstance(cache, CompressedCache):
+        layer = cache.layers[module.layer_idx]
+        if isinstance(layer, CompressedLayer) and layer.pending:
+            impl = getattr(getattr(module, "config", None), "_attn_implementation", "?")
+            raise UserError(f"the model's attention is {impl!r}, not kvlens's: CompressedCache needs the "
+                            "implementation it set (was it changed after the cache was built?)")
+
+
+def _open(model: nn.Module) -> None:
+    """Hooks and the attention implementation, once per model however many caches are open."""
+    entry = _OPEN.get(model)
+    if entry is None:
+        modules = attention_modules(model).values()
+        handles = [m.register_forward_pre_hook(_bind, with_kwargs=True) for m in modules]
+        handles += [m.register_forward_hook(_unbind, with_kwargs=True) for m in modules]
+        previous = model.config._attn_implementation
+        if previous not in ("eager", attention.NAME):
+            warnings.warn(f"CompressedCache needs attention weights: the model runs kvlens's eager attention "
+                          f"instead of {previous} until the cache is closed")
+        model.set_attn_implementation(attention.register())
+        entry = _OPEN[model] = {"handles": handles, "previous": previous, "open": 0}
+    entry["open"] += 1
+
+
+def _close(model: nn.Module) -> None:
+    entry = _OPEN.get(model)
+    if entry is None:
+        return
+    entry["open"] -= 1
+    if entry["open"] <= 0:
+        for handle in entry["handles"]:
+            handle.remove()
+        model.set_attn_implementation(entry["previous"])
+        del _OPEN[model]
+
+
+def restore(model: nn.Module) -> None:
+    """Undo every CompressedCache's side effects on ``model`` (hooks, attention implementation)."""
+    entry = _OPEN.get(model)
+    if entry is not None:
+        entry["open"] = 0
+        _close(model)
+
+
+def _sliding_layers(config) -> set[int]:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(config, "layer_types", None) or []
+    return {i for i, kind in enumerate(types) if kind == "sliding_attention"} if getattr(config, "sliding_window", None) else set()
+
+
+class CompressedCache(Cache):
+    """Cache whose every full-attention layer is held to ``budget`` slots (or a plan's) by ``method``.
+
+    ``plan``: an ``analysis.compress.plans.Plan`` giving each (layer, KV head) its budget and, optionally,
+    merge-or-evict; ``row_ids`` (B,) seed the randomised methods per row (window index);
+    ``rows``: a ``RowPolicies`` batch, each row with its own budget ``row_budgets`` (B,);
+    ``track_mixing`` > 0 records which original tokens each slot's value mixes (for display).
+    """
+
+    def __init__(self, model: nn.Module, method: str = "weightedkv", budget: int | None = 256, sinks: int = 4,
+                 recent: int | None = None, seed: int = 0, policy: Policy | None = None, plan=None,
+                 row_ids: Tensor | None = None, row_budgets: list[int] | None = None, track_mixing: int = 0):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if plan is not None:
+            plan.check(config)
+            budget, sinks, recent = plan.max_budget, plan.sinks, plan.recent
+        self.policy = policy or make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)
+        if plan is not None:
+            plan.check_policy(self.policy)
+        sliding = _sliding_layers(config)
+        rows = torch.tensor(row_budgets)[:, None] if row_budgets is not None else None
+        layers = []
+        for i in range(config.num_hidden_layers):
+            if i in sliding:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
+                continue
+            layers.append(CompressedLayer(
+                self.policy, i, budgets=plan.budgets[i] if plan else None, merge=plan.merge_row(i) if plan else None,
+                recent=plan.recent_row(i) if plan else None, row_ids=row_ids, row_budgets=rows,
+                track_mixing=track_mixing))
+        super().__init__(layers=layers)
+        self._model = model
+        if self.policy.name != "full":  # full needs no hook or switch: see CompressedLayer.update
+            _open(model)
+            self._release = weakref.finalize(self, _close, model)  # also when the cache is dropped
+            self._release.atexit = False  # not during interpreter shutdown
+
+    def close(self) -> None:
+        """Remove the hooks and restore the model's attention implementation (once no cache is open)."""
+        release = getattr(self, "_release", None)
+        if release is not None:
+            release()
+
+    def __enter__(self) -> "CompressedCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _compressed(self) -> list[tuple[int, LayerState]]:
+        return [(i, layer.state) for i, layer in enumerate(self.layers)
+                if isinstance(layer, CompressedLayer) and layer.state is not None]
+
+    def occupancy(self) -> list[int]:
+        """Tokens held per layer (the most any (row, head) holds)."""
+        held = dict((i, int(state.n_valid().max())) for i, state in self._compressed())
+        return [held.get(i, layer.get_seq_length() if not isinstance(layer, CompressedLayer) else 0)
+                for i, layer in enumerate(self.layers)]
+
+    def kept_positions(self, layer: int) -> Tensor:
+        """(B, H, C) original positions layer ``layer`` holds, ascending; free slots (-1) last."""
+        state = getattr(self.layers[layer], "state", None)
+        if state is None:
+            return torch.empty(0, dtype=torch.long)
+        key = torch.where(state.valid, state.positions, torch.iinfo(torch.long).max)
+        return state.positions.gather(2, key.argsort(dim=-1))
+
+    def memory(self) -> dict:
+        """Cache memory two ways: logical (the budgets, what a ragged store would hold) and physical."""
+        logical = physical = 0
+        for _, state in self._compressed():
+            per_slot = (state.keys.shape[-1] + state.values.shape[-1]) * state.keys.element_size()
+            budget = state.budget if state.budget is not None else torch.tensor(self.policy.budget or state.capacity)
+            held = torch.minimum(budget.expand(state.positions.shape[:2]), torch.tensor(state.seen))
+            logical += int(held.sum()) * per_slot
+            physical += state.keys.numel() * state.keys.element_size() + state.values.numel() * state.values.element_size()
+        return {"logical_bytes": logical, "physical_bytes": physical}
