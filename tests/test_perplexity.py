@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import analysis.perplexity.decode as ppl
 import analysis.perplexity.jobs as sweep
 from analysis.errors import UserError
 from analysis.perplexity.decode import window_nll

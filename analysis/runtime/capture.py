@@ -308,7 +308,7 @@ def apply_rope(model: nn.Module, keys: Tensor, positions: Tensor, layer: int | N
         return keys  # absolute-position model (GPT-2): keys carry no rotation
     modules = attention_modules(model)
     attn = modules[layer] if layer is not None else next(iter(modules.values()))
-    rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     extra = {}
     if "layer_type" in inspect.signature(rotary.forward).parameters:
         if layer is None:
