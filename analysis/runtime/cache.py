@@ -155,7 +155,7 @@ def _open(model: nn.Module) -> None:
         previous = model.config._attn_implementation
         if previous not in ("eager", attention.NAME):
             warnings.warn(f"CompressedCache needs attention weights: the model runs kvlens's eager attention "
-                          f"instead of {previous} until the cache is closed")
+                          f"instead of {previous} until the cache is closed", stacklevel=3)
         model.set_attn_implementation(attention.register())
         entry = _OPEN[model] = {"handles": handles, "previous": previous, "open": 0}
     entry["open"] += 1
