@@ -30,11 +30,11 @@ from torch.profiler import profile
 from transformers import DynamicCache
 
 from analysis.app.starter import documents
-from analysis.compress import METHODS, LayerState, make_policy
+from analysis.compress import Job, LayerState, make_jobs, make_policy, method_names
 from analysis.errors import UserError
 from analysis.models.loading import load_model
 from analysis.perplexity.decode import window_nll
-from analysis.perplexity.jobs import run_jobs, sweep_jobs
+from analysis.perplexity.jobs import run_jobs
 from analysis.perplexity.windows import make_windows
 from analysis.perturbation.study import Settings, run_study
 from analysis.runtime import kernel as attention
@@ -84,7 +84,7 @@ def _decode_timer(model, method, budget, length, batch, steps, device):
 
 def bench_step(loaded, args) -> None:
 
-    methods = [m for m in METHODS if m not in ("full",)]
+    methods = method_names(compressing=True)
     print(f"\n### Decode step, batch {args.batch}, {args.steps} steps, median of {args.repeats} (ms/step)\n")
     print("| budget | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
     for budget in parse_ints(args.budgets, "budgets"):
@@ -137,7 +137,7 @@ def bench_throughput(loaded, args) -> None:
     model, device, W = loaded.model, loaded.device, args.window
     ids = torch.randint(0, model.config.vocab_size, (args.batch, W), generator=torch.Generator().manual_seed(0))
     began = time.perf_counter()
-    window_nll(model, ids, "weightedkv", args.budget)
+    window_nll(model, ids, Job.of("weightedkv", args.budget))
     batched = args.batch * (W - 1) / (time.perf_counter() - began)
 
     naive_tokens = W - 1
@@ -217,12 +217,12 @@ def bench_sweep(loaded, args) -> None:
     docs = load_documents(corpus="books")
     windows = make_windows(token_sequences(loaded.tokenizer, docs, args.window, 1), args.window)
     methods = ["weightedkv", "h2o", "tova", "streaming_llm"]
-    jobs = sweep_jobs(methods, [args.budget], args.window)
+    jobs = make_jobs(methods, [args.budget], window=args.window)
     began = time.perf_counter()
-    together, _ = run_jobs(loaded.model, windows, jobs, batch_size=32)
+    together, _ = run_jobs(loaded.model, windows, jobs)
     packed = time.perf_counter() - began
     began = time.perf_counter()
-    alone = {job.key: run_jobs(loaded.model, windows, [job], batch_size=32)[0][job.key] for job in jobs}
+    alone = {job.key: run_jobs(loaded.model, windows, [job])[0][job.key] for job in jobs}
     separate = time.perf_counter() - began
     worst = max(float((together[k] - alone[k]).abs().max()) for k in alone)
     print(f"\n### One {args.window}-token window, methods {', '.join(methods)} at m={args.budget}\n")
@@ -311,7 +311,7 @@ def bench_prefill(loaded, args) -> None:
         print(f"| {method} | {float(out.stdout.strip().splitlines()[-1]):.0f} |")
 
 
-PERTURB_METHODS = ("streaming_llm", "h2o", "tova", "cam", "weightedkv", "weightedkv_evict", "random")
+PERTURB_METHODS = method_names(compressing=True)
 
 PERTURB_CHILD = """
 import sys
@@ -339,7 +339,7 @@ def perturb_part(part: str, model: str, tokens: str, budgets: str, threads: str)
         run_study(loaded, seqs, Settings(mode="sweep", tokens=T, methods=list(PERTURB_METHODS), budgets=budgets))
     else:  # what `experiments.perplexity --window T` runs on the same tokens: one window, every job
 
-        run_jobs(loaded.model, make_windows(seqs, T), sweep_jobs(list(PERTURB_METHODS), budgets, T), batch_size=32)
+        run_jobs(loaded.model, make_windows(seqs, T), make_jobs(PERTURB_METHODS, budgets, window=T))
     seconds = time.perf_counter() - began
     print(seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
 
@@ -353,7 +353,7 @@ def bench_perturb(loaded, args) -> None:
     s = loaded.summary()
     T = args.window
     budgets = ",".join(map(str, parse_ints(args.budgets, "budgets")))
-    sweep_jobs(list(PERTURB_METHODS), parse_ints(budgets, "budgets"), T)  # bad budgets: one line, before any child
+    make_jobs(PERTURB_METHODS, parse_ints(budgets, "budgets"), window=T)  # bad budgets: one line, before any child
     runs: dict[str, list[tuple[float, float]]] = {p.strip(): [] for p in args.parts.split(",")}
     if not set(runs) <= {"forward", "sweep", "perplexity"}:
         raise UserError(f"--parts takes forward, sweep and perplexity, got {args.parts!r}")

@@ -50,11 +50,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from analysis.compress import make_jobs
 from analysis.errors import UserError
 from analysis.io import atomic_dir, write_json
-from analysis.perplexity.jobs import sweep_jobs
-from analysis.perplexity.table1 import TABLE_METHODS
-from analysis.report.figures import FIGURE_JSON, FIGURES, FULL, QUICK, STREAM_METHODS, FigureRun, kept
+from analysis.report.figures import FIGURE_JSON, FIGURES, FULL, QUICK, STREAM_METHODS, TABLE_METHODS, FigureRun, kept
 from analysis.text.corpora import CORPORA
 from experiments.common import add_model_args, load_model_from_args, parse_ints, run_main
 
@@ -123,9 +122,9 @@ def _check_inputs(run, names: list[str]) -> None:
     if min(s.spectra_sequences, s.table_documents, s.stream_documents) < 1:
         raise UserError("--sequences must be at least 1")
     if "table1" in names:
-        sweep_jobs(list(TABLE_METHODS), run.budgets, s.table_window)
+        make_jobs(TABLE_METHODS, run.budgets, window=s.table_window)
     if "fig4_stream" in names:
-        sweep_jobs(STREAM_METHODS, run.budgets[:1], s.stream_tokens or 8192)
+        make_jobs(STREAM_METHODS, run.budgets[:1], window=s.stream_tokens or 8192)
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:

@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from analysis.compress import PolicyOptions, make_jobs, method_names
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
-from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.jobs import Batching
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
@@ -45,7 +46,7 @@ from experiments.common import (
 )
 from experiments.perplexity_stream import main_stream
 
-SWEEP_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm"
+SWEEP_METHODS = ",".join(method_names(compressing=True, in_paper=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     args.documents = 1 if args.documents is None else args.documents
     methods = [m.strip() for m in (args.methods or SWEEP_METHODS).split(",") if m.strip()]
     plan, budgets = plan_and_budgets(args)
-    jobs = sweep_jobs(methods, budgets, args.window, sinks=args.sinks, recent=args.recent, plan=plan)
+    jobs = make_jobs(methods, budgets, PolicyOptions(args.sinks, args.recent, args.seed), plan, window=args.window)
     if args.tokens < args.window:
         raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
     if args.batch_size < 1:
@@ -128,10 +129,9 @@ def main(argv=None) -> None:
 
     mine = len(range(rank, len(windows.docs), world))
     bar = tqdm(total=len(jobs) * mine, unit="run-window", desc="perplexity", disable=args.quiet or rank > 0)
-    summary, tensors = run_sweep(loaded, windows, methods, budgets, source=text_source(args), tokens=args.tokens,
-                                 documents=args.documents, sinks=args.sinks, recent=args.recent, seed=args.seed,
-                                 batch_size=args.batch_size, partial=partial, progress=bar.update,
-                                 on_job=bar.set_postfix_str, plan=plan, rank=rank, world=world)
+    batching = Batching(args.batch_size, partial, bar.update, rank, world)
+    summary, tensors = run_sweep(loaded, windows, jobs, source=text_source(args), tokens=args.tokens,
+                                 documents=args.documents, batching=batching, on_job=bar.set_postfix_str)
     bar.close()
     if rank > 0:
         return

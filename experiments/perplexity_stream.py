@@ -10,15 +10,16 @@ import shutil
 
 from tqdm.auto import tqdm
 
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
-from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.jobs import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.report.save import save_stream
 from analysis.text.corpora import load_documents, token_sequences
 from experiments.common import load_model_from_args, plan_and_budgets, text_source
 
-STREAM_METHODS = "weightedkv,weightedkv_evict"
+STREAM_METHODS = ",".join(MERGE_VS_EVICT)
 STREAM_DOCUMENTS = 4
 
 
@@ -51,16 +52,16 @@ def main_stream(args) -> None:
     tokens = args.tokens if args.tokens is not None else max_positions
     check_stream_length(tokens, max_positions)
 
-    jobs = sweep_jobs(methods, budgets, tokens, sinks=args.sinks, recent=args.recent, plan=plan)  # before any work
+    jobs = make_jobs(methods, budgets, PolicyOptions(args.sinks, args.recent, args.seed), plan,
+                     window=tokens)  # before any work
     sequences = token_sequences(loaded.tokenizer, docs, tokens, documents)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
     settings |= {"tokens": tokens, "documents": documents, "methods": methods,
                  "plan": plan.to_json() if plan is not None else None}
     load_partial_settings(partial, settings, ignore=("batch_size",))
     bar = tqdm(total=len(jobs) * len(sequences), unit="stream", desc=f"stream {tokens} tokens", disable=args.quiet)
-    summary, tensors = run_stream(loaded, sequences, methods, budgets, source=text_source(args), sinks=args.sinks,
-                                  recent=args.recent, seed=args.seed, batch_size=args.batch_size, partial=partial,
-                                  progress=bar.update, plan=plan)
+    summary, tensors = run_stream(loaded, sequences, jobs, source=text_source(args),
+                                  batching=Batching(args.batch_size, partial, bar.update))
     bar.close()
     save_stream(out, summary, tensors, overwrite=args.overwrite, png=not args.no_png)
     shutil.rmtree(partial, ignore_errors=True)

@@ -184,7 +184,7 @@ def test_matches_loop_reference(method, config):
     budget, sinks, recent, sizes = config
     blocks = chunks(10, sizes)
     state = run(make_policy(method, budget, sinks=sinks, recent=recent, seed=5), blocks, attn_seed=100)
-    assert state.ordered().length == budget
+    assert state.ordered().capacity == budget
     assert_matches(state, reference(method, budget, sinks, recent, blocks, 100, seed=5))
 
 
@@ -272,7 +272,7 @@ def test_budget_sinks_and_recent_window_hold_every_step(method):
         policy.compress(state)
         total += k.shape[2]
         held = state.ordered()
-        assert held.length == min(total, budget)
+        assert held.capacity == min(total, budget)
         assert (held.positions[..., :sinks] == torch.arange(sinks)).all()
         assert (held.positions[..., -recent:] == torch.arange(total - recent, total)).all()
         assert state.capacity <= max(15, budget + 4)  # slots are reused, not appended
@@ -314,8 +314,8 @@ def test_long_prefill_compresses_to_budget_like_single_steps(method):
         stepwise.budget = size
         states[1].pending = 1  # as if one token had just arrived: the single-victim path
         stepwise.compress(states[1])
-        assert states[1].ordered().length == size
-    assert states[0].ordered().length == budget
+        assert states[1].ordered().capacity == size
+    assert states[0].ordered().capacity == budget
     for field in ("keys", "values", "positions", "acc", "count", "last"):
         assert torch.equal(getattr(states[0], field), getattr(states[1], field)), field
     if method == "weightedkv":

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from analysis.compress import PolicyOptions, make_jobs
 from analysis.compress.fig3 import replay
 from analysis.errors import UserError
-from analysis.perplexity.stream import check_stream_length, running_curve, stream_nll, stream_windows
+from analysis.perplexity.jobs import run_jobs
+from analysis.perplexity.stream import check_stream_length, running_curve, stream_windows
 from analysis.perplexity.table1 import paired, table_markdown
 from analysis.report.figures import FIGURES, Figure, FigureRun, Sizes, kept
 from experiments import figures
@@ -59,7 +61,8 @@ def test_stream_full_equals_one_forward(tiny_model, random_ids):
     """Tolerance 1e-5 (float32): token by token through the cache = one forward over the whole stream."""
     model, ids = tiny_model("llama"), random_ids(2, 48, seed=11)
     windows = stream_windows([("a", ids[0].tolist()), ("b", ids[1].tolist())])
-    jobs, nll, _ = stream_nll(model, windows, ["full", "weightedkv"], [16], sinks=2)
+    jobs = make_jobs(["full", "weightedkv"], [16], PolicyOptions(sinks=2))
+    nll, _ = run_jobs(model, windows, jobs)
     assert [j.key for j in jobs] == ["full@full", "weightedkv@16"]
     expected = plain_nll(model, ids)  # (2, 47): every target from the second token on
     assert nll["full@full"].shape == (2, 47)

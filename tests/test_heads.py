@@ -17,6 +17,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis.app import starter
+from analysis.compress import Job
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.allocate import baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
@@ -177,7 +178,7 @@ def test_uniform_plan_reproduces_the_uniform_evaluation_exactly(tiny_model, rand
     windows = make_windows([("d0", ids[0].tolist()), ("d1", ids[1].tolist())], 24)
     loaded = SimpleNamespace(model=model, model_id="tiny", device=torch.device("cpu"))
     source = {"corpus": "tiny"}
-    summary, _ = run_sweep(loaded, windows, ["weightedkv"], [12], source=source, tokens=40, documents=2)
+    summary, _ = run_sweep(loaded, windows, [Job.of("weightedkv", 12)], source=source, tokens=40, documents=2)
     plain = summary["results"][0]
     rows = evaluate_plans(loaded, windows, [Plan.uniform(4, 2, 12, name="uniform")], source, 40, 2)
     assert rows[0]["ppl"] == plain["ppl"] and rows[0]["per_document_ppl"] == plain["per_document_ppl"]

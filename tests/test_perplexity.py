@@ -12,13 +12,18 @@ import pytest
 import torch
 
 import analysis.perplexity.jobs as sweep
+from analysis.compress import Job, PolicyOptions, make_jobs
 from analysis.errors import UserError
 from analysis.perplexity.decode import window_nll
-from analysis.perplexity.jobs import evaluate
+from analysis.perplexity.jobs import Batching, evaluate
 from analysis.perplexity.windows import make_windows, running_log_ppl, scored_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+
+def job(method: str, budget: int, sinks: int = 2, seed: int = 0) -> Job:
+    return Job.of(method, budget, PolicyOptions(sinks=sinks, seed=seed))
 
 def plain_nll(model, ids):
     with torch.inference_mode():
@@ -46,7 +51,7 @@ def test_bad_windows():
 
 def test_full_equals_one_forward(tiny_model, random_ids):
     model, ids = tiny_model("llama"), random_ids(2, 40)
-    got = window_nll(model, ids, "full", None, chunk=16)
+    got = window_nll(model, ids, Job.of("full"), chunk=16)
     assert torch.allclose(got, plain_nll(model, ids), atol=1e-5)
 
 
@@ -54,10 +59,10 @@ def test_full_equals_one_forward(tiny_model, random_ids):
 def test_chunked_prefill_below_budget_is_exact(tiny_model, random_ids, method):
     """The fast path (chunks until the budget is reached) equals one token per forward."""
     model, ids = tiny_model("llama"), random_ids(2, 48, seed=1)
-    fast = window_nll(model, ids, method, 24, sinks=2, chunk=128)
-    slow = window_nll(model, ids, method, 24, sinks=2, chunk=1)
+    fast = window_nll(model, ids, job(method, 24), chunk=128)
+    slow = window_nll(model, ids, job(method, 24), chunk=1)
     assert torch.allclose(fast, slow, atol=1e-5)
-    full = window_nll(model, ids, "full", None)
+    full = window_nll(model, ids, Job.of("full"))
     assert torch.allclose(fast[:, :23], full[:, :23], atol=1e-5)  # before any compression
     assert not torch.allclose(fast[:, 30:], full[:, 30:], atol=1e-3)  # compression changes the rest
 
@@ -65,8 +70,8 @@ def test_chunked_prefill_below_budget_is_exact(tiny_model, random_ids, method):
 def test_rows_do_not_leak(tiny_model, random_ids):
     model = tiny_model("llama")
     a, b, c = random_ids(1, 40, 2), random_ids(1, 40, 3), random_ids(1, 40, 4)
-    ab = window_nll(model, torch.cat([a, b]), "weightedkv", 16, sinks=2)
-    ac = window_nll(model, torch.cat([a, c]), "weightedkv", 16, sinks=2)
+    ab = window_nll(model, torch.cat([a, b]), job("weightedkv", 16))
+    ac = window_nll(model, torch.cat([a, c]), job("weightedkv", 16))
     assert torch.allclose(ab[0], ac[0], atol=1e-5) and not torch.allclose(ab[1], ac[1], atol=1e-3)
 
 
@@ -74,17 +79,17 @@ def test_evaluate_resumes_per_window_whatever_the_batch_size(tiny_model, random_
 
     model = tiny_model("llama")
     w = make_windows([("a", random_ids(1, 120, 5)[0].tolist())], 40)  # 5 windows
-    first = evaluate(model, w, "weightedkv", 16, batch_size=2, partial=tmp_path, sinks=2)
+    first = evaluate(model, w, job("weightedkv", 16), Batching(batch_size=2, partial=tmp_path))
     assert sorted(p.name for p in (tmp_path / "weightedkv-16").glob("*.pt")) == [f"{i}.pt" for i in range(5)]
     (tmp_path / "weightedkv-16" / "3.pt").unlink()  # as if killed before window 3 was saved
     rows = []
     real = sweep.decode_rows
     monkeypatch.setattr(sweep, "decode_rows", lambda m, ids, *a, **k: rows.append(len(ids)) or real(m, ids, *a, **k))
-    again = evaluate(model, w, "weightedkv", 16, batch_size=4, partial=tmp_path, sinks=2)  # another batch size
+    again = evaluate(model, w, job("weightedkv", 16), Batching(batch_size=4, partial=tmp_path))  # another batch size
     assert rows == [1]  # only the missing window was recomputed
     assert again["ppl"] == pytest.approx(first["ppl"], rel=1e-6) and again["tokens"] == 119
     with pytest.raises(UserError, match="same as method 'full'"):
-        evaluate(model, w, "weightedkv", 40)
+        evaluate(model, w, Job.of("weightedkv", 40))
 
 
 def test_tail_window_scores_the_rest():
@@ -100,11 +105,11 @@ def test_tail_window_scores_the_rest():
 def test_randomised_window_result_does_not_depend_on_batch_size(tiny_model, random_ids, method):
     model = tiny_model("llama")
     w = make_windows([("a", random_ids(1, 120, 6)[0].tolist())], 40)  # 5 windows
-    alone = evaluate(model, w, method, 12, batch_size=1, sinks=2)["nll"]
-    three = evaluate(model, w, method, 12, batch_size=3, sinks=2)["nll"]
+    alone = evaluate(model, w, job(method, 12), Batching(batch_size=1))["nll"]
+    three = evaluate(model, w, job(method, 12), Batching(batch_size=3))["nll"]
     torch.testing.assert_close(alone, three, rtol=0, atol=1e-5)
     if method == "random":  # (CaM's gate is saturated on this tiny model: p >= 1 whatever the draw)
-        other_seed = evaluate(model, w, method, 12, batch_size=3, sinks=2, seed=1)["nll"]
+        other_seed = evaluate(model, w, job(method, 12, seed=1), Batching(batch_size=3))["nll"]
         assert not torch.allclose(three, other_seed, atol=1e-4)  # the seed does reach the draws
 
 
@@ -114,14 +119,14 @@ def test_sweep_jobs_share_rows_and_equal_one_by_one(tiny_model, random_ids, monk
     model = tiny_model("llama")
     w = make_windows([("a", random_ids(1, 40, 7)[0].tolist())], 40)  # one window
     methods = ["weightedkv", "h2o", "tova", "streaming_llm", "cam"]
-    jobs = sweep.sweep_jobs(methods, [12], 40, sinks=2)
+    jobs = make_jobs(methods, [12], PolicyOptions(sinks=2), window=40)
     calls = []
     real = sweep.decode_rows
     monkeypatch.setattr(sweep, "decode_rows", lambda m, ids, *a, **k: calls.append(len(ids)) or real(m, ids, *a, **k))
-    together, _ = sweep.run_jobs(model, w, jobs, batch_size=32, sinks=2)
+    together, _ = sweep.run_jobs(model, w, jobs)
     assert calls == [len(methods)]  # one decode for the whole sweep
     for job in jobs:
-        alone = window_nll(model, w.ids, job.method, 12, sinks=2, window_ids=[0])
+        alone = window_nll(model, w.ids, job, window_ids=[0])
         torch.testing.assert_close(together[job.key], alone, rtol=0, atol=1e-5)
 
 
@@ -164,7 +169,7 @@ def test_evaluator_leaves_the_model_as_it_was(tiny_model, random_ids):
     model = tiny_model("llama")
     assert model.config._attn_implementation == "eager"
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    window_nll(model, random_ids(1, 24), "weightedkv", 12, sinks=2)
+    window_nll(model, random_ids(1, 24), job("weightedkv", 12))
     assert model.config._attn_implementation == "eager"  # kvlens attention only inside the call
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks
 
@@ -173,12 +178,12 @@ def test_per_document_perplexity(tiny_model, random_ids):
     """Equal-length documents: the overall log-perplexity is the mean of the per-document ones."""
     model = tiny_model("llama")
     docs = [("a", random_ids(1, 80, 8)[0].tolist()), ("b", random_ids(1, 80, 9)[0].tolist())]
-    result = evaluate(model, make_windows(docs, 40), "weightedkv", 16, sinks=2)
+    result = evaluate(model, make_windows(docs, 40), job("weightedkv", 16))
     per = result["per_document_ppl"]
     assert set(per) == {"a", "b"} and per["a"] != per["b"]
     assert result["ppl"] == pytest.approx(math.exp((math.log(per["a"]) + math.log(per["b"])) / 2), rel=1e-4)
     with pytest.raises(UserError, match="--batch-size"):
-        evaluate(model, make_windows(docs, 40), "weightedkv", 16, batch_size=0)
+        evaluate(model, make_windows(docs, 40), Job.of("weightedkv", 16), Batching(batch_size=0))
 
 
 def test_running_log_ppl_is_the_mean_of_each_documents_running_mean():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from analysis.compress import LayerState
+from analysis.compress import Job, LayerState, PolicyOptions
 from analysis.errors import UserError
 from analysis.models.loading import LoadedModel
 from analysis.perturbation.end_to_end import end_to_end
@@ -126,8 +126,9 @@ def test_ideal_merge_is_exact_at_its_own_query_and_the_convex_ones_are_not(tiny_
 
 def test_end_to_end_kl_is_zero_without_compression(tiny_model, random_ids):
 
-    jobs = [("full", None), ("weightedkv", 12), ("weightedkv", 99), ("h2o", 12)]
-    res = end_to_end(tiny_model("llama"), random_ids(1, 40, seed=1)[0], jobs, sinks=2)
+    jobs = [Job.of(m, b, PolicyOptions(sinks=2)) for m, b in [("full", None), ("weightedkv", 12), ("weightedkv", 99),
+                                                               ("h2o", 12)]]
+    res = end_to_end(tiny_model("llama"), random_ids(1, 40, seed=1)[0], jobs)
     assert res["kl"].shape == (4, 39) and res["delta_nll"].shape == (4, 39) and res["deviation"].shape == (4, 4, 39)
     for j in (0, 2):  # full, and a budget above the sequence: nothing is ever compressed
         assert res["kl"][j].abs().max() < 1e-6 and res["delta_nll"][j].abs().max() < 1e-5

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from analysis.compress import Job
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.models.loading import load_model
@@ -93,8 +94,8 @@ def test_device_map(embedded, monkeypatch):
     loaded = load_model("default", device_map="auto")
     assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
     ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(window_nll(loaded.model, ids, "weightedkv", 16),
-                               window_nll(embedded.model, ids, "weightedkv", 16), rtol=0, atol=1e-4)
+    torch.testing.assert_close(window_nll(loaded.model, ids, Job.of("weightedkv", 16)),
+                               window_nll(embedded.model, ids, Job.of("weightedkv", 16)), rtol=0, atol=1e-4)
 
     monkeypatch.setattr(LlamaForCausalLM, "_no_split_modules", None)
     with pytest.raises(UserError, match="--device-map auto is not supported for it") as err:

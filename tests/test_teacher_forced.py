@@ -1,17 +1,19 @@
-"""The teacher-forced sweep: exact zeros where nothing is compressed, and the cache's own states."""
+"""The teacher-forced replay (the perturbation command's sweep mode): exact zeros where nothing is compressed, and the cache's own states."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from analysis.perturbation.teacher_forced import sweep_layer
+from analysis.compress import Job, PolicyOptions
+from analysis.perturbation.teacher_forced import teacher_forced_layer
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import capture_sequences
 from analysis.text.corpora import load_documents, token_sequences
 
-JOBS = [("full", None), ("weightedkv", 12), ("weightedkv_evict", 12), ("h2o", 12), ("tova", 12), ("cam", 12),
-        ("streaming_llm", 12), ("random", 12), ("weightedkv", 40), ("weightedkv", 99)]
+SPECS = [("full", None), ("weightedkv", 12), ("weightedkv_evict", 12), ("h2o", 12), ("tova", 12), ("cam", 12),
+         ("streaming_llm", 12), ("random", 12), ("weightedkv", 40), ("weightedkv", 99)]
+JOBS = [Job.of(m, b, PolicyOptions(sinks=2)) for m, b in SPECS]
 
 
 def random_layer(seed: int, B: int = 2, T: int = 40):
@@ -23,7 +25,7 @@ def random_layer(seed: int, B: int = 2, T: int = 40):
 
 
 def test_error_is_exactly_zero_without_compression_and_positive_with_it():
-    result = sweep_layer(*random_layer(0), JOBS, sinks=2)
+    result = teacher_forced_layer(*random_layer(0), JOBS)
     error = dict(zip(result.jobs, result.error))
     assert result.error.shape == (len(JOBS), 2, 3, 40)
     for job in (("full", 40), ("weightedkv", 40), ("weightedkv", 99)):  # budget >= T never compresses
@@ -39,9 +41,9 @@ def test_error_is_exactly_zero_without_compression_and_positive_with_it():
 
 def test_jobs_side_by_side_equal_each_job_alone():
     q, k, v = random_layer(1)
-    together = sweep_layer(q, k, v, JOBS, sinks=2)
-    for job, error in zip(together.jobs, together.error):
-        alone = sweep_layer(q, k, v, [job if job[0] != "full" else ("full", None)], sinks=2)
+    together = teacher_forced_layer(q, k, v, JOBS)
+    for job, error in zip(JOBS, together.error):
+        alone = teacher_forced_layer(q, k, v, [job])
         torch.testing.assert_close(alone.error[0], error, rtol=0, atol=1e-6)
 
 
@@ -54,8 +56,8 @@ def test_sweep_state_is_what_the_compressed_cache_holds(embedded, method):
     seqs = token_sequences(embedded.tokenizer, load_documents(corpus="books"), 48, 1)
     cap = capture_sequences(embedded, seqs, layers=[0], kinds=("query_post_rope", "key_post_rope", "value"),
                             progress=False)
-    result = sweep_layer(cap.get(0, "query_post_rope"), cap.get(0, "key_post_rope"), cap.get(0, "value"),
-                         [(method, 20)], layer=0)
+    result = teacher_forced_layer(cap.get(0, "query_post_rope"), cap.get(0, "key_post_rope"), cap.get(0, "value"),
+                                  [Job.of(method, 20)], layer=0)
     ids = torch.tensor([seqs[0][1]])
     with torch.inference_mode(), CompressedCache(embedded.model, method, 20) as cache:
         for t in range(ids.shape[1]):

@@ -18,11 +18,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from analysis.compress import make_jobs
 from analysis.heads.profile import profile_sequences
 from analysis.io import atomic_dir, write_json
 from analysis.models.loading import load_model
 from analysis.paths import cache_dir
-from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.jobs import Batching
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.perturbation.study import Settings, run_study
@@ -105,10 +106,10 @@ def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], bud
           on_progress=None) -> tuple[dict, dict]:
     """A perplexity sweep over one document of ``corpus``; ``on_progress(fraction)`` as windows finish."""
 
-    jobs = sweep_jobs(methods, budgets, window)  # bad settings fail before any work
+    jobs = make_jobs(methods, budgets, window=window)  # bad settings fail before any work
     windows = make_windows(token_sequences(loaded.tokenizer, documents(corpus), tokens, 1), window)
-    return run_sweep(loaded, windows, methods, budgets, source={"corpus": corpus}, tokens=tokens, documents=1,
-                     progress=counter(len(jobs) * len(windows.docs), on_progress))
+    return run_sweep(loaded, windows, jobs, source={"corpus": corpus}, tokens=tokens, documents=1,
+                     batching=Batching(progress=counter(len(jobs) * len(windows.docs), on_progress)))
 
 
 def make_capture(loaded, on_progress=None) -> Path:

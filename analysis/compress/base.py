@@ -134,11 +134,6 @@ class LayerState:
     def capacity(self) -> int:
         return self.keys.shape[2]
 
-    @property
-    def length(self) -> int:
-        """Physical slots (valid or free); ``ordered().length`` is the number of tokens held."""
-        return self.capacity
-
     def n_valid(self) -> Tensor:
         return self.valid.sum(dim=-1)  # (B, H)
 
@@ -278,11 +273,15 @@ class Policy:
     sinks: int = 4
     recent: int | None = None
 
+    # Capabilities: code asks these, never the method's name.
     name: ClassVar[str] = ""
+    compresses: ClassVar[bool] = True  # False for the uncompressed reference (``full``)
     needs_attention: ClassVar[bool] = True  # the cache must be fed softmax weights (eager)
     per_layer: ClassVar[bool] = False  # one decision shared by all KV heads of a layer (TOVA)
     stats: ClassVar[tuple[str, ...]] = ()  # which LayerState statistics ``score``/``merge`` read
     merges: ClassVar[bool] = False  # ``merge`` changes values (else victims are simply freed)
+    seeded: ClassVar[bool] = False  # draws random numbers: takes a ``seed`` field (CaM, random)
+    in_paper: ClassVar[bool] = True  # one of the paper's methods or baselines (random is a floor of ours)
 
     def __post_init__(self) -> None:
         if self.recent is None:

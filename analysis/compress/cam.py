@@ -30,13 +30,14 @@ class CaM(StreamingLLM):
     ``u = uniform(seed, window, layer, head, victim position)``, so runs are reproducible and each window's
     draws do not depend on the batch it runs in.
 
-    Reference: Zhang et al., ICML 2024; WeightedKV (arXiv:2503.01330) §II, §V-A; digest §6.4, §8.
+    Reference: Zhang et al., ICML 2024; WeightedKV (arXiv:2503.01330) §II, §V-A.
     """
 
     merge_num: int = 16
     seed: int = 0
 
     name: ClassVar[str] = "cam"
+    seeded: ClassVar[bool] = True
     needs_attention: ClassVar[bool] = True
     stats: ClassVar[tuple[str, ...]] = ("acc",)
     merges: ClassVar[bool] = True

@@ -28,7 +28,7 @@ BUDGET = 4
 TOKENS = 8
 
 
-# ā of the held tokens, oldest first, at each of the 8 steps (paper Fig. 3, digest §1.8)
+# ā of the held tokens, oldest first, at each of the 8 steps (paper Fig. 3)
 PAPER_SCORES = [[1.0], [0.8, 0.5], [0.5, 0.3, 0.9], [0.4, 0.2, 0.7, 0.6], [0.3, 0.1, 0.5, 0.3, 0.5],
                 [0.3, 0.4, 0.2, 0.3, 0.9], [0.3, 0.4, 0.2, 0.5, 0.7], [0.2, 0.4, 0.3, 0.4, 0.6]]  # fmt: skip
 

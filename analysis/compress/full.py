@@ -22,6 +22,7 @@ class Full(Policy):
     budget: int | None = None
 
     name: ClassVar[str] = "full"
+    compresses: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
 
     def __post_init__(self) -> None:

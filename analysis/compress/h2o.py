@@ -21,7 +21,7 @@ class H2O(Policy):
     ``sinks``/``recent`` split (default 4 + ``budget // 2 - 4``), so the comparison isolates the
     score. One token is evicted per decoding step, as H2O's ``topk`` does when it overflows by one.
 
-    Reference: Zhang et al., NeurIPS 2023; WeightedKV (arXiv:2503.01330) §V-A; digest §6.2, §8.
+    Reference: Zhang et al., NeurIPS 2023; WeightedKV (arXiv:2503.01330) §V-A.
     """
 
     name: ClassVar[str] = "h2o"

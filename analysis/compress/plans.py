@@ -90,7 +90,7 @@ class Plan:
         if policy.per_layer and any(len(set(row)) > 1 for row in self.budgets):
             raise UserError(f"{policy.name} makes one decision per layer: a plan for it must give every KV head "
                             "of a layer the same budget")
-        if policy.name == "full":
+        if not policy.compresses:
             raise UserError("method 'full' keeps everything: a plan has no effect on it")
 
     def check_total(self, total: int | None) -> None:

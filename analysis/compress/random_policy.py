@@ -26,12 +26,14 @@ class RandomPolicy(Policy):
     split as the scored methods. Not in the paper (which has no random baseline): a floor for the
     scored methods.
 
-    Reference: WeightedKV (arXiv:2503.01330) §V-A lists no random baseline; digest §4.
+    Reference: WeightedKV (arXiv:2503.01330) §V-A lists no random baseline.
     """
 
     seed: int = 0
 
     name: ClassVar[str] = "random"
+    seeded: ClassVar[bool] = True
+    in_paper: ClassVar[bool] = False
     needs_attention: ClassVar[bool] = False
 
     def score(self, state: LayerState) -> Tensor:

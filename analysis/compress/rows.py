@@ -7,26 +7,39 @@ re-implemented, and a row's result is the one its policy gives alone.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
 from analysis.compress.base import LayerState, Policy
+from analysis.errors import UserError
 
 
+@dataclass(eq=False)
 class RowPolicies(Policy):
-    """Row ``b`` of the batch is compressed by ``policies[rows[b]]``; budgets come from the state."""
+    """Row ``b`` of the batch is compressed by ``policies[rows[b]]``; budgets come from the state.
+
+    Its capabilities are the union of its policies' (any merges: it merges; the statistics any of
+    them reads are kept), as instance attributes shadowing the class defaults.
+    """
+
+    policies: list[Policy] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    budget: int = 0
+    sinks: int = 0
+    recent: int | None = 0
 
     name = "rows"
 
-    def __init__(self, policies: list[Policy], rows: list[int]):
-        if any(p.name == "full" for p in policies):
-            raise ValueError("RowPolicies compresses: run 'full' on its own")
-        self.policies, self.rows = policies, list(rows)
-        self.budget = max(p.budget or 0 for p in policies)
-        self.sinks, self.recent = 0, 0
-        self.needs_attention = any(p.needs_attention for p in policies)
-        self.merges = any(p.merges for p in policies)
-        self.stats = tuple(dict.fromkeys(s for p in policies for s in p.stats))
+    def __post_init__(self) -> None:
+        if not self.policies or any(not p.compresses for p in self.policies):
+            raise UserError("RowPolicies needs compressing policies: run the uncompressed reference on its own")
+        self.rows = list(self.rows)
+        self.budget = max(p.budget for p in self.policies)
+        self.needs_attention = any(p.needs_attention for p in self.policies)
+        self.merges = any(p.merges for p in self.policies)
+        self.stats = tuple(dict.fromkeys(s for p in self.policies for s in p.stats))
         self._masks: dict[torch.device, list[Tensor]] = {}
 
     def row_masks(self, device: torch.device) -> list[Tensor]:

@@ -21,7 +21,7 @@ class StreamingLLM(Policy):
     Positions are the original ones kept in ``LayerState.positions``; the official code's
     "pos shift" (re-indexing inside the cache) is a model-side choice, not the policy's.
 
-    Reference: Xiao et al., ICLR 2024; WeightedKV (arXiv:2503.01330) §V-A; digest §6.1.
+    Reference: Xiao et al., ICLR 2024; WeightedKV (arXiv:2503.01330) §V-A.
     """
 
     name: ClassVar[str] = "streaming_llm"

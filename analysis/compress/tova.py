@@ -21,7 +21,7 @@ class TOVA(Policy):
     score. Pass ``sinks=0, recent=0`` for the original (the newest slot is still never a victim,
     which the original could drop only if it got the lowest weight).
 
-    Reference: Oren et al., 2024; WeightedKV (arXiv:2503.01330) §V-A; digest §6.3, §8.
+    Reference: Oren et al., 2024; WeightedKV (arXiv:2503.01330) §V-A.
     """
 
     name: ClassVar[str] = "tova"

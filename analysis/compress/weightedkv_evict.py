@@ -18,7 +18,7 @@ class WeightedKVEvict(WeightedKV):
     Identical to ``WeightedKV`` (per KV head, ā temporary, same sinks/recent split) except that
     nothing is merged: effectively H2O with an average instead of a sum.
 
-    Reference: WeightedKV (arXiv:2503.01330) §V-B, Fig. 4 "Eviction"; digest §6.5.
+    Reference: WeightedKV (arXiv:2503.01330) §V-B, Fig. 4 "Eviction".
     """
 
     name: ClassVar[str] = "weightedkv_evict"

@@ -7,7 +7,9 @@ must not share a document with the profiling text (``check_split``).
 
 from __future__ import annotations
 
+from analysis.compress import Job, PolicyOptions
 from analysis.errors import UserError
+from analysis.perplexity.jobs import Batching
 from analysis.perplexity.sweep import run_sweep
 from analysis.text.corpora import load_documents, token_sequences
 
@@ -49,8 +51,9 @@ def evaluate_plans(loaded, windows, plans: list, source: dict, tokens: int, docu
     rows = []
     for plan in plans:
         plan.check(loaded.model.config)
-        summary, _ = run_sweep(loaded, windows, [METHOD], [], source=source, tokens=tokens, documents=documents,
-                               batch_size=batch_size, progress=progress, plan=plan, seed=seed)
+        jobs = [Job.of(METHOD, options=PolicyOptions(seed=seed), plan=plan)]
+        summary, _ = run_sweep(loaded, windows, jobs, source=source, tokens=tokens, documents=documents,
+                               batching=Batching(batch_size=batch_size, progress=progress))
         r = summary["results"][0]
         rows.append({"plan": plan.name, "total_slots": plan.total_slots, "corpus": source.get("corpus", "text"),
                      "source": source, "ppl": r["ppl"], "per_document_ppl": r["per_document_ppl"],

@@ -33,13 +33,13 @@ import statistics
 import torch
 from torch import Tensor
 
-from analysis.compress import METHODS
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs, method_names
 from analysis.errors import UserError
-from analysis.perturbation.teacher_forced import sweep_capture
+from analysis.perturbation.teacher_forced import teacher_forced_capture
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra import compute_spectra
 
-MERGE, EVICT = "weightedkv", "weightedkv_evict"
+MERGE, EVICT = MERGE_VS_EVICT
 
 
 DEFAULT_METHODS = (MERGE, EVICT)
@@ -63,13 +63,13 @@ def check_methods(methods) -> list[str]:
 
     methods = list(methods)
     for m in methods:
-        if m not in METHODS or m == "full":
+        if m not in method_names(compressing=True):
             raise UserError(f"unknown method {m!r} for a head profile: choose from "
-                            f"{', '.join(x for x in METHODS if x != 'full')}")
+                            f"{', '.join(method_names(compressing=True))}")
     return methods
 
 
-# The same teacher-forced engine as the perturbation command's sweep mode (analysis.perturbation.teacher_forced).
+# The same teacher-forced engine as the perturbation command's "sweep" mode (analysis.perturbation.teacher_forced).
 def head_errors(capture, methods, budgets, sinks: int = 4, layers=None, progress=None) -> dict[tuple[str, int], Tensor]:
     """{(method, budget): (num_layers, num_kv_heads) mean teacher-forced relative output error}.
 
@@ -82,12 +82,12 @@ def head_errors(capture, methods, budgets, sinks: int = 4, layers=None, progress
     for b in budgets:
         if not sinks < b < T:
             raise UserError(f"profile budget {b} must be above the {sinks} sinks and below the {T} profiled tokens")
-    jobs = [(m, int(b)) for m in methods for b in budgets]
+    jobs = make_jobs(methods, [int(b) for b in budgets], PolicyOptions(sinks=sinks))
     layers = capture.layers if layers is None else list(layers)
-    per_layer = sweep_capture(capture, jobs, layers=layers, sinks=sinks, progress=progress)
+    per_layer = teacher_forced_capture(capture, jobs, layers=layers, progress=progress)
     out = {}
     for j, job in enumerate(jobs):
-        out[job] = torch.stack([per_layer[l].mean_after_fill()[j].mean(0) for l in layers])  # (L, H)
+        out[job.method, job.budget] = torch.stack([per_layer[l].mean_after_fill()[j].mean(0) for l in layers])  # (L, H)
     return out
 
 

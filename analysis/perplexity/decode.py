@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import Policy, make_policy
-from analysis.runtime.cache import CompressedCache
+from analysis.compress import Job, Policy
+from analysis.runtime.cache import CompressedCache, Rows
 
 
 def _nll(logits: Tensor, targets: Tensor) -> Tensor:
@@ -37,18 +37,13 @@ def default_chunk(rows: int) -> int:
 
 
 @torch.inference_mode()
-def window_nll(model, ids: Tensor, method: str, budget: int | None, sinks: int = 4,
-               recent: int | None = None, seed: int = 0, chunk: int | None = None,
-               window_ids: list[int] | None = None, plan=None) -> Tensor:
-    """NLL (b, W-1) of each next token in each window row of ``ids`` (b, W), decoded under ``method``.
+def window_nll(model, ids: Tensor, job: Job, chunk: int | None = None, window_ids: list[int] | None = None) -> Tensor:
+    """NLL (b, W-1) of each next token in each window row of ``ids`` (b, W), decoded under ``job``.
 
-    Token t's prediction sees tokens <= t through a cache compressed to ``budget`` slots per layer
-    (or to a plan's per-head budgets). ``window_ids`` (b,) seed randomised methods per window.
+    Token t's prediction sees tokens <= t through a cache compressed to the job's budget slots per
+    layer (or to its plan's per-head budgets). ``window_ids`` (b,) seed randomised methods per window.
     """
-    policy = make_policy(method, budget if plan is None else plan.max_budget, sinks=sinks,
-                         recent=recent if plan is None else plan.recent, seed=seed)
-    uncompressed = ids.shape[1] - 1 if method == "full" else min(plan.min_budget if plan else budget, ids.shape[1] - 1)
-    return decode_rows(model, ids, policy, uncompressed, chunk, window_ids, plan=plan)
+    return decode_rows(model, ids, job.policy, job.uncompressed(ids.shape[1]), chunk, window_ids, plan=job.plan)
 
 
 def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: int | None = None,
@@ -60,8 +55,8 @@ def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: in
     b, W = ids.shape
     device = next(model.parameters()).device
     row_ids = torch.tensor(window_ids if window_ids is not None else range(b))
-    with torch.inference_mode(), CompressedCache(model, policy=policy, plan=plan, row_ids=row_ids,
-                                                 row_budgets=row_budgets) as cache:
+    rows = Rows(ids=row_ids, budgets=row_budgets)
+    with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows) as cache:
         return _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b)).cpu()
 
 
@@ -79,9 +74,3 @@ def _decode(model, ids: Tensor, cache, uncompressed: int, chunk: int) -> Tensor:
         logits = model(ids[:, t : t + 1], past_key_values=cache, position_ids=positions, use_cache=True).logits
         nll[:, t] = _nll(logits, ids[:, t + 1 : t + 2])[:, 0]
     return nll
-
-
-def _decode_windows(model, ids: Tensor, cache, budget: int | None, method: str, chunk: int) -> Tensor:
-    """Decode ``ids`` through an existing cache (kept for callers that build their own cache)."""
-    uncompressed = ids.shape[1] - 1 if budget is None or method == "full" else min(budget, ids.shape[1] - 1)
-    return _decode(model, ids, cache, uncompressed, chunk)

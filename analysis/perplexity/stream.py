@@ -16,18 +16,15 @@ averaged over documents with its population standard deviation across documents 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from analysis.compress import METHODS
+from analysis.compress import Job
 from analysis.errors import UserError
-from analysis.perplexity.jobs import run_jobs, sweep_jobs
+from analysis.perplexity.jobs import Batching, run_jobs
+from analysis.perplexity.sweep import jobs_settings
 from analysis.perplexity.windows import Windows
-
-DEFAULT_METHODS = ("weightedkv", "weightedkv_evict")
-
 
 POINTS = 400  # points kept of each running curve
 
@@ -48,16 +45,6 @@ def stream_windows(sequences: list[tuple[str, list[int]]]) -> Windows:
         raise UserError(f"stream documents must have the same length, got {sorted(lengths)}")
     ids = torch.tensor([ids for _, ids in sequences], dtype=torch.long)  # (N, T)
     return Windows(ids, [doc for doc, _ in sequences], [0] * len(sequences), [1] * len(sequences))
-
-
-def stream_nll(model, windows: Windows, methods: list[str], budgets: list[int], sinks: int = 4,
-               recent: int | None = None, seed: int = 0, batch_size: int = 32, partial: Path | None = None,
-               progress=None, plan=None) -> tuple[list, dict[str, Tensor], dict[str, float]]:
-    """(jobs, NLL (N, T-1) per job key, seconds per job key) of every (method, budget) over the streams."""
-    jobs = sweep_jobs(methods, budgets, windows.size, sinks=sinks, recent=recent, plan=plan)
-    nll, seconds = run_jobs(model, windows, jobs, batch_size=batch_size, partial=partial, progress=progress,
-                            sinks=sinks, recent=recent, seed=seed)
-    return jobs, nll, seconds
 
 
 def running_curve(nll: Tensor, points: int = POINTS) -> dict:
@@ -96,20 +83,19 @@ def summarise_stream(windows: Windows, jobs, nll: dict[str, Tensor], seconds: di
     return {"results": results}
 
 
-def run_stream(loaded, sequences: list[tuple[str, list[int]]], methods: list[str], budgets: list[int], *,
-               source: dict, sinks: int = 4, recent: int | None = None, seed: int = 0, batch_size: int = 32,
-               partial: Path | None = None, progress=None, plan=None) -> tuple[dict, dict[str, Tensor]]:
-    """Everything ``save_stream`` writes: (summary for stream.json, NLL (N, T-1) per "method@budget")."""
-
-    summary_max = loaded.summary().get("max_positions")
+def run_stream(loaded, sequences: list[tuple[str, list[int]]], jobs: list[Job], *, source: dict,
+               batching: Batching | None = None) -> tuple[dict, dict[str, Tensor]]:
+    """Everything stream.json and nll.safetensors hold: (summary, NLL (N, T-1) per "method@budget")."""
     windows = stream_windows(sequences)
-    check_stream_length(windows.size, summary_max)
-    jobs, nll, seconds = stream_nll(loaded.model, windows, methods, budgets, sinks=sinks, recent=recent, seed=seed,
-                                    batch_size=batch_size, partial=partial, progress=progress, plan=plan)
+    check_stream_length(windows.size, loaded.summary().get("max_positions"))
+    for job in jobs:
+        job.check_window(windows.size)
+    nll, seconds = run_jobs(loaded.model, windows, jobs, batching)
+    settings = jobs_settings(jobs)
     summary = {"model": loaded.model_id, "source": source, "tokens": windows.size, "documents": len(windows.docs),
-               "text_ids": list(windows.docs), "sinks": sinks, "recent": recent, "seed": seed,
-               "plan": plan.name if plan is not None else None, "device": str(loaded.device),
-               "methods": [m for m in METHODS if m in methods], "budgets": budgets,
+               "text_ids": list(windows.docs), "sinks": settings["sinks"], "recent": settings["recent"],
+               "seed": settings["seed"], "plan": settings["plan"], "device": str(loaded.device),
+               "methods": settings["methods"], "budgets": settings["budgets"],
                "spread": "population standard deviation across documents"}
     summary |= summarise_stream(windows, jobs, nll, seconds)
     tensors = {f"{r['method']}@{r['budget']}": nll[job.key].to(torch.float32).contiguous()

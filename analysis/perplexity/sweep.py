@@ -1,33 +1,37 @@
-"""TODO docstring (from analysis.perplexity.jobs)"""
+"""A perplexity sweep: every job over the same windows, summarised as ``perplexity.json`` holds it."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from analysis.compress import METHODS
-from analysis.perplexity.jobs import run_jobs, sweep_jobs
+from analysis.compress import METHODS, Job
+from analysis.perplexity.jobs import Batching, run_jobs
 from analysis.perplexity.windows import Windows, summarise
 
 
-def run_sweep(loaded, windows: Windows, methods: list[str], budgets: list[int], *, source: dict, tokens: int,
-              documents: int, sinks: int = 4, recent: int | None = None, seed: int = 0, batch_size: int = 32,
-              partial: Path | None = None, progress=None, on_job=None, plan=None, rank: int = 0,
-              world: int = 1) -> tuple[dict, dict[str, Tensor]]:
-    """Evaluate every job of the sweep on ``windows``: (summary for perplexity.json, NLL per run).
+def jobs_settings(jobs: list[Job]) -> dict:
+    """The settings a result records about its jobs: the options asked for, plan, methods, budgets."""
+    options = jobs[0].options
+    plan = next((job.plan for job in jobs if job.plan is not None), None)
+    methods = {job.method for job in jobs}
+    return {"sinks": options.sinks, "recent": options.recent, "seed": options.seed,
+            "plan": plan.name if plan is not None else None,
+            "methods": [m for m in METHODS if m in methods],
+            "budgets": list(dict.fromkeys(job.budget for job in jobs if job.budget is not None))}
 
-    ``progress(n)`` is called with each finished batch's unit count (total: jobs x windows / world);
-    ``source`` is ``load_documents``' keyword arguments.
+
+def run_sweep(loaded, windows: Windows, jobs: list[Job], *, source: dict, tokens: int, documents: int,
+              batching: Batching | None = None, on_job=None) -> tuple[dict, dict[str, Tensor]]:
+    """Evaluate every job on ``windows``: (summary for perplexity.json, NLL per run).
+
+    ``source`` is ``load_documents``' keyword arguments; ``on_job`` is told the job keys first.
     """
-
+    batching = batching or Batching()
     corpus = source.get("corpus", "text")
-    jobs = sweep_jobs(methods, budgets, windows.size, sinks, recent, plan)
     if on_job is not None:
         on_job(", ".join(job.key for job in jobs))
-    nll, seconds = run_jobs(loaded.model, windows, jobs, batch_size=batch_size, partial=partial, progress=progress,
-                            sinks=sinks, recent=recent, seed=seed, rank=rank, world=world)
+    nll, seconds = run_jobs(loaded.model, windows, jobs, batching)
     results, tensors = [], {}
     for job in jobs:
         result = summarise(windows, nll[job.key], job.method, job.label_budget(windows.size), seconds[job.key])
@@ -35,11 +39,13 @@ def run_sweep(loaded, windows: Windows, methods: list[str], budgets: list[int], 
             result |= {"plan": job.plan.name, "total_slots": job.plan.total_slots}
         tensors[f"{job.method}@{result['budget']}"] = result.pop("nll").to(torch.float32).contiguous()
         results.append(result | {"corpus": corpus})
+    settings = jobs_settings(jobs)
     summary = {
         "model": loaded.model_id, "source": source, "tokens": tokens, "documents": documents,
-        "window": windows.size, "stride": windows.size // 2, "windows": len(windows.docs), "sinks": sinks,
-        "recent": recent, "seed": seed, "batch_size": batch_size, "processes": world, "device": str(loaded.device),
-        "text_ids": list(dict.fromkeys(windows.docs)), "plan": plan.name if plan is not None else None,
-        "methods": [m for m in METHODS if m in methods], "budgets": budgets, "results": results,
+        "window": windows.size, "stride": windows.size // 2, "windows": len(windows.docs),
+        "sinks": settings["sinks"], "recent": settings["recent"], "seed": settings["seed"],
+        "batch_size": batching.batch_size, "processes": batching.world, "device": str(loaded.device),
+        "text_ids": list(dict.fromkeys(windows.docs)), "plan": settings["plan"],
+        "methods": settings["methods"], "budgets": settings["budgets"], "results": results,
     }
     return summary, tensors

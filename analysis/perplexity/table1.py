@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 
 import torch
 
-from analysis.compress import METHODS
-from analysis.perplexity.sweep import run_sweep
+from analysis.compress import Job, compresses
+from analysis.perplexity.jobs import Batching
+from analysis.perplexity.sweep import jobs_settings, run_sweep
 from analysis.perplexity.windows import Windows, make_windows, summarise
 from analysis.text.corpora import load_documents, token_sequences
-
-TABLE_METHODS = ("full", "streaming_llm", "h2o", "tova", "cam", "weightedkv", "weightedkv_evict", "random")
-
 
 SEP = "/"  # corpus / document id in the combined sweep
 
@@ -54,7 +51,7 @@ def split_by_corpus(windows: Windows, summary: dict, tensors: dict) -> list[dict
             one = summarise(sub, nll, r["method"], r["budget"], r["seconds"] * len(rows) / len(windows.docs))
             docs = list(one["per_document_ppl"].values())
             entries.append({
-                "corpus": corpus, "method": r["method"], "budget": r["budget"] if r["method"] != "full" else None,
+                "corpus": corpus, "method": r["method"], "budget": r["budget"] if compresses(r["method"]) else None,
                 "ppl": round(one["ppl"], 4),
                 "ppl_doc_mean": round(statistics.fmean(docs), 4),
                 "ppl_doc_std": round(statistics.pstdev(docs), 4),
@@ -64,18 +61,19 @@ def split_by_corpus(windows: Windows, summary: dict, tensors: dict) -> list[dict
     return entries
 
 
-def run_table(loaded, corpora: list[str], budgets: list[int], *, tokens: int, documents: int, window: int,
-              methods=TABLE_METHODS, sinks: int = 4, recent: int | None = None, seed: int = 0,
-              batch_size: int = 32, partial: Path | None = None, progress=None) -> dict:
-    """Run the combined sweep and return {settings..., "entries": [...]} (see ``split_by_corpus``)."""
+def run_table(loaded, corpora: list[str], jobs: list[Job], *, tokens: int, documents: int, window: int,
+              batching: Batching | None = None) -> dict:
+    """Run the combined sweep and return {settings..., "entries": [...]} (see ``split_by_corpus``).
 
+    Table I's rows are every registered method (``analysis.compress.method_names()``).
+    """
     windows = corpus_windows(loaded.tokenizer, corpora, tokens, documents, window)
-    summary, tensors = run_sweep(loaded, windows, list(methods), budgets, source={"corpora": corpora}, tokens=tokens,
-                                 documents=documents, sinks=sinks, recent=recent, seed=seed, batch_size=batch_size,
-                                 partial=partial, progress=progress)
-    return {"model": summary["model"], "corpora": corpora, "budgets": budgets, "tokens": tokens,
-            "documents": documents, "window": window, "stride": window // 2, "sinks": sinks, "recent": recent,
-            "seed": seed, "methods": [m for m in METHODS if m in methods],
+    summary, tensors = run_sweep(loaded, windows, jobs, source={"corpora": corpora}, tokens=tokens,
+                                 documents=documents, batching=batching)
+    settings = jobs_settings(jobs)
+    return {"model": summary["model"], "corpora": corpora, "budgets": settings["budgets"], "tokens": tokens,
+            "documents": documents, "window": window, "stride": window // 2, "sinks": settings["sinks"],
+            "recent": settings["recent"], "seed": settings["seed"], "methods": settings["methods"],
             "spread": "population std of the per-document perplexities",
             "entries": split_by_corpus(windows, summary, tensors)}
 
@@ -109,7 +107,7 @@ def table_markdown(table: dict) -> str:
     lines = ["| method | " + " | ".join(f"{c} m={b}" for c, b in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for method in table["methods"]:
-        cells = [_cell(find.get((c, method, None if method == "full" else b))) for c, b in columns]
+        cells = [_cell(find.get((c, method, b if compresses(method) else None))) for c, b in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     note = (f"Perplexity ({table['model']}), {table['documents']} document(s) x {table['tokens']} tokens per corpus, "
             f"window {table['window']}, stride {table['stride']}, {table['sinks']} sinks"

@@ -18,30 +18,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import RowPolicies, make_policy
+from analysis.compress import Job, RowPolicies, StreamingLLM
 from analysis.models.loading import attention_modules
 from analysis.perplexity.decode import decode_rows
 
 
-def _never(T: int):
-    return make_policy("streaming_llm", T + 1, sinks=0, recent=0)  # budget above T: never compresses
+def _never(T: int) -> StreamingLLM:
+    return StreamingLLM(T + 1, sinks=0, recent=0)  # budget above T: never compresses
 
 
 @torch.inference_mode()
-def end_to_end(model, ids: Tensor, jobs: list[tuple[str, int | None]], sinks: int = 4, recent: int | None = None,
-               seed: int = 0) -> dict[str, Tensor]:
+def end_to_end(model, ids: Tensor, jobs: list[Job]) -> dict[str, Tensor]:
     """One sequence ``ids`` (T,): per job, KL (J, T-1), delta NLL (J, T-1) and deviation (J, layers, T).
 
     KL and ΔNLL at column t are about the prediction of token t + 1 from tokens <= t.
     """
     T = ids.shape[-1]
-    squeezes = [m != "full" and b is not None and b < T for m, b in jobs]
-    policies = [_never(T)] + [make_policy(m, b, sinks=sinks, recent=recent, seed=seed) if sq else _never(T)
-                              for (m, b), sq in zip(jobs, squeezes)]
-    budgets = [T + 1] + [b if sq else T + 1 for (_, b), sq in zip(jobs, squeezes)]
+    squeezes = [job.compresses and job.budget < T for job in jobs]
+    policies = [_never(T)] + [job.policy if sq else _never(T) for job, sq in zip(jobs, squeezes)]
+    budgets = [T + 1] + [job.budget if sq else T + 1 for job, sq in zip(jobs, squeezes)]
     R = len(policies)
-    rows = RowPolicies(policies, list(range(R)))
-    uncompressed = min([T - 1] + [b for (_, b), sq in zip(jobs, squeezes) if sq])
+    rows = RowPolicies(policies=policies, rows=list(range(R)))
+    uncompressed = min([T - 1] + [job.budget for job, sq in zip(jobs, squeezes) if sq])
     kl_parts: list[Tensor] = []
     deviation: dict[int, list[Tensor]] = {}
 

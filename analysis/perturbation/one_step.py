@@ -96,7 +96,7 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
     (B, Hq, F)}}`` tensors.
     """
     B, Hq, F, D = queries.shape
-    H, t = state.keys.shape[1], state.length
+    H, t = state.keys.shape[1], state.capacity
     q = queries.reshape(B, H, Hq // H, F, D)  # (B, H, G, F, D): query head h uses KV head h // G
     w_full, o_full = _attend(q, torch.cat([state.keys, keys], 2), torch.cat([state.values, values], 2), t)
     out, victims = {}, {}

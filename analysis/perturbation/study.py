@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from analysis.compress import METHODS, make_policy
+from analysis.compress import METHODS, Job, PolicyOptions, compresses, make_jobs, make_policy
 from analysis.errors import UserError
 from analysis.perturbation.end_to_end import end_to_end
 from analysis.perturbation.ideal import ideal_sequence
-from analysis.perturbation.summary import fig2_sequence, summary_rows, sweep_sequence
+from analysis.perturbation.summary import fig2_sequence, summary_rows, teacher_forced_sequence
 from analysis.runtime.capture import capture_sequences
 
 MODES = ("fig2", "sweep", "end2end", "ideal")
@@ -61,10 +61,7 @@ class Settings:
         if self.mode in ("sweep", "end2end"):
             if not self.budgets:
                 raise UserError("give at least one --budget")
-            for m in self.methods:
-                for b in self.budgets:
-                    if m != "full":
-                        make_policy(m, b, self.sinks, self.recent)  # budget <= sinks + recent: one-line error
+            jobs_of(self)  # budget <= sinks + recent: one-line error
         if self.mode == "ideal" and (min(self.steps) < 2 or max(self.steps) + self.future > self.tokens):
             raise UserError(f"--steps must lie in 2..{self.tokens - self.future} (--tokens minus --future)")
         if self.mode in ("fig2", "ideal"):
@@ -78,9 +75,9 @@ class Settings:
             raise UserError(f"--heads must lie in 0..{h - 1} (the model has {h} KV heads), got {self.heads}")
 
 
-def jobs_of(settings: Settings) -> list[tuple[str, int | None]]:
-    jobs = [("full", None)] if "full" in settings.methods else []
-    return jobs + [(m, b) for m in settings.methods if m != "full" for b in settings.budgets]
+def jobs_of(settings: Settings) -> list[Job]:
+    """The study's configured methods: the reference once (if asked), every other method per budget."""
+    return make_jobs(settings.methods, settings.budgets, PolicyOptions(settings.sinks, settings.recent, settings.seed))
 
 
 def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings, progress=None,
@@ -95,8 +92,7 @@ def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings
         if settings.mode == "end2end":
 
             with torch.inference_mode():
-                res = end_to_end(loaded.model, torch.tensor(ids, device=loaded.device), jobs_of(settings),
-                                 settings.sinks, settings.recent, settings.seed)
+                res = end_to_end(loaded.model, torch.tensor(ids, device=loaded.device), jobs_of(settings))
             for key, value in res.items():
                 per_seq.setdefault(key, []).append(value)
         else:
@@ -107,8 +103,7 @@ def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings
                                                     tuple(settings.methods), settings.sinks, settings.recent).items():
                         per_seq.setdefault(key, []).append(value)
                 elif settings.mode == "sweep":
-                    curves, means, labels = sweep_sequence(capture, layers, jobs_of(settings), settings.sinks,
-                                                           settings.recent, settings.seed)
+                    curves, means, labels = teacher_forced_sequence(capture, layers, jobs_of(settings))
                     per_seq.setdefault("curves", []).append(curves)
                     per_seq.setdefault("means", []).append(means)
                     per_seq["labels"] = labels
@@ -144,14 +139,15 @@ def _summarise(settings: Settings, per_seq: dict, layers: list[int]) -> tuple[li
     elif mode == "sweep":
         curves, means = torch.stack(per_seq["curves"]), torch.stack(per_seq["means"])  # (S, J, L, H, T), (S, J, L, H)
         for j, (method, budget) in enumerate(per_seq["labels"]):
-            budget = None if method == "full" else budget
+            budget = budget if compresses(method) else None
             rows += summary_rows(means[:, j], curves[:, j], {"mode": mode, "metric": "rel_error",
                                                                         "method": method, "budget": budget}, layers)
             tensors[f"rel_error/{method}/{budget}"] = curves[:, j].mean(0)
     elif mode == "end2end":
         kl, dnll, dev = (torch.stack(per_seq[k]) for k in ("kl", "delta_nll", "deviation"))  # (S, J, T-1), (S, J, L, T-1)
-        for j, (method, budget) in enumerate(jobs_of(settings)):
-            start = min(budget or kl.shape[-1], kl.shape[-1] - 1) if method != "full" else 0
+        for j, job in enumerate(jobs_of(settings)):
+            method, budget = job.method, job.budget
+            start = min(budget or kl.shape[-1], kl.shape[-1] - 1) if job.compresses else 0
             labels = {"mode": mode, "method": method, "budget": budget}
             for metric, values in (("kl", kl[:, j]), ("delta_nll", dnll[:, j])):
                 row = summary_rows(values[:, None, None, start:].mean(-1), values[:, None, None], labels | {"metric": metric},

@@ -15,7 +15,7 @@ remaining weights are compared as they are; renormalising does not change a cosi
 the policy chooses it: among positions >= sinks and older than the ``recent`` newest (the policies'
 default recent is budget // 2 - sinks, 45 for t0 = 100; ``recent=1`` lets every older token compete).
 
-Sweep (``sweep_sequence``): ``analysis.perturbation.teacher_forced.sweep_layer`` per layer, every (method,
+Teacher-forced (``teacher_forced_sequence``, the command's ``sweep`` mode): ``analysis.perturbation.teacher_forced.teacher_forced_layer`` per layer, every (method,
 budget) job a batch row of one ``LayerState`` run token by token exactly as ``CompressedCache``.
 """
 
@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from analysis.compress import Job
 from analysis.perturbation.one_step import METRICS, PAIR, _run
-from analysis.perturbation.teacher_forced import sweep_layer
+from analysis.perturbation.teacher_forced import teacher_forced_layer
 
 CURVE_POINTS = 200  # curves in the JSON are thinned to about this many points; full ones go to curves.safetensors
 
@@ -49,14 +50,14 @@ def fig2_sequence(capture, layers: list[int], t0: int = 100, future: int = 800, 
     return {key: torch.stack(v) for key, v in out.items()}
 
 
-def sweep_sequence(capture, layers: list[int], jobs: list[tuple[str, int | None]], sinks: int = 4,
-                   recent: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor, list[tuple[str, int]]]:
+def teacher_forced_sequence(capture, layers: list[int], jobs: list[Job]) -> tuple[Tensor, Tensor, list[tuple[str, int]]]:
     """One sequence: errors (J, L, H, T) per step and means after the cache fills (J, L, H), and job labels."""
 
     curves, means, labels = [], [], None
     for layer in layers:
-        result = sweep_layer(capture.get(layer, "query_post_rope")[:1], capture.get(layer, "key_post_rope")[:1],
-                             capture.get(layer, "value")[:1], jobs, layer, sinks, recent, seed)
+        result = teacher_forced_layer(capture.get(layer, "query_post_rope")[:1],
+                                      capture.get(layer, "key_post_rope")[:1], capture.get(layer, "value")[:1],
+                                      jobs, layer)
         curves.append(result.error[:, 0])  # (J, H, T)
         means.append(result.mean_after_fill()[:, 0])  # (J, H)
         labels = result.jobs

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from analysis.compress import LayerState, RowPolicies, make_policy
+from analysis.compress import Job, LayerState, RowPolicies, StreamingLLM
 from analysis.runtime.kernel import slot_attention
 
 
 @dataclass
-class SweepResult:
+class TeacherForcedErrors:
     jobs: list[tuple[str, int]]  # (method, budget); budget = T for full
     error: Tensor  # (J, B, H, T) relative output error per job, sequence, KV head, step
     first_full: list[int]  # per job: first step at which the cache is full (its budget), T for none
@@ -66,44 +66,44 @@ def _replay(queries: Tensor, keys: Tensor, values: Tensor, policy, rows: list[in
 
 
 @torch.inference_mode()
-def sweep_layer(queries: Tensor, keys: Tensor, values: Tensor, jobs: list[tuple[str, int | None]], layer: int = 0,
-                sinks: int = 4, recent: int | None = None, seed: int = 0) -> SweepResult:
+def teacher_forced_layer(queries: Tensor, keys: Tensor, values: Tensor, jobs: list[Job],
+                         layer: int = 0) -> TeacherForcedErrors:
     """Teacher-forced errors of every job at one layer. queries (B, Hq, T, D), keys/values (B, H, T, D)."""
     B, Hq, T, _ = queries.shape
     H = keys.shape[1]
-    never = [i for i, (m, b) in enumerate(jobs) if m == "full" or b is None or b >= T]
+    never = [i for i, job in enumerate(jobs) if not job.compresses or job.budget >= T]
     squeeze = [i for i in range(len(jobs)) if i not in never]
     # the uncompressed reference and every job that never compresses: one row group, capacity T
-    reference = make_policy("streaming_llm", T + 1, sinks=0, recent=0)  # never reaches its budget
+    reference = StreamingLLM(T + 1, sinks=0, recent=0)  # never reaches its budget
     ref_rows = [0] + never
-    ref, _ = _replay(queries, keys, values, RowPolicies([reference], [0] * (len(ref_rows) * B)), ref_rows,
+    ref, _ = _replay(queries, keys, values, RowPolicies(policies=[reference], rows=[0] * (len(ref_rows) * B)), ref_rows,
                      [T + 1] * len(ref_rows), layer, T + 1)
     ref = ref.view(len(ref_rows), B, Hq, T, -1)
     full = ref[0]  # (B, Hq, T, Dv)
     outputs = {i: ref[1 + n] for n, i in enumerate(never)}
     state = None
     if squeeze:
-        policies = [make_policy(jobs[i][0], jobs[i][1], sinks=sinks, recent=recent, seed=seed) for i in squeeze]
-        rows = RowPolicies(policies, [j for j in range(len(squeeze)) for _ in range(B)])  # job-major rows
-        budgets = [jobs[i][1] for i in squeeze]
+        policies = [jobs[i].policy for i in squeeze]
+        rows = RowPolicies(policies=policies, rows=[j for j in range(len(squeeze)) for _ in range(B)])  # job-major rows
+        budgets = [jobs[i].budget for i in squeeze]
         got, state = _replay(queries, keys, values, rows, list(range(len(squeeze))), budgets, layer, max(budgets) + 1)
         got = got.view(len(squeeze), B, Hq, T, -1)
         outputs |= {i: got[n] for n, i in enumerate(squeeze)}
     norm = full.norm(dim=-1).clamp_min(1e-30)  # (B, Hq, T)
     error = torch.stack([(outputs[i] - full).norm(dim=-1) / norm for i in range(len(jobs))])  # (J, B, Hq, T)
     error = error.view(len(jobs), B, H, Hq // H, T).mean(3)  # (J, B, H, T): mean over each KV head's group
-    labels = [(m, T if (m == "full" or b is None) else b) for m, b in jobs]
-    return SweepResult(labels, error, [b if b < T else T for _, b in labels], state, tuple(squeeze))
+    labels = [(job.method, job.budget if job.compresses else T) for job in jobs]
+    return TeacherForcedErrors(labels, error, [b if b < T else T for _, b in labels], state, tuple(squeeze))
 
 
-def sweep_capture(capture, jobs: list[tuple[str, int | None]], layers=None, sinks: int = 4,
-                  recent: int | None = None, seed: int = 0, progress=None) -> dict[int, SweepResult]:
-    """``sweep_layer`` for each captured layer (one layer's state in memory at a time)."""
+def teacher_forced_capture(capture, jobs: list[Job], layers=None, progress=None) -> dict[int, TeacherForcedErrors]:
+    """``teacher_forced_layer`` for each captured layer (one layer's state in memory at a time)."""
     layers = capture.layers if layers is None else list(layers)
     results = {}
     for layer in layers:
-        results[layer] = sweep_layer(capture.get(layer, "query_post_rope"), capture.get(layer, "key_post_rope"),
-                                     capture.get(layer, "value"), jobs, layer, sinks, recent, seed)
+        results[layer] = teacher_forced_layer(capture.get(layer, "query_post_rope"),
+                                              capture.get(layer, "key_post_rope"), capture.get(layer, "value"),
+                                              jobs, layer)
         if progress is not None:
             progress(1)
     return results

@@ -17,12 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from analysis.compress import MERGE_VS_EVICT, make_jobs, method_names
 from analysis.compress.fig3 import replay
 from analysis.heads.allocate import greedy_plan
 from analysis.heads.profile import profile_sequences
 from analysis.io import write_json
+from analysis.perplexity.jobs import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
-from analysis.perplexity.table1 import TABLE_METHODS, check_finite, run_table, table_csv, table_markdown, window_count
+from analysis.perplexity.table1 import check_finite, run_table, table_csv, table_markdown, window_count
 from analysis.perturbation.study import Settings, run_study
 from analysis.report.export import write_figure
 from analysis.report.fig3 import fig_fig3_replay
@@ -35,6 +37,7 @@ from analysis.spectra import compute_spectra, summary_sentence
 from analysis.text.corpora import load_documents, token_sequences
 
 FIGURE_JSON = "figure.json"
+TABLE_METHODS = method_names()  # Table I: every registered method, in the registry's order
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,7 @@ def build_heads(run: FigureRun, out: Path) -> None:
     run.advance(1)
 
 
-STREAM_METHODS = ["weightedkv", "weightedkv_evict"]
+STREAM_METHODS = list(MERGE_VS_EVICT)
 
 
 def _stream_tokens(run: FigureRun) -> int | None:
@@ -197,9 +200,9 @@ def build_fig4_stream(run: FigureRun, out: Path) -> None:
     sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), tokens,
                                 run.sizes.stream_documents)
     with ticking(run, "fig4_stream"):
-        summary, tensors = run_stream(loaded, sequences, STREAM_METHODS, run.budgets[:1],
-                                      source={"corpus": run.corpora[0]}, partial=run.partial("fig4_stream"),
-                                      progress=run.advance)
+        summary, tensors = run_stream(loaded, sequences, make_jobs(STREAM_METHODS, run.budgets[:1]),
+                                      source={"corpus": run.corpora[0]},
+                                      batching=Batching(partial=run.partial("fig4_stream"), progress=run.advance))
     write_stream(out, summary, tensors, png=run.png)
 
 
@@ -207,9 +210,9 @@ def build_table1(run: FigureRun, out: Path) -> None:
 
     s = run.sizes
     with ticking(run, "table1"):
-        table = run_table(run.loaded(), run.corpora, run.budgets, tokens=s.table_tokens,
-                          documents=s.table_documents, window=s.table_window, partial=run.partial("table1"),
-                          progress=run.advance)
+        table = run_table(run.loaded(), run.corpora, make_jobs(TABLE_METHODS, run.budgets, window=s.table_window),
+                          tokens=s.table_tokens, documents=s.table_documents, window=s.table_window,
+                          batching=Batching(partial=run.partial("table1"), progress=run.advance))
     check_finite(table)
     write_json(out / "table.json", table)
     for name, text in (("table.md", table_markdown(table)), ("table.csv", table_csv(table))):

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import warnings
 import weakref
+from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from analysis.compress import LayerState, Policy, make_policy
+from analysis.compress import LayerState, Policy, PolicyOptions, make_policy
 from analysis.errors import UserError
 from analysis.models.loading import attention_modules
 from analysis.runtime import kernel as attention
@@ -73,7 +74,7 @@ class CompressedLayer(DynamicLayer):
         if self.recent is not None:
             state.recent = torch.tensor(self.recent, device=device)[None, :, None]  # (1, H, 1)
         high = state.budget_range[1] if state.budget_range else self.policy.budget
-        if self.policy.name != "full" and high:
+        if self.policy.compresses and high:
             state._grow(high + 1)  # the overflowing step attends over budget + 1 slots
         self.state = state
 
@@ -84,8 +85,8 @@ class CompressedLayer(DynamicLayer):
         if self.state is None:
             self._start(key_states, value_states)
         self.state.append(key_states, value_states)
-        # full keeps dense, ordered slots that any attention implementation reads correctly
-        self.pending = self.policy.name != "full"
+        # the reference keeps dense, ordered slots that any attention implementation reads correctly
+        self.pending = self.policy.compresses
         self.keys, self.values = self.state.keys, self.state.values
         return self.keys, self.values
 
@@ -98,7 +99,7 @@ class CompressedLayer(DynamicLayer):
             raise UserError(f"{self.policy.name} needs attention weights, which this model's attention did not return")
         self.policy.compress(state)
         high = state.budget_range[1] if state.budget_range else self.policy.budget
-        if self.policy.name != "full" and state.capacity > high + 1:
+        if self.policy.compresses and state.capacity > high + 1:
             state.compact(high + 1)  # after a long prompt: one copy gives the memory back
         self.keys, self.values = state.keys, state.values
         self.pending = False
@@ -187,27 +188,35 @@ def _sliding_layers(config) -> set[int]:
     return {i for i, kind in enumerate(types) if kind == "sliding_attention"} if getattr(config, "sliding_window", None) else set()
 
 
-class CompressedCache(Cache):
-    """Cache whose every full-attention layer is held to ``budget`` slots (or a plan's) by ``method``.
+@dataclass(frozen=True)
+class Rows:
+    """What tells a batch's rows apart: ``ids`` (B,) seed each row's random draws (its window index),
+    ``budgets`` (B,) give each row its own budget (a sweep's jobs side by side, ``RowPolicies``)."""
 
-    ``plan``: an ``analysis.compress.plans.Plan`` giving each (layer, KV head) its budget and, optionally,
-    merge-or-evict; ``row_ids`` (B,) seed the randomised methods per row (window index);
-    ``rows``: a ``RowPolicies`` batch, each row with its own budget ``row_budgets`` (B,);
+    ids: Tensor | None = None
+    budgets: list[int] | None = None
+
+
+class CompressedCache(Cache):
+    """Cache whose every full-attention layer is held to ``budget`` slots (or a plan's) by a policy.
+
+    ``method``: a registered name (built with ``**options``: ``sinks``, ``recent``, ``seed``) or a
+    configured ``Policy``; ``plan``: an ``analysis.compress.plans.Plan`` giving each (layer, KV head)
+    its budget and, optionally, merge-or-evict; ``rows``: per-row seeds and budgets (``Rows``);
     ``track_mixing`` > 0 records which original tokens each slot's value mixes (for display).
     """
 
-    def __init__(self, model: nn.Module, method: str = "weightedkv", budget: int | None = 256, sinks: int = 4,
-                 recent: int | None = None, seed: int = 0, policy: Policy | None = None, plan=None,
-                 row_ids: Tensor | None = None, row_budgets: list[int] | None = None, track_mixing: int = 0):
+    def __init__(self, model: nn.Module, method: str | Policy = "weightedkv", budget: int | None = 256, *,
+                 plan=None, rows: Rows | None = None, track_mixing: int = 0, **options):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if plan is not None:
             plan.check(config)
-            budget, sinks, recent = plan.max_budget, plan.sinks, plan.recent
-        self.policy = policy or make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)
+        self.policy = self._policy(method, budget, plan, options)
         if plan is not None:
             plan.check_policy(self.policy)
+        rows = rows or Rows()
         sliding = _sliding_layers(config)
-        rows = torch.tensor(row_budgets)[:, None] if row_budgets is not None else None
+        row_budgets = torch.tensor(rows.budgets)[:, None] if rows.budgets is not None else None
         layers = []
         for i in range(config.num_hidden_layers):
             if i in sliding:
@@ -215,14 +224,28 @@ class CompressedCache(Cache):
                 continue
             layers.append(CompressedLayer(
                 self.policy, i, budgets=plan.budgets[i] if plan else None, merge=plan.merge_row(i) if plan else None,
-                recent=plan.recent_row(i) if plan else None, row_ids=row_ids, row_budgets=rows,
+                recent=plan.recent_row(i) if plan else None, row_ids=rows.ids, row_budgets=row_budgets,
                 track_mixing=track_mixing))
         super().__init__(layers=layers)
         self._model = model
-        if self.policy.name != "full":  # full needs no hook or switch: see CompressedLayer.update
+        if self.policy.compresses:  # the reference needs no hook or switch: see CompressedLayer.update
             _open(model)
             self._release = weakref.finalize(self, _close, model)  # also when the cache is dropped
             self._release.atexit = False  # not during interpreter shutdown
+
+    @staticmethod
+    def _policy(method: str | Policy, budget: int | None, plan, options: dict) -> Policy:
+        if isinstance(method, Policy):
+            if options:
+                raise UserError(f"options {sorted(options)} configure a method name; this policy is already built")
+            return method
+        unknown = set(options) - {"sinks", "recent", "seed"}
+        if unknown:
+            raise UserError(f"unknown CompressedCache option(s) {sorted(unknown)}; valid: sinks, recent, seed")
+        options = PolicyOptions(**options)
+        if plan is not None:
+            return make_policy(method, plan.max_budget, plan.sinks, plan.recent, options.seed)
+        return make_policy(method, budget, options.sinks, options.recent, options.seed)
 
     def close(self) -> None:
         """Remove the hooks and restore the model's attention implementation (once no cache is open)."""
