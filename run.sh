@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point, idempotent: sets up whatever is missing, then does what you ask.
 #   ./run.sh            set up, then start the dashboard (streamlit run app.py)
-#   ./run.sh test       set up, then run the whole test suite (extra args go to pytest)
+#   ./run.sh test       set up, check the layer contracts and the linter, then run the test suite
+#                       (extra args go to pytest)
 #   ./run.sh setup      only set up
 # Set-up: .venv with the pinned requirements and kvlens itself (editable), the embedded SmolLM2
 # model (converted once into ~/.cache/kvlens), the four Debian text corpora, the dashboard's starter
@@ -57,7 +58,11 @@ setup() {
 cmd="${1:-dashboard}"; [ $# -gt 0 ] && shift
 case "$cmd" in
   setup) setup ;;
-  test) setup; exec "$PY" -m pytest -q "$@" ;;
+  test)
+    setup
+    say "import-linter: the library's layers (pyproject.toml)"; .venv/bin/lint-imports --no-cache
+    say "ruff"; .venv/bin/ruff check .
+    exec "$PY" -m pytest -q "$@" ;;
   dashboard|app) setup; exec .venv/bin/streamlit run app.py --server.headless true --browser.gatherUsageStats false "$@" ;;
   *) echo "usage: ./run.sh [dashboard|test|setup]" >&2; exit 2 ;;
 esac

@@ -229,15 +229,57 @@ def _table_units(run: FigureRun) -> int:
                                                                              run.sizes.table_window)
 
 
-# --- the registry: one line per figure -------------------------------------------------------------------
+# --- the registry: one entry per figure (how to build it, the settings it records, what it shows) ---------
+def _fig1_settings(r: FigureRun) -> dict:
+    return {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences,
+            "tokens": r.sizes.spectra_tokens}
+
+
+def _fig4_settings(r: FigureRun) -> dict:
+    return {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.stream_documents,
+            "tokens": r.sizes.stream_tokens or "model positions", "budget": r.budgets[0], "methods": STREAM_METHODS}
+
+
+def _fig2_settings(r: FigureRun) -> dict:
+    return {"model": r.model, "sequences": r.sizes.perturb_sequences, "t0": 100, "future": r.sizes.fig2_future,
+            "corpora": "books+web"}
+
+
+def _merge_vs_evict_settings(r: FigureRun) -> dict:
+    return {"model": r.model, "sequences": r.sizes.perturb_sequences, "tokens": r.sizes.sweep_tokens,
+            "budget": min(r.budgets), "corpora": "books+web"}
+
+
+def _heads_settings(r: FigureRun) -> dict:
+    return {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.heads_documents,
+            "tokens": r.sizes.heads_tokens, "plan": f"greedy {min(r.budgets)}x"}
+
+
+def _table1_settings(r: FigureRun) -> dict:
+    return {"model": r.model, "corpora": r.corpora, "budgets": r.budgets, "documents": r.sizes.table_documents,
+            "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}
+
+
 FIGURES: dict[str, Figure] = {
-    "fig1_spectra": Figure(build_fig1_spectra, lambda r: {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences, "tokens": r.sizes.spectra_tokens}, "Fig. 1: key vs value singular-value spectra (+ rank heatmaps, RoPE keys)"),  # noqa: E501
-    "fig3_replay": Figure(build_fig3_replay, lambda r: {"policy": "WeightedKV(budget=4, sinks=0, recent=0)"}, "Fig. 3: the toy example replayed step by step through WeightedKV.compress", needs_model=False),  # noqa: E501
-    "fig4_stream": Figure(build_fig4_stream, lambda r: {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.stream_documents, "tokens": r.sizes.stream_tokens or "model positions", "budget": r.budgets[0], "methods": STREAM_METHODS}, "Fig. 4: running log-perplexity over one long stream, WeightedKV vs eviction", units=lambda r: len(STREAM_METHODS) * r.sizes.stream_documents),  # noqa: E501
-    "fig2_perturbation": Figure(build_fig2_perturbation, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "t0": 100, "future": r.sizes.fig2_future, "corpora": "books+web"}, "Fig. 2: one merge vs one eviction at step 100, attention cosine and output error over the next steps"),  # noqa: E501
-    "merge_vs_evict": Figure(build_merge_vs_evict, lambda r: {"model": r.model, "sequences": r.sizes.perturb_sequences, "tokens": r.sizes.sweep_tokens, "budget": min(r.budgets), "corpora": "books+web"}, "Teacher-forced output error per layer and KV head: WeightedKV merge minus eviction"),  # noqa: E501
-    "heads": Figure(build_heads, lambda r: {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.heads_documents, "tokens": r.sizes.heads_tokens, "plan": f"greedy {min(r.budgets)}x"}, "Which heads to compress: head profile (sensitivity, merge minus evict, key rank) and a greedy budget plan"),  # noqa: E501
-    "table1": Figure(build_table1, lambda r: {"model": r.model, "corpora": r.corpora, "budgets": r.budgets, "documents": r.sizes.table_documents, "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}, "Table I: perplexity of every method per corpus at each budget, per-document spread", units=_table_units),  # noqa: E501
+    "fig1_spectra": Figure(build_fig1_spectra, _fig1_settings,
+                           "Fig. 1: key vs value singular-value spectra (+ rank heatmaps, RoPE keys)"),
+    "fig3_replay": Figure(build_fig3_replay, lambda r: {"policy": "WeightedKV(budget=4, sinks=0, recent=0)"},
+                          "Fig. 3: the toy example replayed step by step through WeightedKV.compress",
+                          needs_model=False),
+    "fig4_stream": Figure(build_fig4_stream, _fig4_settings,
+                          "Fig. 4: running log-perplexity over one long stream, WeightedKV vs eviction",
+                          units=lambda r: len(STREAM_METHODS) * r.sizes.stream_documents),
+    "fig2_perturbation": Figure(build_fig2_perturbation, _fig2_settings,
+                                "Fig. 2: one merge vs one eviction at step 100, attention cosine and output error "
+                                "over the next steps"),
+    "merge_vs_evict": Figure(build_merge_vs_evict, _merge_vs_evict_settings,
+                             "Teacher-forced output error per layer and KV head: WeightedKV merge minus eviction"),
+    "heads": Figure(build_heads, _heads_settings,
+                    "Which heads to compress: head profile (sensitivity, merge minus evict, key rank) and a greedy "
+                    "budget plan"),
+    "table1": Figure(build_table1, _table1_settings,
+                     "Table I: perplexity of every method per corpus at each budget, per-document spread",
+                     units=_table_units),
 }
 
 
