@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from analysis.compress import Policy, make_policy
+from analysis.ops import uncompressed_prefix
 from analysis.runtime.cache import CompressedCache
 
 
@@ -47,7 +48,8 @@ def window_nll(model, ids: Tensor, method: str, budget: int | None, sinks: int =
     """
     policy = make_policy(method, budget if plan is None else plan.max_budget, sinks=sinks,
                          recent=recent if plan is None else plan.recent, seed=seed)
-    uncompressed = ids.shape[1] - 1 if method == "full" else min(plan.min_budget if plan else budget, ids.shape[1] - 1)
+    smallest = None if method == "full" else plan.min_budget if plan else budget
+    uncompressed = uncompressed_prefix(ids.shape[1], [smallest])
     return decode_rows(model, ids, policy, uncompressed, chunk, window_ids, plan=plan)
 
 
@@ -83,5 +85,5 @@ def _decode(model, ids: Tensor, cache, uncompressed: int, chunk: int) -> Tensor:
 
 def _decode_windows(model, ids: Tensor, cache, budget: int | None, method: str, chunk: int) -> Tensor:
     """Decode ``ids`` through an existing cache (kept for callers that build their own cache)."""
-    uncompressed = ids.shape[1] - 1 if budget is None or method == "full" else min(budget, ids.shape[1] - 1)
+    uncompressed = uncompressed_prefix(ids.shape[1], [None if method == "full" else budget])
     return _decode(model, ids, cache, uncompressed, chunk)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from analysis.compress import RowPolicies, make_policy
 from analysis.errors import UserError
+from analysis.ops import uncompressed_prefix
 from analysis.perplexity.decode import decode_rows, default_chunk
 from analysis.perplexity.windows import Windows, summarise
 
@@ -109,15 +110,14 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]], sinks: 
         policy = make_policy(first.method, first.plan.max_budget if first.plan else first.budget,
                              sinks=first.plan.sinks if first.plan else sinks,
                              recent=first.plan.recent if first.plan else recent, seed=seed)
-        if first.method == "full":
-            uncompressed = windows.size - 1
-        else:
-            uncompressed = min(first.plan.min_budget if first.plan else first.budget, windows.size - 1)
+        budget = None if first.method == "full" else first.plan.min_budget if first.plan else first.budget
+        uncompressed = uncompressed_prefix(windows.size, [budget])
         return decode_rows(model, ids, policy, uncompressed, default_chunk(len(batch)), window_ids, plan=first.plan)
     policies = [make_policy(j.method, j.budget, sinks=sinks, recent=recent, seed=seed) for j in jobs]
     keys = [j.key for j in jobs]
     rows = RowPolicies(policies, [keys.index(job.key) for job, _ in batch])
-    return decode_rows(model, ids, rows, min(first.budget, windows.size - 1), default_chunk(len(batch)), window_ids,
+    uncompressed = uncompressed_prefix(windows.size, [first.budget])  # a shared batch has one budget
+    return decode_rows(model, ids, rows, uncompressed, default_chunk(len(batch)), window_ids,
                        row_budgets=[job.budget for job, _ in batch])
 
 
