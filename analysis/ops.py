@@ -11,6 +11,7 @@ This module sits in the bottom layers: it imports only torch and the standard li
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -45,6 +46,17 @@ def group_mean(values: Tensor, kv_heads: int, dim: int = 1) -> Tensor:
 def relative_error(approx: Tensor, exact: Tensor) -> Tensor:
     """||approx - exact|| / ||exact|| over the last dim; an exact zero vector divides by 1e-30, not 0."""
     return (approx - exact).norm(dim=-1) / exact.norm(dim=-1).clamp_min(1e-30)
+
+
+def attention_scores(queries: Tensor, keys: Tensor, scaling: float | None = None) -> Tensor:
+    """q k^T over the last two dims, scaled: (.., Q, D) x (.., L, D) -> (.., Q, L).
+
+    Two conventions, kept apart because they round differently: the study's float32 recomputations
+    divide by sqrt(D) (``scaling`` None); the families' eager code, and what reproduces it, multiplies
+    by its ``scaling`` (D**-0.5 unless the config says otherwise).
+    """
+    product = queries @ keys.transpose(-1, -2)
+    return product / math.sqrt(queries.shape[-1]) if scaling is None else product * scaling
 
 
 def masked_softmax(scores: Tensor, allowed: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from analysis.compress import METHODS
 from analysis.errors import UserError
-from analysis.ops import masked_softmax, query_groups
+from analysis.ops import attention_scores, masked_softmax, query_groups
 from analysis.perturbation.teacher_forced import sweep_capture
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra import compute_spectra
@@ -109,7 +109,7 @@ def attention_stats(queries: Tensor, keys: Tensor, sinks: int = 4, recent_window
     totals = {k: torch.zeros(H, dtype=torch.float64) for k in ATTENTION_COLUMNS}
     for b in range(B):  # one sequence at a time: (Hq, Q, T) floats
         q = query_groups(queries[b, :, start:].float(), H, dim=0)  # (H, G, Q, D): group of KV head h
-        scores = q @ keys[b].float()[:, None].transpose(-1, -2) / math.sqrt(D)  # (H, G, Q, T)
+        scores = attention_scores(q, keys[b].float()[:, None])  # (H, G, Q, T)
         p = masked_softmax(scores, dist >= 0)  # (H, G, Q, T): no weight on the future
         logp = torch.where(p > 0, p.log(), torch.zeros_like(p))
         per = {"entropy": -(p * logp).sum(-1), "sink_share": (p * sink).sum(-1),

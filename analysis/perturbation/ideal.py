@@ -24,7 +24,7 @@ from torch import Tensor
 
 from analysis.compress import make_policy
 from analysis.compress.weightedkv import right_neighbour
-from analysis.ops import group_mean, masked_softmax, relative_error
+from analysis.ops import attention_scores, group_mean, masked_softmax, relative_error
 from analysis.perturbation.one_step import state_at
 
 VARIANTS = ("ideal", "convex_query", "weightedkv", "evict")
@@ -32,7 +32,7 @@ VARIANTS = ("ideal", "convex_query", "weightedkv", "evict")
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Q, D), k/v (B, Hq, L, ·), allowed (B, Hq, Q, L) -> outputs (B, Hq, Q, Dv), scores."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # multiplied by D**-0.5, as the kernel does
+    scores = attention_scores(q, k, q.shape[-1] ** -0.5)  # multiplied by D**-0.5, as the kernel does
     return masked_softmax(scores, allowed) @ v, scores
 
 

@@ -19,14 +19,12 @@ also report ``attn_cosine_padded``: full-length weights, the compressed run hold
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from analysis.compress import LayerState, make_policy
 from analysis.errors import UserError
-from analysis.ops import masked_softmax, query_groups, relative_error
+from analysis.ops import attention_scores, masked_softmax, query_groups, relative_error
 from analysis.runtime.capture import Capture
 
 PAIR = ("weightedkv", "weightedkv_evict")  # same victim (same score): merge vs evict
@@ -37,10 +35,10 @@ METRICS = ("rel_error", "attn_cosine", "attn_cosine_padded")
 
 def causal_attention(queries: Tensor, keys: Tensor) -> Tensor:
     """Softmax(q k^T / sqrt(d)) with a causal mask: (B, Hq, T, D) x (B, H, T, D) -> (B, Hq, T, T)."""
-    B, Hq, T, D = queries.shape
+    B, Hq, T, _ = queries.shape
     H = keys.shape[1]
     q = query_groups(queries.float(), H)  # (B, H, G, T, D): GQA group of each KV head
-    scores = q @ keys.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)  # (B, H, G, T, T)
+    scores = attention_scores(q, keys.float()[:, :, None])  # (B, H, G, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
     return masked_softmax(scores, causal).reshape(B, Hq, T, T)
 
@@ -70,12 +68,12 @@ def _attend(q: Tensor, keys: Tensor, values: Tensor, past: int) -> tuple[Tensor,
 
     Returns weights (B, H, G, F, L) and outputs (B, H, G, F, Dv), L = past + F, in float32.
     """
-    F, D = q.shape[-2:]
+    F = q.shape[-2]
     L = keys.shape[2]
     step = torch.arange(F, device=q.device)
     visible = torch.ones(F, L, dtype=torch.bool, device=q.device)  # (F, L)
     visible[:, past:] = step[None, :] <= step[:, None]  # future slot i visible to query f iff i <= f
-    scores = q.float() @ keys.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)  # (B, H, G, F, L)
+    scores = attention_scores(q.float(), keys.float()[:, :, None])  # (B, H, G, F, L)
     weights = masked_softmax(scores, visible)
     return weights, weights @ values.float()[:, :, None]  # (B, H, G, F, Dv)
 
