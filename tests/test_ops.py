@@ -159,5 +159,5 @@ def test_candidate_scores_are_infinite_outside_the_candidates():
 def test_attention_scores_divide_by_sqrt_d_or_multiply_by_the_given_scaling():
     q = torch.tensor([[1.0, 0.0]])  # (Q=1, D=2)
     k = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # (L=2, D=2)
-    assert attention_scores(q, k).tolist() == pytest.approx([[math.sqrt(2.0), 0.0]])  # 2 / sqrt(2)
+    assert attention_scores(q, k)[0].tolist() == pytest.approx([math.sqrt(2.0), 0.0])  # 2 / sqrt(2)
     assert attention_scores(q, k, 0.5).tolist() == [[1.0, 0.0]]
