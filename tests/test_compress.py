@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from analysis.compress import METHODS, LayerState, Policy, make_policy
-from analysis.compress.base import uniform
 from analysis.compress.cam import CaM
 from analysis.compress.weightedkv import WeightedKV
 from analysis.errors import UserError
+from analysis.ops import uniform
 
 B, H, HQ, D = 2, 3, 6, 4  # GQA: 2 query heads per KV head
 SCORED = [m for m in METHODS if m != "full"]

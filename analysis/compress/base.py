@@ -30,50 +30,9 @@ import torch
 from torch import Tensor
 
 from analysis.errors import UserError
+from analysis.ops import FAR, group_mean, seen_counts
 
 STATS = ("acc", "count", "last")
-FAR = 2**62  # larger than any position: "no slot" in position arithmetic
-
-
-def group_mean(attn: Tensor, kv_heads: int) -> Tensor:
-    """Average the query heads of each GQA group: (B, Hq, ...) -> (B, kv_heads, ...) float32.
-
-    Each query's row stays a distribution over the slots, so per-KV-head scores keep the paper's
-    scale whatever the group size.
-    """
-    B, Hq = attn.shape[:2]
-    return attn.float().view(B, kv_heads, Hq // kv_heads, *attn.shape[2:]).mean(dim=2)
-
-
-def seen_counts(positions: Tensor, first: Tensor | int, q: int, window: int | None = None) -> Tensor:
-    """How many of the q queries at positions first .. first+q-1 see each slot: float32, shaped like ``positions``.
-
-    Causal by structure: a held slot (position >= 0) is seen by every query at or after its position
-    (and, with a sliding ``window``, less than ``window`` positions after it), so a weight that
-    underflows to 0 still counts as "seen". In closed form per slot, with no (q, C) mask. Shared by
-    the cache statistics and the capture.
-    """
-    last = first + q  # one past the newest query
-    until = last if window is None else torch.minimum(torch.as_tensor(last), positions + window)
-    seen = (until - torch.clamp(positions, min=first)).clamp_min(0)
-    return torch.where(positions >= 0, seen, 0).float()
-
-
-def uniform(*keys) -> Tensor:
-    """Deterministic uniform [0, 1) draws from integer keys (ints or int64 tensors, broadcast).
-
-    A counter-based hash: the draw for (seed, window, layer, head, step, slot) does not depend on
-    which other rows share the batch, on the batch size or on the device, so randomised methods give
-    each window the same result however it is batched. Every intermediate stays below 2**62.
-    """
-    h = torch.zeros((), dtype=torch.long)
-    for key in keys:
-        key = torch.as_tensor(key, dtype=torch.long)
-        h = h.to(key.device)
-        for _ in range(2):
-            h = ((h ^ (key & 0x7FFFFFFF)) * 1540483477 + 0x2545F491) % 2147483647
-            h = h ^ (h >> 13)
-    return h.float() / 2147483647.0
 
 
 @dataclass(eq=False)
@@ -154,16 +113,26 @@ class LayerState:
         if counts.numel() and bool((counts != counts.flatten()[0]).any()):
             raise UserError("ordered() needs the same number of tokens in every (row, head); read `valid` instead")
         L = int(counts.flatten()[0]) if counts.numel() else 0
-        order = torch.where(self.valid, self.positions, FAR).argsort(dim=-1)[..., :L]  # (B, H, L)
         dense = self.clone()
+        for name, tensor in self._gathered(self.by_position()[..., :L]).items():
+            setattr(dense, name, tensor)
+        dense.max_valid = L
+        return dense
+
+    def by_position(self) -> Tensor:
+        """(B, H, C) slot indices, held slots oldest first, then the free ones."""
+        return torch.where(self.valid, self.positions, FAR).argsort(dim=-1)
+
+    def _gathered(self, order: Tensor) -> dict[str, Tensor]:
+        """Every per-slot tensor taken at the slots ``order`` (B, H, L): field name -> (B, H, L, ·)."""
+        out = {}
         for name in ("keys", "values", "mixing"):
             t = getattr(self, name)
             if t is not None:
-                setattr(dense, name, t.gather(2, order[..., None].expand(*order.shape, t.shape[-1])))
+                out[name] = t.gather(2, order[..., None].expand(*order.shape, t.shape[-1]))
         for name in ("positions", "acc", "count", "last"):
-            setattr(dense, name, getattr(self, name).gather(2, order))
-        dense.max_valid = L
-        return dense
+            out[name] = getattr(self, name).gather(2, order)
+        return out
 
     # --- writing ---------------------------------------------------------------------------
     def _grow(self, capacity: int) -> None:
@@ -250,13 +219,8 @@ class LayerState:
         """Shrink the buffers to ``capacity`` slots, keeping every valid slot (after a long prompt)."""
         if capacity >= self.capacity:
             return
-        order = torch.where(self.valid, self.positions, FAR).argsort(dim=-1)[..., :capacity]  # (B, H, capacity)
-        for name in ("keys", "values", "mixing"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.gather(2, order[..., None].expand(*order.shape, t.shape[-1])).contiguous())
-        for name in ("positions", "acc", "count", "last"):
-            setattr(self, name, getattr(self, name).gather(2, order).contiguous())
+        for name, tensor in self._gathered(self.by_position()[..., :capacity]).items():
+            setattr(self, name, tensor.contiguous())
 
 
 @dataclass
@@ -317,12 +281,16 @@ class Policy:
 
     def select(self, state: LayerState) -> Tensor:
         """One victim per (B, H): the lowest-scoring candidate (ties: lowest slot). Returns (B, H) int64."""
+        victim = self._candidate_scores(state).argmin(dim=-1)  # (B, H) or (B, 1)
+        return victim.expand(state.keys.shape[0], state.keys.shape[1])
+
+    def _candidate_scores(self, state: LayerState) -> Tensor:
+        """Scores (B, H, C), or (B, 1, C) if ``per_layer``, in float32, +inf on every slot that is no candidate."""
         scores = self.score(state).float()
         allowed = self.candidates(state)
         if scores.shape[1] == 1:  # per-layer decision: every head holds the same positions in the same slots
             allowed = allowed[:, :1]
-        victim = scores.masked_fill(~allowed, float("inf")).argmin(dim=-1)  # (B, H) or (B, 1)
-        return victim.expand(state.keys.shape[0], state.keys.shape[1])
+        return scores.masked_fill(~allowed, float("inf"))
 
     def _budgets(self, state: LayerState) -> tuple[Tensor | int, int, int]:
         if state.budget is None:
@@ -355,11 +323,7 @@ class Policy:
 
     def _compress_ranked(self, state: LayerState, over: Tensor, rounds: int) -> None:
         B, H = over.shape
-        scores = self.score(state).float()
-        allowed = self.candidates(state)
-        if scores.shape[1] == 1:
-            allowed = allowed[:, :1]
-        order = scores.masked_fill(~allowed, float("inf")).argsort(dim=-1, stable=True)[..., :rounds]
+        order = self._candidate_scores(state).argsort(dim=-1, stable=True)[..., :rounds]  # (B, H or 1, rounds)
         victims = order.expand(B, H, rounds)  # (B, H, rounds): victims in the order they go
         active = torch.arange(rounds, device=over.device) < over[..., None]  # (B, H, rounds)
         if self.merges:

@@ -8,9 +8,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from analysis.compress.base import FAR, LayerState, uniform
+from analysis.compress.base import LayerState
 from analysis.compress.random_policy import row_ids
 from analysis.compress.streaming_llm import StreamingLLM
+from analysis.ops import uniform
 
 
 @dataclass
@@ -51,7 +52,7 @@ class CaM(StreamingLLM):
         B, H, C = state.positions.shape
         M = self.merge_num
         pos = state.positions
-        by_position = torch.where(pos >= 0, pos, FAR).argsort(dim=-1)  # (B, H, C): slots oldest first
+        by_position = state.by_position()  # (B, H, C): slots oldest first
         mine = pos.gather(2, victims)  # (B, H, R)
         rank = ((pos[:, :, None, :] >= 0) & (pos[:, :, None, :] < mine[..., None])).sum(-1, keepdim=True)  # (B, H, R, 1)
         target_rank = rank + 1 + torch.arange(M, device=pos.device)  # (B, H, R, M)

@@ -13,6 +13,7 @@ from analysis.compress.base import Policy
 from analysis.compress.plans import Plan
 from analysis.compress.registry import policy_class
 from analysis.errors import UserError
+from analysis.ops import uncompressed_prefix
 
 
 @dataclass(frozen=True)
@@ -85,10 +86,8 @@ class Job:
         They can be fed in chunks (the same attention and statistics, fewer forwards): all but the
         last for the reference, else up to the smallest budget.
         """
-        if not self.compresses:
-            return tokens - 1
         low = self.plan.min_budget if self.plan is not None else self.budget
-        return min(low, tokens - 1)
+        return uncompressed_prefix(tokens, [low if self.compresses else None])
 
     def check_window(self, window: int) -> None:
         top = self.plan.max_budget if self.plan is not None else self.budget

@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from analysis.compress.base import LayerState, Policy, uniform
+from analysis.compress.base import LayerState, Policy
+from analysis.ops import uniform
 
 
 def row_ids(state: LayerState) -> Tensor:

@@ -8,7 +8,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from analysis.compress.base import FAR, LayerState, Policy
+from analysis.compress.base import LayerState, Policy
+from analysis.ops import FAR, convex_merge
 
 
 def right_neighbour(state: LayerState, victim: Tensor) -> Tensor:
@@ -51,14 +52,12 @@ class WeightedKV(Policy):
             active = active & state.merge_mask
         pair = torch.stack([victim, right_neighbour(state, victim)], dim=-1)  # (B, H, 2): j, n
         avg = state.average_attention().gather(2, pair)[..., None]  # (B, H, 2, 1): ā_j, ā_n
-        total = avg.sum(2, keepdim=True)  # (B, H, 1, 1)
-        keep = (total > 0) & active[..., None, None]  # (B, H, 1, 1)
         for tensor in state.value_tensors():
             B, H, _, D = tensor.shape
             wide = pair[..., None].expand(B, H, 2, D)  # (B, H, 2, D)
             rows = tensor.gather(2, wide).float()  # (B, H, 2, D): v_j, v_n
-            mixed = (avg * rows).sum(2, keepdim=True) / total  # (B, H, 1, D)
-            merged = torch.where(keep, mixed, rows[:, :, 1:])  # 0 / 0 or inactive: v_n unchanged
+            merged = convex_merge(avg[:, :, :1], rows[:, :, :1], avg[:, :, 1:], rows[:, :, 1:],
+                                  active[..., None, None])  # (B, H, 1, D)
             tensor.scatter_(2, wide[:, :, 1:], merged.to(tensor.dtype))  # one slot, in place
 
     def merge_ranked(self, state: LayerState, victims: Tensor, active: Tensor) -> None:
@@ -84,13 +83,13 @@ class WeightedKV(Policy):
             neighbour[..., lo:hi] = torch.where(right, pos[:, :, None, :], FAR).argmin(dim=-1)
         avg = state.average_attention()
         a_j, a_n = avg.gather(2, victims)[..., None], avg.gather(2, neighbour)[..., None]  # (B, H, R, 1)
-        total = a_j + a_n
-        keep = (total > 0) & active[..., None]  # (B, H, R, 1)
+        on = active[..., None]  # (B, H, R, 1)
         for tensor in state.value_tensors():
             D = tensor.shape[-1]
             for i in range(R):
                 j = victims[..., i, None, None].expand(B, H, 1, D)
                 n = neighbour[..., i, None, None].expand(B, H, 1, D)
-                v_j, v_n = tensor.gather(2, j).float(), tensor.gather(2, n).float()
-                mixed = (a_j[:, :, i : i + 1] * v_j + a_n[:, :, i : i + 1] * v_n) / total[:, :, i : i + 1]
-                tensor.scatter_(2, n, torch.where(keep[:, :, i : i + 1], mixed, v_n).to(tensor.dtype))
+                v_j, v_n = tensor.gather(2, j).float(), tensor.gather(2, n).float()  # (B, H, 1, D)
+                rank_i = slice(i, i + 1)
+                merged = convex_merge(a_j[:, :, rank_i], v_j, a_n[:, :, rank_i], v_n, on[:, :, rank_i])
+                tensor.scatter_(2, n, merged.to(tensor.dtype))

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs, method_names
 from analysis.errors import UserError
+from analysis.ops import attention_scores, masked_softmax, query_groups
 from analysis.perturbation.teacher_forced import teacher_forced_capture
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra import compute_spectra
@@ -107,9 +108,9 @@ def attention_stats(queries: Tensor, keys: Tensor, sinks: int = 4, recent_window
     recent = (dist < recent_window) & (dist >= 0) & ~sink
     totals = {k: torch.zeros(H, dtype=torch.float64) for k in ATTENTION_COLUMNS}
     for b in range(B):  # one sequence at a time: (Hq, Q, T) floats
-        q = queries[b, :, start:].float().view(H, Hq // H, len(t), D)  # (H, G, Q, D): group of KV head h
-        scores = q @ keys[b].float()[:, None].transpose(-1, -2) / math.sqrt(D)  # (H, G, Q, T)
-        p = scores.masked_fill(dist < 0, float("-inf")).softmax(-1)
+        q = query_groups(queries[b, :, start:].float(), H, dim=0)  # (H, G, Q, D): group of KV head h
+        scores = attention_scores(q, keys[b].float()[:, None])  # (H, G, Q, T)
+        p = masked_softmax(scores, dist >= 0)  # (H, G, Q, T): no weight on the future
         logp = torch.where(p > 0, p.log(), torch.zeros_like(p))
         per = {"entropy": -(p * logp).sum(-1), "sink_share": (p * sink).sum(-1),
                "recent_share": (p * recent).sum(-1), "distance": (p * dist.clamp_min(0)).sum(-1)}

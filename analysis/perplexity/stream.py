@@ -22,6 +22,7 @@ from torch import Tensor
 
 from analysis.compress import Job
 from analysis.errors import UserError
+from analysis.ops import running_mean
 from analysis.perplexity.jobs import Batching, run_jobs
 from analysis.perplexity.sweep import jobs_settings
 from analysis.perplexity.windows import Windows
@@ -50,7 +51,7 @@ def stream_windows(sequences: list[tuple[str, list[int]]]) -> Windows:
 def running_curve(nll: Tensor, points: int = POINTS) -> dict:
     """Running mean NLL of each document (N, T-1) -> mean and spread across documents at ~``points`` targets."""
     targets = nll.shape[1]
-    curves = nll.double().cumsum(1) / torch.arange(1, targets + 1, dtype=torch.float64)  # (N, T-1)
+    curves = running_mean(nll)  # (N, T-1)
     step = max(1, targets // points)
     index = torch.arange(step - 1, targets, step)
     if int(index[-1]) != targets - 1:  # always end on the last target

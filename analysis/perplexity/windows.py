@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from analysis.errors import UserError
+from analysis.ops import running_mean
 
 
 @dataclass
@@ -69,7 +70,7 @@ def running_log_ppl(windows: Windows, nll: Tensor, points: int = 400) -> list[fl
     """Running mean NLL (log-perplexity) against token position, averaged over documents (Fig. 4)."""
     streams = list(scored_streams(windows, nll).values())
     length = min(len(s) for s in streams)
-    curves = torch.stack([s[:length].double().cumsum(0) / torch.arange(1, length + 1) for s in streams])
+    curves = running_mean(torch.stack([s[:length] for s in streams]))  # (documents, length)
     mean = curves.mean(0)  # (length,)
     step = max(1, length // points)
     return [round(float(v), 5) for v in mean[step - 1 :: step]]

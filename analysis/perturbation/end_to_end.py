@@ -20,6 +20,7 @@ from torch import Tensor
 
 from analysis.compress import Job, RowPolicies, StreamingLLM
 from analysis.models.loading import attention_modules
+from analysis.ops import relative_error, uncompressed_prefix
 from analysis.perplexity.decode import decode_rows
 
 
@@ -39,7 +40,7 @@ def end_to_end(model, ids: Tensor, jobs: list[Job]) -> dict[str, Tensor]:
     budgets = [T + 1] + [job.budget if sq else T + 1 for job, sq in zip(jobs, squeezes)]
     R = len(policies)
     rows = RowPolicies(policies=policies, rows=list(range(R)))
-    uncompressed = min([T - 1] + [job.budget for job, sq in zip(jobs, squeezes) if sq])
+    uncompressed = uncompressed_prefix(T, [job.budget if sq else None for job, sq in zip(jobs, squeezes)])
     kl_parts: list[Tensor] = []
     deviation: dict[int, list[Tensor]] = {}
 
@@ -50,8 +51,7 @@ def end_to_end(model, ids: Tensor, jobs: list[Job]) -> dict[str, Tensor]:
     def on_attention(layer: int):
         def hook(module, args, output):
             out = (output[0] if isinstance(output, tuple) else output).float()  # (R, q, hidden)
-            ref = out[:1]
-            deviation.setdefault(layer, []).append(((out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).cpu())
+            deviation.setdefault(layer, []).append(relative_error(out, out[:1]).cpu())  # (R, q): row 0 the reference
         return hook
 
     handles = [model.get_output_embeddings().register_forward_hook(on_logits)]

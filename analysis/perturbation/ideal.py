@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import make_policy
+from analysis.compress import WeightedKV
 from analysis.compress.weightedkv import right_neighbour
+from analysis.ops import attention_scores, group_mean, masked_softmax, relative_error
 from analysis.perturbation.one_step import state_at
 
 VARIANTS = ("ideal", "convex_query", "weightedkv", "evict")
@@ -31,15 +32,15 @@ VARIANTS = ("ideal", "convex_query", "weightedkv", "evict")
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Q, D), k/v (B, Hq, L, ·), allowed (B, Hq, Q, L) -> outputs (B, Hq, Q, Dv), scores."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v, scores
+    scores = attention_scores(q, k, q.shape[-1] ** -0.5)  # multiplied by D**-0.5, as the kernel does
+    return masked_softmax(scores, allowed) @ v, scores
 
 
 def ideal_errors(capture, layer: int, t: int, future: int, sinks: int = 4, recent: int | None = None,
                  row: int = 0) -> dict[str, Tensor]:
     """Per variant: relative error (Hq, F + 1) at the merging query (column 0) and the next F queries."""
     state = state_at(capture, layer, t, row)  # fresh: slot i holds position i
-    policy = make_policy("weightedkv", t - 1, sinks, recent)
+    policy = WeightedKV(t - 1, sinks, recent)
     victim = policy.select(state)  # (1, H)
     neighbour = right_neighbour(state, victim)  # (1, H)
     merged = state.clone()
@@ -69,11 +70,10 @@ def ideal_errors(capture, layer: int, t: int, future: int, sinks: int = 4, recen
         "evict": v_n,
     }
     out = {}
-    norm = o_full.norm(dim=-1).clamp_min(1e-30)
     for name, new in candidates.items():
         values = v.scatter(2, n[..., None].expand(-1, -1, 1, v.shape[-1]), new)
         o, _ = _attend(q, k, values, dropped)
-        out[name] = ((o - o_full).norm(dim=-1) / norm)[0]  # (Hq, F+1)
+        out[name] = relative_error(o, o_full)[0]  # (Hq, F+1)
     return out
 
 
@@ -86,7 +86,7 @@ def ideal_sequence(capture, layers: list[int], steps: list[int], future: int, si
         for layer in layers:
             H = capture.get(layer, "value").shape[1]
             for name, err in ideal_errors(capture, layer, t, future, sinks, recent).items():
-                grouped = err.reshape(H, -1, err.shape[-1]).mean(1)  # (H, F+1): mean over the query group
+                grouped = group_mean(err, H, dim=0)  # (Hq, F+1) -> (H, F+1): mean over the query group
                 per_layer[name].append(torch.stack([grouped[:, 0], grouped[:, 1:].mean(-1)], -1))  # (H, 2)
         for name in VARIANTS:
             out[name].append(torch.stack(per_layer[name]))  # (L, H, 2)

@@ -19,13 +19,12 @@ also report ``attn_cosine_padded``: full-length weights, the compressed run hold
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from analysis.compress import LayerState, make_policy
 from analysis.errors import UserError
+from analysis.ops import attention_scores, masked_softmax, query_groups, relative_error
 from analysis.runtime.capture import Capture
 
 PAIR = ("weightedkv", "weightedkv_evict")  # same victim (same score): merge vs evict
@@ -36,13 +35,12 @@ METRICS = ("rel_error", "attn_cosine", "attn_cosine_padded")
 
 def causal_attention(queries: Tensor, keys: Tensor) -> Tensor:
     """Softmax(q k^T / sqrt(d)) with a causal mask: (B, Hq, T, D) x (B, H, T, D) -> (B, Hq, T, T)."""
-    B, Hq, T, D = queries.shape
+    B, Hq, T, _ = queries.shape
     H = keys.shape[1]
-    q = queries.float().view(B, H, Hq // H, T, D)  # (B, H, G, T, D): GQA group of each KV head
-    scores = q @ keys.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)  # (B, H, G, T, T)
-    mask = torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return weights.reshape(B, Hq, T, T)
+    q = query_groups(queries.float(), H)  # (B, H, G, T, D): GQA group of each KV head
+    scores = attention_scores(q, keys.float()[:, :, None])  # (B, H, G, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
+    return masked_softmax(scores, causal).reshape(B, Hq, T, T)
 
 
 def state_at(capture: Capture, layer: int, t: int, row: int = 0) -> LayerState:
@@ -70,13 +68,13 @@ def _attend(q: Tensor, keys: Tensor, values: Tensor, past: int) -> tuple[Tensor,
 
     Returns weights (B, H, G, F, L) and outputs (B, H, G, F, Dv), L = past + F, in float32.
     """
-    F, D = q.shape[-2:]
+    F = q.shape[-2]
     L = keys.shape[2]
     step = torch.arange(F, device=q.device)
     visible = torch.ones(F, L, dtype=torch.bool, device=q.device)  # (F, L)
     visible[:, past:] = step[None, :] <= step[:, None]  # future slot i visible to query f iff i <= f
-    scores = q.float() @ keys.float()[:, :, None].transpose(-1, -2) / math.sqrt(D)  # (B, H, G, F, L)
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    scores = attention_scores(q.float(), keys.float()[:, :, None])  # (B, H, G, F, L)
+    weights = masked_softmax(scores, visible)
     return weights, weights @ values.float()[:, :, None]  # (B, H, G, F, Dv)
 
 
@@ -97,7 +95,7 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
     """
     B, Hq, F, D = queries.shape
     H, t = state.keys.shape[1], state.capacity
-    q = queries.reshape(B, H, Hq // H, F, D)  # (B, H, G, F, D): query head h uses KV head h // G
+    q = query_groups(queries, H)  # (B, H, G, F, D): query head h uses KV head h // G
     w_full, o_full = _attend(q, torch.cat([state.keys, keys], 2), torch.cat([state.values, values], 2), t)
     out, victims = {}, {}
     for method in methods:
@@ -110,7 +108,7 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
         small = small.ordered()  # the t - 1 surviving slots, oldest first
         victims[method] = victim
         w, o = _attend(q, torch.cat([small.keys, keys], 2), torch.cat([small.values, values], 2), t - 1)
-        err = (o - o_full).norm(dim=-1) / o_full.norm(dim=-1).clamp_min(1e-30)  # (B, H, G, F)
+        err = relative_error(o, o_full)  # (B, H, G, F)
         # surviving past slots' indices in the full cache (positions are sorted), then the future
         idx = torch.searchsorted(state.positions, small.positions)  # (B, H, t-1)
         idx = torch.cat([idx, (t + torch.arange(F, device=idx.device)).expand(B, H, F)], 2)  # (B, H, L')
@@ -156,5 +154,5 @@ def perturb(capture: Capture, layer: int, t: int, methods=PAIR, future: int = 64
 
 def _head_mean(result: dict) -> Tensor:
     """Relative error (B, Hq, F) -> (B, H): mean over the future steps and each KV head's group."""
-    B, H = result["victim"].shape
-    return result["rel_error"].reshape(B, H, -1).mean(-1)  # (B, H, G*F): a group's heads are adjacent
+    H = result["victim"].shape[1]
+    return query_groups(result["rel_error"], H).flatten(2).mean(-1)  # (B, H, G, F) -> (B, H, G*F) -> (B, H)

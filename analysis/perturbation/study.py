@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.compress import METHODS, Job, PolicyOptions, compresses, make_jobs, make_policy
+from analysis.compress import METHODS, Job, PolicyOptions, WeightedKV, compresses, make_jobs
 from analysis.errors import UserError
 from analysis.perturbation.end_to_end import end_to_end
 from analysis.perturbation.ideal import ideal_sequence
@@ -65,7 +65,7 @@ class Settings:
         if self.mode == "ideal" and (min(self.steps) < 2 or max(self.steps) + self.future > self.tokens):
             raise UserError(f"--steps must lie in 2..{self.tokens - self.future} (--tokens minus --future)")
         if self.mode in ("fig2", "ideal"):
-            make_policy("weightedkv", (self.t0 if self.mode == "fig2" else min(self.steps)) - 1, self.sinks, self.recent)
+            WeightedKV((self.t0 if self.mode == "fig2" else min(self.steps)) - 1, self.sinks, self.recent)
 
     def check_model(self, config: dict) -> None:
         n, h = config["num_layers"], config["num_kv_heads"]

@@ -25,16 +25,11 @@ import torch
 from torch import Tensor
 
 from analysis.compress import Job
+from analysis.ops import group_mean
 from analysis.perturbation.one_step import METRICS, PAIR, _run
 from analysis.perturbation.teacher_forced import teacher_forced_layer
 
 CURVE_POINTS = 200  # curves in the JSON are thinned to about this many points; full ones go to curves.safetensors
-
-
-def by_kv_head(values: Tensor, kv_heads: int) -> Tensor:
-    """(B, Hq, ...) -> (B, H, ...): mean over each KV head's query group (a group's heads are adjacent)."""
-    B, Hq = values.shape[:2]
-    return values.reshape(B, kv_heads, Hq // kv_heads, *values.shape[2:]).mean(2)
 
 
 def fig2_sequence(capture, layers: list[int], t0: int = 100, future: int = 800, methods=PAIR, sinks: int = 4,
@@ -46,7 +41,7 @@ def fig2_sequence(capture, layers: list[int], t0: int = 100, future: int = 800, 
         res = _run(capture, layer, t0, future, 0, methods, sinks, recent)
         for method in methods:
             for metric in METRICS:
-                out.setdefault((metric, method), []).append(by_kv_head(res[method][metric], H)[0])  # (H, N)
+                out.setdefault((metric, method), []).append(group_mean(res[method][metric], H)[0])  # (H, N)
     return {key: torch.stack(v) for key, v in out.items()}
 
 

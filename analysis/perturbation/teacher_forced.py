@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from analysis.compress import Job, LayerState, RowPolicies, StreamingLLM
+from analysis.ops import group_mean, relative_error
 from analysis.runtime.kernel import slot_attention
 
 
@@ -89,9 +90,8 @@ def teacher_forced_layer(queries: Tensor, keys: Tensor, values: Tensor, jobs: li
         got, state = _replay(queries, keys, values, rows, list(range(len(squeeze))), budgets, layer, max(budgets) + 1)
         got = got.view(len(squeeze), B, Hq, T, -1)
         outputs |= {i: got[n] for n, i in enumerate(squeeze)}
-    norm = full.norm(dim=-1).clamp_min(1e-30)  # (B, Hq, T)
-    error = torch.stack([(outputs[i] - full).norm(dim=-1) / norm for i in range(len(jobs))])  # (J, B, Hq, T)
-    error = error.view(len(jobs), B, H, Hq // H, T).mean(3)  # (J, B, H, T): mean over each KV head's group
+    error = torch.stack([relative_error(outputs[i], full) for i in range(len(jobs))])  # (J, B, Hq, T)
+    error = group_mean(error, H, dim=2)  # (J, B, H, T): mean over each KV head's group
     labels = [(job.method, job.budget if job.compresses else T) for job in jobs]
     return TeacherForcedErrors(labels, error, [b if b < T else T for _, b in labels], state, tuple(squeeze))
 

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from analysis.compress.base import group_mean, seen_counts
 from analysis.errors import UserError
 from analysis.models.layouts import Geometry, check_attention_inputs, module_names, pre_rope_hooks, refuse
 from analysis.models.loading import LoadedModel, attention_modules, config_summary
+from analysis.ops import group_mean, seen_counts
 
 KINDS = ("query_post_rope", "key_pre_rope", "key_post_rope", "value")
 

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from analysis.ops import attention_scores, masked_softmax
+
 NAME = "kvlens"
 
 
@@ -73,12 +75,11 @@ def slot_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor 
     G = Hq // H
     scaling = scaling or D**-0.5
     grouped = query.reshape(B, H, G * q, D)  # (B, H, G*q, D): query heads of a group are adjacent
-    scores = ((grouped @ keys.transpose(2, 3)) * scaling).view(B, H, G, q, C)  # (B, H, G, q, C)
+    scores = attention_scores(grouped, keys, scaling).view(B, H, G, q, C)  # (B, H, G, q, C)
     if mask is not None:  # (B or 1, 1 or Hq, q, C)
         scores = scores + (mask[:, :, None] if mask.shape[1] == 1 else mask.view(mask.shape[0], H, G, q, C))
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # (B, H, G, q, C)
+    allowed = None if allowed is None else allowed[:, :, None]  # (B, H, 1, q or 1, C)
+    weights = masked_softmax(scores, allowed, torch.float32).to(query.dtype)  # (B, H, G, q, C)
     output = weights.view(B, H, G * q, C) @ values  # (B, H, G*q, Dv)
     return output.view(B, Hq, q, -1), weights.view(B, Hq, q, C)
 

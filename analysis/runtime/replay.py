@@ -24,6 +24,7 @@ from torch import Tensor
 from analysis.compress import LayerState, make_policy
 from analysis.errors import UserError
 from analysis.models.loading import attention_modules
+from analysis.ops import query_groups
 from analysis.runtime.cache import CompressedCache
 
 
@@ -200,6 +201,5 @@ def attention_window(capture, layer: int, head: int, row: int = 0) -> tuple[np.n
         return None
     maps = capture.tensors[key][row].float()  # (Hq, w, stop)
     kv_heads = capture.get(layer, "attn_received_kv").shape[1]
-    group = maps.shape[0] // kv_heads
-    weights = maps[head * group : (head + 1) * group].mean(dim=0)  # (w, stop)
+    weights = query_groups(maps, kv_heads, dim=0)[head].mean(dim=0)  # (H, G, w, stop) -> (w, stop)
     return weights.numpy(), list(range(window[0], window[0] + weights.shape[0]))
