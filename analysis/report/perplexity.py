@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from analysis.compress import METHODS
+from analysis.compress import METHODS, compresses
 
 COLOURS = dict(zip(METHODS, qualitative.Plotly))
 
@@ -15,12 +15,12 @@ def table_rows(results: list[dict]) -> list[dict]:
 
     ``full`` keeps every token, so its one perplexity fills every budget column.
     """
-    budgets = sorted({r["budget"] for r in results if r["method"] != "full"})
+    budgets = sorted({r["budget"] for r in results if compresses(r["method"])})
     rows = []
     for method in METHODS:
         ppl = {r["budget"]: round(r["ppl"], 3) for r in results if r["method"] == method}
         if ppl:
-            fill = next(iter(ppl.values())) if method == "full" else ""
+            fill = next(iter(ppl.values())) if not compresses(method) else ""
             rows.append({"method": method} | {f"m={b}": ppl.get(b, fill) for b in budgets})
     return rows
 
@@ -30,7 +30,7 @@ def fig_ppl_vs_budget(summary: dict) -> go.Figure:
     fig = go.Figure()
     for method in summary["methods"]:
         points = sorted((r["budget"], r["ppl"]) for r in summary["results"] if r["method"] == method)
-        if method == "full":
+        if not compresses(method):
             fig.add_hline(y=points[0][1], line_dash="dash", line_color="grey",
                           annotation_text=f"full cache {points[0][1]:.2f}")
             continue
@@ -44,11 +44,11 @@ def fig_ppl_vs_budget(summary: dict) -> go.Figure:
 
 def fig_running_log_ppl(summary: dict, methods=("weightedkv", "weightedkv_evict"), budget: int | None = None) -> go.Figure:
     """Running mean log-perplexity against token position (the paper's Fig. 4 ablation)."""
-    budgets = [r["budget"] for r in summary["results"] if r["method"] != "full"]
+    budgets = [r["budget"] for r in summary["results"] if compresses(r["method"])]
     budget = budget if budget is not None else (min(budgets) if budgets else None)
     fig = go.Figure()
     for r in summary["results"]:
-        if r["method"] in methods and (r["budget"] == budget or r["method"] == "full"):
+        if r["method"] in methods and (r["budget"] == budget or not compresses(r["method"])):
             curve = r["running_log_ppl"]
             step = max(1, summary["tokens"] // max(len(curve), 1))
             fig.add_trace(go.Scatter(x=[step * (i + 1) for i in range(len(curve))], y=curve, mode="lines",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from analysis.compress import METHODS
+from analysis.compress import METHODS, compresses
 
 COLOURS = dict(zip(list(METHODS) + ["ideal", "convex_query", "evict"], qualitative.Plotly + qualitative.D3))
 
@@ -123,7 +123,7 @@ def figures(summary: dict) -> dict[str, go.Figure]:
     elif mode == "sweep":
         for budget in summary["budgets"]:
             for method in summary["methods"]:
-                if method != "full":
+                if compresses(method):
                     out[f"heads_{method}_m{budget}"] = fig_head_heatmap(summary, method, budget)
             if {"weightedkv", "weightedkv_evict"} <= set(summary["methods"]):
                 out[f"heads_merge_minus_evict_m{budget}"] = fig_head_heatmap(summary, "weightedkv", budget,

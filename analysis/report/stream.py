@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 from plotly.colors import hex_to_rgb, qualitative
 from plotly.subplots import make_subplots
 
-from analysis.compress import METHODS
+from analysis.compress import METHODS, compresses
 
 COLOURS = dict(zip(METHODS, qualitative.Plotly))
 
@@ -32,13 +32,13 @@ def fig_stream_running(summary: dict) -> go.Figure:
     Bottom: each method's running log-perplexity minus WeightedKV's at the same budget (> 0: worse)."""
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06)
     low, high = float("inf"), float("-inf")
-    budgets = sorted({r["budget"] for r in summary["results"] if r["method"] != "full"})
+    budgets = sorted({r["budget"] for r in summary["results"] if compresses(r["method"])})
     for r in summary["results"]:
         curve = r["running_log_ppl"]
         x, mean, spread = curve["token"], curve["mean"], curve["spread"]
         colour = COLOURS.get(r["method"], "#444444")
-        dash = "dash" if r["method"] == "full" else DASHES[budgets.index(r["budget"]) % len(DASHES)]
-        name = "full cache" if r["method"] == "full" else f"{r['method']} (m={r['budget']})"
+        dash = "dash" if not compresses(r["method"]) else DASHES[budgets.index(r["budget"]) % len(DASHES)]
+        name = "full cache" if not compresses(r["method"]) else f"{r['method']} (m={r['budget']})"
         name += f" — ppl {r['ppl']:.2f}"
         if summary["documents"] > 1:
             upper = [m + s for m, s in zip(mean, spread)]
@@ -53,7 +53,7 @@ def fig_stream_running(summary: dict) -> go.Figure:
         settled = [i for i, t in enumerate(x) if t >= max(16, x[-1] // 16)] or list(range(len(x)))
         low = min(low, *(lower[i] for i in settled))
         high = max(high, *(upper[i] for i in settled))
-        ref = _reference(summary, r["budget"] if r["method"] != "full" or not budgets else budgets[0])
+        ref = _reference(summary, r["budget"] if compresses(r["method"]) or not budgets else budgets[0])
         if ref is not None and ref is not r:
             gap = [a - b for a, b in zip(mean, ref["running_log_ppl"]["mean"])]
             fig.add_trace(go.Scatter(x=x, y=gap, mode="lines", showlegend=False, legendgroup=name, name=name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis.compress import compresses
 from analysis.report.perplexity import COLOURS
 
 
@@ -14,7 +15,7 @@ def fig_table1(table: dict) -> go.Figure:
     Methods are drawn side by side around each budget (small x offsets) so their error bars do not overlap.
     """
     corpora, budgets = table["corpora"], table["budgets"]
-    methods = [m for m in table["methods"] if m != "full"]
+    methods = [m for m in table["methods"] if compresses(m)]
     fig = make_subplots(rows=1, cols=len(corpora), subplot_titles=corpora, horizontal_spacing=0.05)
     for col, corpus in enumerate(corpora, start=1):
         entries = [e for e in table["entries"] if e["corpus"] == corpus]
@@ -28,7 +29,7 @@ def fig_table1(table: dict) -> go.Figure:
                                      error_y=dict(type="data", array=[e["ppl_doc_std"] for e in mine], thickness=1,
                                                   width=3, visible=table["documents"] > 1)),
                           row=1, col=col)
-        full = next((e for e in entries if e["method"] == "full"), None)
+        full = next((e for e in entries if not compresses(e["method"])), None)
         if full is not None:  # after the traces: plotly skips shapes on a subplot that is still empty
             fig.add_hline(y=full["ppl"], line_dash="dash", line_color="grey", row=1, col=col,
                           annotation_text=f"full cache {full['ppl']:.1f}", annotation_position="top left")
