@@ -17,7 +17,6 @@ method alike. Prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import resource
 import statistics
@@ -41,7 +40,7 @@ from analysis.runtime import kernel as attention
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import last_logit_only
 from analysis.text.corpora import load_documents, token_sequences
-from experiments.common import add_model_args, load_model_from_args, parse_ints, run_main
+from experiments.common import add_model_args, load_model_from_args, new_parser, parse_ints, run_main
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -379,8 +378,7 @@ def bench_perturb(loaded, args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_compress", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser("bench_compress", __doc__)
     parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "prompt",
                                          "prefill", "cache", "perturb"))
     add_model_args(parser)

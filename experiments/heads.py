@@ -37,6 +37,7 @@ from experiments.common import (
     add_output_args,
     add_text_args,
     load_model_from_args,
+    new_parser,
     parse_ints,
     run_main,
     text_source,
@@ -44,8 +45,7 @@ from experiments.common import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.heads", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser("heads", __doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="profile|plan|evaluate")
 
     p = sub.add_parser("profile", help="measure every (layer, KV head) on profiling text",

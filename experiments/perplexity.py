@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
-from analysis.perplexity.jobs import sweep_jobs
+from analysis.perplexity.settings import sweep_settings
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
@@ -39,13 +39,10 @@ from experiments.common import (
     add_output_args,
     command_parser,
     load_model_from_args,
-    plan_and_budgets,
     run_main,
     text_source,
 )
 from experiments.perplexity_stream import main_stream
-
-SWEEP_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,13 +96,9 @@ def main(argv=None) -> None:
         return main_stream(args)
     args.tokens = 4096 if args.tokens is None else args.tokens
     args.documents = 1 if args.documents is None else args.documents
-    methods = [m.strip() for m in (args.methods or SWEEP_METHODS).split(",") if m.strip()]
-    plan, budgets = plan_and_budgets(args)
-    jobs = sweep_jobs(methods, budgets, args.window, sinks=args.sinks, recent=args.recent, plan=plan)
-    if args.tokens < args.window:
-        raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    sweep = sweep_settings(args.methods, args.budget, args.tokens, args.window, sinks=args.sinks, recent=args.recent,
+                           plan_file=args.plan, total_budget=args.total_budget, batch_size=args.batch_size)
+    methods, budgets, plan, jobs = sweep.methods, sweep.budgets, sweep.plan, sweep.jobs
     rank, world = _distributed(args.device)
     out = check_out_dir(args.out, args.overwrite)
     partial = out.parent / f".{out.name}.partial"

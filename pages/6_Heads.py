@@ -68,8 +68,8 @@ def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, d
     seqs = evaluation_sequences(loaded.tokenizer, {"corpus": corpus}, tokens, documents, skip, profile["text_ids"])
     windows = make_windows(seqs, window)
     plans = [baseline(name, plan, cap=window - 1) for name in baselines] + [plan]
-    progress = starter.counter(len(plans) * len(windows.docs), dashboard.progress_callback("evaluating"))
-    with dashboard.model_lock():  # the evaluator switches the shared model's attention
+    with dashboard.model_lock(), dashboard.progress("evaluating") as bar:  # the evaluator switches the attention
+        progress = starter.counter(len(plans) * len(windows.docs), bar)
         return evaluate_plans(loaded, windows, plans, {"corpus": corpus}, tokens, documents, progress=progress)
 
 
