@@ -30,7 +30,8 @@ from analysis.heads.profile import check_methods, profile_sequences, summary_lin
 from analysis.io import atomic_dir, check_out_dir, write_json
 from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure
-from analysis.report.heads import fig_evaluation, fig_plan_heatmap, profile_figures
+from analysis.report.heads import fig_evaluation, fig_plan_heatmap
+from analysis.report.save import save_profile
 from analysis.text.corpora import load_documents, token_sequences
 from experiments.common import (
     add_model_args,
@@ -112,10 +113,7 @@ def profile(args) -> None:
     result = profile_sequences(loaded, sequences, source, methods, budgets, args.sinks, args.recent_window,
                                skip=args.skip, capture_progress=not args.quiet, progress=bar.update)
     bar.close()
-    with atomic_dir(args.out, args.overwrite) as tmp:
-        write_json(tmp / "profile.json", result)
-        for stem, fig in profile_figures(result).items():
-            write_figure(fig, tmp, stem, png=not args.no_png)
+    save_profile(args.out, result, overwrite=args.overwrite, png=not args.no_png)
     for line in summary_lines(result["summary"]):
         print(line)
     top = sorted(result["rows"], key=lambda r: r["rank"])[:3]

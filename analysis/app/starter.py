@@ -19,7 +19,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis.heads.profile import profile_sequences
-from analysis.io import atomic_dir, write_json
 from analysis.models.loading import load_model
 from analysis.paths import cache_dir
 from analysis.perplexity.settings import sweep_settings
@@ -27,10 +26,10 @@ from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.perturbation.study import Settings, run_study
 from analysis.perturbation.texts import study_sequences, study_source
-from analysis.report.save import save_study, save_sweep
-from analysis.runtime.capture import capture_sequences
+from analysis.report.save import save_profile, save_study, save_sweep
+from analysis.runtime.capture_text import capture_documents
 from analysis.runtime.runs import save_run
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import austen_first, token_sequences
 
 CAPTURE = dict(corpus="books", tokens=256, maps_window=(192, 256))
 
@@ -86,20 +85,14 @@ def counter(total: int, on_progress=None):
     return progress
 
 
-def documents(corpus: str | None = None, text: str | None = None):
-    """The corpus' documents; for ``books``, the Austen novels first (the text the paper's examples use)."""
-
-    docs = load_documents(corpus=corpus, text=text)
-    return [d for d in docs if "/austen/" in d.id] + [d for d in docs if "/austen/" not in d.id]
+documents = austen_first  # the starter's text: Austen first, as the paper's examples
 
 
 def capture(loaded, corpus: str, tokens: int, sequences: int = 1, maps_window=None, on_progress=None):
     """Capture ``sequences`` x ``tokens`` of ``corpus`` (Austen first) with ``loaded``."""
 
-    seqs = token_sequences(loaded.tokenizer, documents(corpus), int(tokens), int(sequences))
-    result = capture_sequences(loaded, seqs, progress=False, on_progress=on_progress, maps_window=maps_window)
-    result.meta["source"] = {"corpus": corpus}
-    return result
+    return capture_documents(loaded, documents(corpus), {"corpus": corpus}, tokens, sequences, progress=False,
+                             on_progress=on_progress, maps_window=maps_window)
 
 
 def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int],
@@ -156,8 +149,7 @@ def make_profile(loaded, on_progress=None) -> Path:
         steps = 2 * loaded.summary()["num_layers"]
         result = profile_sequences(loaded, seqs, {"corpus": s["corpus"]}, budgets=s["budgets"],
                                    progress=counter(steps, on_progress))
-        with atomic_dir(out, overwrite=True) as tmp:
-            write_json(tmp / "profile.json", result)
+        save_profile(out, result, overwrite=True, figures=False)  # the page draws its own figures
     return out
 
 
