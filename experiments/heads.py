@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
-from analysis.heads.allocate import BASELINES, baseline, greedy_plan, parse_total
-from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_sequences
+from analysis.heads.allocate import baseline, greedy_plan, parse_total
+from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_options, evaluation_sequences
 from analysis.heads.profile import check_methods, profile_sequences, summary_lines
 from analysis.io import atomic_dir, check_out_dir, write_json
 from analysis.perplexity.windows import make_windows
@@ -157,14 +157,7 @@ def evaluate(args) -> None:
     plan_ = Plan.load(args.plan)
     raw = json.loads(Path(args.plan).read_text())
     profile_ids = (raw.get("profile") or {}).get("text_ids", [])
-    names = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    for n in names:
-        if n not in BASELINES:
-            raise UserError(f"unknown baseline {n!r}: choose from {', '.join(BASELINES)}")
-    if args.tokens < args.window:
-        raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
-    if plan_.max_budget >= args.window:
-        raise UserError(f"plan {plan_.name!r} gives a head {plan_.max_budget} slots, not below --window {args.window}")
+    names = evaluation_options(plan_, args.baselines, args.tokens, args.window)
     check_out_dir(args.out, args.overwrite)
     source = text_source(args)
     sources = ([{"corpus": c.strip()} for c in source["corpus"].split(",") if c.strip()]
