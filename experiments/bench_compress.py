@@ -17,7 +17,6 @@ method alike. Prints markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import resource
 import statistics
@@ -29,7 +28,6 @@ import torch
 from torch.profiler import profile
 from transformers import DynamicCache
 
-from analysis.app.starter import documents
 from analysis.compress import Job, LayerState, make_jobs, make_policy, method_names
 from analysis.errors import UserError
 from analysis.models.loading import load_model
@@ -40,8 +38,8 @@ from analysis.perturbation.study import Settings, run_study
 from analysis.runtime import kernel as attention
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import last_logit_only
-from analysis.text.corpora import load_documents, token_sequences
-from experiments.common import add_model_args, load_model_from_args, parse_ints, run_main
+from analysis.text.corpora import austen_first, load_documents, token_sequences
+from experiments.common import add_model_args, load_model_from_args, new_parser, parse_ints, run_main
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -326,7 +324,7 @@ def perturb_part(part: str, model: str, tokens: str, budgets: str, threads: str)
     torch.set_num_threads(int(threads))
     loaded = load_model(model)
     T, budgets = int(tokens), [int(b) for b in budgets.split(",")]
-    seqs = token_sequences(loaded.tokenizer, documents("books"), T, 1)
+    seqs = token_sequences(loaded.tokenizer, austen_first("books"), T, 1)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     began = time.perf_counter()
     if part == "forward":  # the model alone over the same tokens: what any pass over them costs
@@ -379,8 +377,7 @@ def bench_perturb(loaded, args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_compress", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser("bench_compress", __doc__)
     parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "prompt",
                                          "prefill", "cache", "perturb"))
     add_model_args(parser)

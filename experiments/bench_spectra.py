@@ -8,12 +8,12 @@ head_dim 64); singular-value timings do not depend on the data. Prints a markdow
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from analysis.spectra import DEFAULT_KINDS, compute_spectra, spectrum_metrics
+from experiments.common import new_parser
 
 
 class RandomCapture:
@@ -65,7 +65,7 @@ def best_of(fn, repeat: int, device: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_spectra", description=__doc__.split("\n\n")[0])
+    p = new_parser("bench_spectra", __doc__.split("\n\n")[0], raw=False)
     p.add_argument("--tokens", type=int, default=4096, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=1, help="sequences (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")

@@ -9,9 +9,10 @@ import argparse
 
 from analysis.errors import UserError
 from analysis.io import check_out_dir
-from analysis.runtime.capture import KINDS, capture_sequences
+from analysis.runtime.capture import KINDS
+from analysis.runtime.capture_text import capture_documents
 from analysis.runtime.runs import save_run
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import load_documents
 from experiments.common import add_output_args, command_parser, load_model_from_args, parse_ints, run_main, text_source
 
 
@@ -35,12 +36,10 @@ def main(argv=None) -> None:
     kinds = tuple(args.kinds.split(",")) if args.kinds else KINDS
     docs = load_documents(**text_source(args))
     loaded = load_model_from_args(args)
-    sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.sequences)
-    capture = capture_sequences(loaded, sequences, layers=parse_ints(args.layers, "layers"), kinds=kinds,
-                                progress=not args.quiet)
-    capture.meta["source"] = text_source(args)
+    capture = capture_documents(loaded, docs, text_source(args), args.tokens, args.sequences,
+                                layers=parse_ints(args.layers, "layers"), kinds=kinds, progress=not args.quiet)
     save_run(capture, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out}: {len(sequences)} x {args.tokens} tokens, layers {capture.meta['layers']}")
+    print(f"wrote {args.out}: {len(capture.meta['text_ids'])} x {args.tokens} tokens, layers {capture.meta['layers']}")
 
 
 if __name__ == "__main__":

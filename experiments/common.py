@@ -1,4 +1,7 @@
-"""Options every command shares, and the wrapper that turns a UserError into one line + exit 2."""
+"""Options every command shares, the parser every command uses, and the wrapper that turns a UserError
+into one line + exit 2. Option values are parsed by the library (analysis.options, analysis.perplexity.settings,
+analysis.perturbation.study), so the dashboard pages validate the same way; parse_ints is re-exported here.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,34 @@ import sys
 
 from transformers.utils import logging as hf_logging
 
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.models.loading import load_model
+from analysis.options import parse_ints
+
+__all__ = ["OneLineParser", "add_model_args", "add_output_args", "add_text_args", "command_parser",
+           "load_model_from_args", "new_parser", "parse_ints", "run_main", "text_source"]
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options (an unknown mode too) give one ``error: ...`` line and exit code 2, as a UserError does.
+
+    Subcommand parsers are made of the same class (argparse uses the parent's), so they do the same.
+    """
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def new_parser(name: str, doc: str, raw: bool = True) -> OneLineParser:
+    """An empty command parser: ``python -m experiments.NAME``, ``doc`` as --help (kept as written if ``raw``)."""
+    kwargs = {"formatter_class": argparse.RawDescriptionHelpFormatter} if raw else {}
+    return OneLineParser(prog=f"python -m experiments.{name}", description=doc, **kwargs)
 
 
 def command_parser(name: str, doc: str) -> argparse.ArgumentParser:
     """What every model-running command starts from: its docstring as --help, model and text options."""
-    parser = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser(name, doc)
     add_model_args(parser)
     add_text_args(parser)
     return parser
@@ -53,32 +75,6 @@ def add_output_args(parser: argparse.ArgumentParser, required: bool = True) -> N
     parser.add_argument("--out", required=required, metavar="DIR", help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds results")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def parse_ints(text: str | None, name: str) -> list[int] | None:
-    """'0,5,10-12' -> [0, 5, 10, 11, 12]; None stays None."""
-    if text is None:
-        return None
-    values: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            values.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise UserError(f"--{name} expects integers like 0,5,10-12, got {text!r}") from None
-    return values
-
-
-def plan_and_budgets(args) -> tuple[object, list[int]]:
-    """--plan FILE (checked against --total-budget) replaces --budget: (plan or None, budgets)."""
-
-    if args.plan:
-        plan = Plan.load(args.plan)
-        plan.check_total(args.total_budget)
-        return plan, []
-    if args.total_budget is not None:
-        raise UserError("--total-budget limits a --plan: give one")
-    return None, parse_ints(args.budget, "budget")
 
 
 def load_model_from_args(args, **kwargs):

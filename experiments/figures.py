@@ -55,14 +55,13 @@ from analysis.errors import UserError
 from analysis.io import atomic_dir, write_json
 from analysis.report.figures import FIGURE_JSON, FIGURES, FULL, QUICK, STREAM_METHODS, TABLE_METHODS, FigureRun, kept
 from analysis.text.corpora import CORPORA
-from experiments.common import add_model_args, load_model_from_args, parse_ints, run_main
+from experiments.common import add_model_args, load_model_from_args, new_parser, parse_ints, run_main
 
 MANIFEST = "manifest.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.figures", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser("figures", __doc__)
     add_model_args(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="figures directory (new, empty, or one to resume)")
     parser.add_argument("--corpora", default="books,web,latex,math",

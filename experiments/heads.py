@@ -24,19 +24,21 @@ from tqdm.auto import tqdm
 
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
-from analysis.heads.allocate import BASELINES, baseline, greedy_plan, parse_total
-from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_sequences
+from analysis.heads.allocate import baseline, greedy_plan, parse_total
+from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_options, evaluation_sequences
 from analysis.heads.profile import check_methods, profile_sequences, summary_lines
 from analysis.io import atomic_dir, check_out_dir, write_json
 from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure
-from analysis.report.heads import fig_evaluation, fig_plan_heatmap, profile_figures
+from analysis.report.heads import fig_evaluation, fig_plan_heatmap
+from analysis.report.save import save_profile
 from analysis.text.corpora import load_documents, token_sequences
 from experiments.common import (
     add_model_args,
     add_output_args,
     add_text_args,
     load_model_from_args,
+    new_parser,
     parse_ints,
     run_main,
     text_source,
@@ -44,8 +46,7 @@ from experiments.common import (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments.heads", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser("heads", __doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="profile|plan|evaluate")
 
     p = sub.add_parser("profile", help="measure every (layer, KV head) on profiling text",
@@ -112,10 +113,7 @@ def profile(args) -> None:
     result = profile_sequences(loaded, sequences, source, methods, budgets, args.sinks, args.recent_window,
                                skip=args.skip, capture_progress=not args.quiet, progress=bar.update)
     bar.close()
-    with atomic_dir(args.out, args.overwrite) as tmp:
-        write_json(tmp / "profile.json", result)
-        for stem, fig in profile_figures(result).items():
-            write_figure(fig, tmp, stem, png=not args.no_png)
+    save_profile(args.out, result, overwrite=args.overwrite, png=not args.no_png)
     for line in summary_lines(result["summary"]):
         print(line)
     top = sorted(result["rows"], key=lambda r: r["rank"])[:3]
@@ -159,14 +157,7 @@ def evaluate(args) -> None:
     plan_ = Plan.load(args.plan)
     raw = json.loads(Path(args.plan).read_text())
     profile_ids = (raw.get("profile") or {}).get("text_ids", [])
-    names = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    for n in names:
-        if n not in BASELINES:
-            raise UserError(f"unknown baseline {n!r}: choose from {', '.join(BASELINES)}")
-    if args.tokens < args.window:
-        raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
-    if plan_.max_budget >= args.window:
-        raise UserError(f"plan {plan_.name!r} gives a head {plan_.max_budget} slots, not below --window {args.window}")
+    names = evaluation_options(plan_, args.baselines, args.tokens, args.window)
     check_out_dir(args.out, args.overwrite)
     source = text_source(args)
     sources = ([{"corpus": c.strip()} for c in source["corpus"].split(",") if c.strip()]

@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from analysis.compress import PolicyOptions, make_jobs, method_names
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
 from analysis.perplexity.jobs import Batching
+from analysis.perplexity.settings import sweep_settings
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
@@ -40,13 +40,10 @@ from experiments.common import (
     add_output_args,
     command_parser,
     load_model_from_args,
-    plan_and_budgets,
     run_main,
     text_source,
 )
 from experiments.perplexity_stream import main_stream
-
-SWEEP_METHODS = ",".join(method_names(compressing=True, in_paper=True))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,13 +97,10 @@ def main(argv=None) -> None:
         return main_stream(args)
     args.tokens = 4096 if args.tokens is None else args.tokens
     args.documents = 1 if args.documents is None else args.documents
-    methods = [m.strip() for m in (args.methods or SWEEP_METHODS).split(",") if m.strip()]
-    plan, budgets = plan_and_budgets(args)
-    jobs = make_jobs(methods, budgets, PolicyOptions(args.sinks, args.recent, args.seed), plan, window=args.window)
-    if args.tokens < args.window:
-        raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    sweep = sweep_settings(args.methods, args.budget, args.tokens, args.window, sinks=args.sinks, recent=args.recent,
+                           seed=args.seed, plan_file=args.plan, total_budget=args.total_budget,
+                           batch_size=args.batch_size)
+    plan, jobs = sweep.plan, sweep.jobs
     rank, world = _distributed(args.device)
     out = check_out_dir(args.out, args.overwrite)
     partial = out.parent / f".{out.name}.partial"

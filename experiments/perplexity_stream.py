@@ -10,16 +10,16 @@ import shutil
 
 from tqdm.auto import tqdm
 
-from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs
+from analysis.compress import PolicyOptions, make_jobs
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
 from analysis.perplexity.jobs import Batching
+from analysis.perplexity.settings import STREAM_METHODS, check_batch_size, parse_methods, plan_and_budgets
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.report.save import save_stream
 from analysis.text.corpora import load_documents, token_sequences
-from experiments.common import load_model_from_args, plan_and_budgets, text_source
+from experiments.common import load_model_from_args, text_source
 
-STREAM_METHODS = ",".join(MERGE_VS_EVICT)
 STREAM_DOCUMENTS = 4
 
 
@@ -28,13 +28,12 @@ def main_stream(args) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--stream runs in one process (its documents are batch rows): run it without torchrun")
-    methods = [m.strip() for m in (args.methods or STREAM_METHODS).split(",") if m.strip()]
-    plan, budgets = plan_and_budgets(args)
+    methods = parse_methods(args.methods, STREAM_METHODS)
+    plan, budgets = plan_and_budgets(args.budget, args.plan, args.total_budget)
     documents = STREAM_DOCUMENTS if args.documents is None else args.documents
     if documents < 1:
         raise UserError(f"--documents must be at least 1, got {documents}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_batch_size(args.batch_size)
     if args.tokens is not None:
         check_stream_length(args.tokens, None)  # the model's limit is checked once it is loaded
     out = check_out_dir(args.out, args.overwrite)

@@ -22,35 +22,22 @@ Every mode averages over --sequences sequences (default 8; from books and web wh
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 from tqdm.auto import tqdm
 
-from analysis.errors import UserError
 from analysis.io import check_out_dir
 from analysis.models.loading import EMBEDDED_NAME
 from analysis.perturbation.study import Settings, check_result_dir, paired_lines, run_study
+from analysis.perturbation.texts import study_sequences, study_source
 from analysis.report.save import save_study
-from analysis.text.corpora import load_documents, token_sequences
-from experiments.common import add_model_args, add_output_args, load_model_from_args, parse_ints, run_main
+from experiments.common import add_model_args, add_output_args, load_model_from_args, new_parser, run_main
 
-MIXED = ("books", "web")  # corpora used when none is named
 ALL_METHODS = "weightedkv,weightedkv_evict,h2o,tova,cam,streaming_llm,random"
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad options (an unknown mode too) give one ``error: ...`` line and exit code 2, as a UserError does."""
-
-    def error(self, message: str):
-
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m experiments.perturbation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = new_parser("perturbation", __doc__)
     sub = parser.add_subparsers(dest="mode", metavar="MODE", required=True)
     specs = {
         "fig2": ("the paper's Fig. 2 protocol (merge vs evict of one token)", "weightedkv,weightedkv_evict", 800),
@@ -93,46 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from(args):
-
-    ints = lambda name: parse_ints(getattr(args, name), name)  # noqa: E731
-    methods = [m.strip() for m in getattr(args, "methods", "weightedkv").split(",") if m.strip()]
-    if args.sequences < 1 or args.sinks < 0:
-        raise UserError("--sequences >= 1 and --sinks >= 0 are required")
-    if args.mode == "fig2":
-        if args.t0 < 2 or args.future < 1:
-            raise UserError(f"--t0 >= 2 and --future >= 1 are required (got {args.t0}, {args.future})")
-        tokens = args.t0 + args.future
-    else:
-        tokens = args.tokens
-    settings = Settings(mode=args.mode, tokens=tokens, layers=ints("layers"), heads=ints("heads"), methods=methods,
-                        budgets=ints("budget") if hasattr(args, "budget") else [],
-                        t0=getattr(args, "t0", 100), future=getattr(args, "future", 0),
-                        steps=ints("steps") if hasattr(args, "steps") else [100], sinks=args.sinks,
-                        recent=args.recent, seed=args.seed)
-    if args.mode == "ideal" and (settings.future < 1 or not settings.steps):
-        raise UserError("--future >= 1 and at least one --steps value are required")
-    settings.validate()
-    return settings
-
-
-def load_sequences(args, tokenizer, tokens: int) -> list[tuple[str, list[int]]]:
-
-    if args.text or args.corpus:
-        sources = [{"text": args.text} if args.text else {"corpus": args.corpus}]
-    else:
-        sources = [{"corpus": c} for c in MIXED]
-    counts = [args.sequences // len(sources) + (i < args.sequences % len(sources)) for i in range(len(sources))]
-    out = []
-    for source, count in zip(sources, counts):
-        if count == 0:
-            continue
-        try:
-            out += token_sequences(tokenizer, load_documents(**source), tokens, count)
-        except UserError as err:
-            what = "t0 + N" if args.mode == "fig2" else "--tokens"
-            raise UserError(f"{what} = {tokens} tokens is beyond the text ({next(iter(source.values()))}): {err}") from None
-    return out
+def settings_from(args) -> Settings:
+    """The mode's options as ``Settings`` (the library checks them, as it does the page's form)."""
+    return Settings.from_options(
+        args.mode, tokens=getattr(args, "tokens", 0), sequences=args.sequences, layers=args.layers, heads=args.heads,
+        methods=getattr(args, "methods", None), budget=getattr(args, "budget", None), t0=getattr(args, "t0", 100),
+        future=getattr(args, "future", 0), steps=getattr(args, "steps", None), sinks=args.sinks, recent=args.recent,
+        seed=args.seed)
 
 
 def main(argv=None) -> None:
@@ -146,10 +100,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     loaded = load_model_from_args(args)
     settings.check_model(loaded.summary())
-    sequences = load_sequences(args, loaded.tokenizer, settings.tokens)
+    sequences = study_sequences(loaded.tokenizer, settings.tokens, args.sequences, corpus=args.corpus, text=args.text,
+                                mode=args.mode)
     bar = tqdm(total=len(sequences), unit="seq", desc=args.mode, disable=args.quiet)
-    source = {"text": args.text} if args.text else {"corpus": args.corpus} if args.corpus else {"corpora": list(MIXED)}
-    summary, tensors = run_study(loaded, sequences, settings, progress=bar.update, source=source)
+    summary, tensors = run_study(loaded, sequences, settings, progress=bar.update,
+                                 source=study_source(args.corpus, args.text))
     bar.close()
     save_study(args.out, summary, tensors, overwrite=args.overwrite, png=not args.no_png)
     for r in summary["results"]:

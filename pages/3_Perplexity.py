@@ -13,12 +13,11 @@ import streamlit as st
 
 from analysis.app import dashboard
 from analysis.compress import METHODS
-from analysis.errors import UserError
 from analysis.io import check_out_dir
+from analysis.perplexity.settings import sweep_settings
 from analysis.report.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
 from analysis.report.save import save_sweep
 from analysis.text.corpora import CORPORA
-from experiments.common import parse_ints
 
 QUICK_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
 
@@ -45,13 +44,9 @@ def quick_sweep(root: Path) -> None:
         return
 
     tokens, window = int(tokens), int(window)
-    if not methods:
-        raise UserError("choose at least one method")
-    budgets = parse_ints(budgets, "budget")
-    if tokens < window:
-        raise UserError(f"tokens {tokens} is shorter than the window {window}")
+    settings = sweep_settings(list(methods), budgets, tokens, window)  # the command's checks and messages
     out = check_out_dir(root / (name.strip() or f"ppl-{corpus}-{tokens}-{time.strftime('%H%M%S')}"))
-    summary, tensors = dashboard.sweep_embedded(corpus, tokens, window, methods, budgets)
+    summary, tensors = dashboard.sweep_embedded(corpus, tokens, window, settings.methods, settings.budgets)
     save_sweep(out, summary, tensors, png=png)
     st.session_state["sweep"] = out.name  # show the new sweep
     st.success(f"saved {out}")

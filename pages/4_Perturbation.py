@@ -14,13 +14,14 @@ import streamlit as st
 
 from analysis.app import dashboard, starter
 from analysis.compress import METHODS
-from analysis.errors import UserError
 from analysis.io import check_out_dir
 from analysis.perturbation.study import MODES, RESULTS, Settings, run_study
+from analysis.perturbation.texts import MIXED, study_sequences, study_source
 from analysis.report.perturbation import fig_fig2, fig_head_heatmap, fig_ideal, fig_layer_deviation, fig_positions
 from analysis.report.save import save_study
-from analysis.text.corpora import CORPORA, load_documents, token_sequences
-from experiments.common import parse_ints
+from analysis.text.corpora import CORPORA
+
+MIXED_LABEL = " + ".join(MIXED)  # the command's default: the sequences split between books and web
 
 
 def study_dirs(root: Path) -> list[Path]:
@@ -40,7 +41,7 @@ def small_study(root: Path) -> None:
     with st.sidebar.form("small_study"):
         st.subheader("Run a small study (embedded model)")
         mode = st.selectbox("mode", MODES, key="new_mode")
-        corpus = st.selectbox("corpus", list(CORPORA), key="new_corpus")
+        corpus = st.selectbox("corpus", [*CORPORA, MIXED_LABEL], key="new_corpus")
         sequences = st.number_input("sequences", 1, 16, 2, key="new_sequences")
         tokens = st.number_input("tokens (sweep, end2end, ideal)", 32, 2048, 256, step=32, key="new_tokens")
         t0 = st.number_input("t0 (fig2)", 8, 1024, 100, key="new_t0")
@@ -54,20 +55,20 @@ def small_study(root: Path) -> None:
     if not start:
         return
 
-    n_tokens = int(t0) + int(future) if mode == "fig2" else int(tokens)
-    settings = Settings(mode=mode, tokens=n_tokens, layers=parse_ints(layers.strip() or None, "layers"),
-                        methods=list(methods) if mode in ("sweep", "end2end") else ["weightedkv", "weightedkv_evict"],
-                        budgets=parse_ints(budgets, "budget") if mode in ("sweep", "end2end") else [],
-                        t0=int(t0), future=int(future), steps=[max(2, n_tokens - int(future) - 1)] if mode == "ideal" else [100])
-    if mode in ("sweep", "end2end") and not methods:
-        raise UserError("choose at least one method")
-    settings.validate()
+    tokens, future = int(tokens), int(future)
+    # the command's options, checked by the same library function; ideal merges once, as late as the text allows
+    settings = Settings.from_options(
+        mode, tokens=tokens, sequences=int(sequences), layers=layers.strip() or None, budget=budgets,
+        methods=list(methods) if mode in ("sweep", "end2end") else "weightedkv,weightedkv_evict",
+        t0=int(t0), future=future, steps=str(max(2, tokens - future - 1)) if mode == "ideal" else None)
     out = check_out_dir(root / (name.strip() or f"perturb-{mode}-{time.strftime('%H%M%S')}"))
     loaded = dashboard.cached_model()
-    seqs = token_sequences(loaded.tokenizer, load_documents(corpus=corpus), n_tokens, int(sequences))
-    progress = starter.counter(len(seqs), dashboard.progress_callback(f"{mode} study"))
-    with dashboard.model_lock():  # captures and compressed caches switch the shared model's attention
-        summary, tensors = run_study(loaded, seqs, settings, progress=progress, source={"corpus": corpus})
+    corpus = None if corpus == MIXED_LABEL else corpus
+    seqs = study_sequences(loaded.tokenizer, settings.tokens, int(sequences), corpus=corpus, mode=mode)
+    # captures and compressed caches switch the shared model's attention: one job at a time
+    with dashboard.model_lock(), dashboard.progress(f"{mode} study") as bar:
+        summary, tensors = run_study(loaded, seqs, settings, progress=starter.counter(len(seqs), bar),
+                                     source=study_source(corpus))
     save_study(out, summary, tensors, png=False)
     st.session_state["study"] = out.name
     st.success(f"saved {out}")

@@ -13,9 +13,8 @@ import streamlit as st
 
 from analysis.app import dashboard, starter
 from analysis.compress.plans import Plan
-from analysis.errors import UserError
 from analysis.heads.allocate import BASELINES, baseline, greedy_plan
-from analysis.heads.evaluate import evaluate_plans, evaluation_sequences
+from analysis.heads.evaluate import evaluate_plans, evaluation_options, evaluation_sequences
 from analysis.heads.profile import measures
 from analysis.perplexity.windows import make_windows
 from analysis.report.heads import fig_evaluation, fig_heatmap, fig_plan_heatmap, fig_scatter, table_rows
@@ -61,15 +60,12 @@ def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, d
 
     loaded = dashboard.cached_model()
     plan.check(loaded.model.config)
-    if tokens < window:
-        raise UserError(f"tokens {tokens} is shorter than the window {window}")
-    if plan.max_budget >= window:
-        raise UserError(f"the plan gives a head {plan.max_budget} slots, not below the window {window}")
+    baselines = evaluation_options(plan, baselines, tokens, window)  # the command's checks and messages
     seqs = evaluation_sequences(loaded.tokenizer, {"corpus": corpus}, tokens, documents, skip, profile["text_ids"])
     windows = make_windows(seqs, window)
     plans = [baseline(name, plan, cap=window - 1) for name in baselines] + [plan]
-    progress = starter.counter(len(plans) * len(windows.docs), dashboard.progress_callback("evaluating"))
-    with dashboard.model_lock():  # the evaluator switches the shared model's attention
+    with dashboard.model_lock(), dashboard.progress("evaluating") as bar:  # the evaluator switches the attention
+        progress = starter.counter(len(plans) * len(windows.docs), bar)
         return evaluate_plans(loaded, windows, plans, {"corpus": corpus}, tokens, documents, progress=progress)
 
 

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
-import torch
 
 from analysis.app import starter  # noqa: E402
-from analysis.compress.plans import Plan
 from analysis.errors import UserError  # noqa: E402
 from analysis.models.loading import load_model
-from analysis.runtime.cache import CompressedCache
+from analysis.runtime import generate
 from analysis.runtime.replay import replay
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,11 +71,6 @@ def user_errors():
         st.error(str(err))
 
 
-def progress_callback(label: str):
-    bar = st.progress(0.0, text=label)
-    return lambda fraction: bar.progress(min(float(fraction), 1.0), text=f"{label} {fraction:.0%}")
-
-
 @contextmanager
 def progress(label: str):
     """A progress bar for the block (yields ``callback(fraction)``), removed when the work is done."""
@@ -124,38 +116,11 @@ def starter_capture() -> Path:
 
 def generate_text(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
                   sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
-    """Generate from ``prompt`` through a CompressedCache; the text and the cache afterwards, as plain data.
-
-    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/plans.py), replacing the budget.
-    """
-
-
-
+    """``analysis.runtime.generate.generate_text`` on the shared embedded model, under the model lock."""
     loaded = cached_model()
-    tok = loaded.tokenizer
-    ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
-    if ids.shape[1] == 0:
-        raise UserError("the prompt is empty")
-    plan = Plan.from_text(plan_json) if plan_json else None
-    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
     with model_lock():  # the cache hooks the shared model and switches its attention while open
-        cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan)
-        torch.manual_seed(seed)
-        began = time.perf_counter()
-        with torch.inference_mode(), cache:
-            out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
-                                        max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id,
-                                        **kwargs)
-    seconds = time.perf_counter() - began
-    generated = out[0, ids.shape[1]:]
-    return {
-        "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
-        "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
-        "seen": [layer.get_seq_length() for layer in cache.layers], "sinks": cache.policy.sinks,
-        "recent": cache.policy.recent, "memory": cache.memory(),
-        "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
-                 for i in range(len(cache.layers))],
-    }
+        return generate.generate_text(loaded, prompt, method, budget, sinks, recent, new, sample, temperature, seed,
+                                      plan_json)
 
 
 @st.cache_resource(show_spinner=False)

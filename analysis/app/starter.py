@@ -18,19 +18,19 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from analysis.compress import make_jobs
 from analysis.heads.profile import profile_sequences
-from analysis.io import atomic_dir, write_json
 from analysis.models.loading import load_model
 from analysis.paths import cache_dir
 from analysis.perplexity.jobs import Batching
+from analysis.perplexity.settings import sweep_settings
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.perturbation.study import Settings, run_study
-from analysis.report.save import save_study, save_sweep
-from analysis.runtime.capture import capture_sequences
+from analysis.perturbation.texts import study_sequences, study_source
+from analysis.report.save import save_profile, save_study, save_sweep
+from analysis.runtime.capture_text import capture_documents
 from analysis.runtime.runs import save_run
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import austen_first, token_sequences
 
 CAPTURE = dict(corpus="books", tokens=256, maps_window=(192, 256))
 
@@ -39,7 +39,7 @@ SWEEP = dict(corpus="books", tokens=256, window=128, budgets=[32],
              methods=["full", "weightedkv", "weightedkv_evict", "streaming_llm"])
 
 
-FIG2 = dict(corpora=("books", "web"), t0=100, future=100)  # one sequence of t0 + future tokens from each
+FIG2 = dict(sequences=2, t0=100, future=100)  # one sequence of t0 + future tokens from books, one from web
 
 
 PROFILE = dict(corpus="books", tokens=256, budgets=[32, 64, 128])
@@ -86,30 +86,25 @@ def counter(total: int, on_progress=None):
     return progress
 
 
-def documents(corpus: str):
-    """The corpus' documents; for ``books``, the Austen novels first (the text the paper's examples use)."""
-
-    docs = load_documents(corpus=corpus)
-    return [d for d in docs if "/austen/" in d.id] + [d for d in docs if "/austen/" not in d.id]
+documents = austen_first  # the starter's text: Austen first, as the paper's examples
 
 
 def capture(loaded, corpus: str, tokens: int, sequences: int = 1, maps_window=None, on_progress=None):
     """Capture ``sequences`` x ``tokens`` of ``corpus`` (Austen first) with ``loaded``."""
 
-    seqs = token_sequences(loaded.tokenizer, documents(corpus), int(tokens), int(sequences))
-    result = capture_sequences(loaded, seqs, progress=False, on_progress=on_progress, maps_window=maps_window)
-    result.meta["source"] = {"corpus": corpus}
-    return result
+    return capture_documents(loaded, documents(corpus), {"corpus": corpus}, tokens, sequences, progress=False,
+                             on_progress=on_progress, maps_window=maps_window)
 
 
 def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int],
           on_progress=None) -> tuple[dict, dict]:
     """A perplexity sweep over one document of ``corpus``; ``on_progress(fraction)`` as windows finish."""
 
-    jobs = make_jobs(methods, budgets, window=window)  # bad settings fail before any work
+    settings = sweep_settings(methods, budgets, tokens, window)  # the command's checks, first
     windows = make_windows(token_sequences(loaded.tokenizer, documents(corpus), tokens, 1), window)
-    return run_sweep(loaded, windows, jobs, source={"corpus": corpus}, tokens=tokens, documents=1,
-                     batching=Batching(progress=counter(len(jobs) * len(windows.docs), on_progress)))
+    progress = counter(len(settings.jobs) * len(windows.docs), on_progress)
+    return run_sweep(loaded, windows, settings.jobs, source={"corpus": corpus}, tokens=tokens, documents=1,
+                     batching=Batching(progress=progress))
 
 
 def make_capture(loaded, on_progress=None) -> Path:
@@ -137,11 +132,12 @@ def make_fig2(loaded, on_progress=None) -> Path:
 
     out, s = fig2_dir(), FIG2
     if not (out / "perturbation.json").is_file():
-        settings = Settings(mode="fig2", tokens=s["t0"] + s["future"], t0=s["t0"], future=s["future"])
-        seqs = [seq for c in s["corpora"]
-                for seq in token_sequences(loaded.tokenizer, documents(c), settings.tokens, 1)]
+        # the command's `fig2 --sequences 2 --t0 100 --future 100`: its settings and its books + web mix
+        settings = Settings.from_options("fig2", methods="weightedkv,weightedkv_evict", sequences=s["sequences"],
+                                         t0=s["t0"], future=s["future"])
+        seqs = study_sequences(loaded.tokenizer, settings.tokens, s["sequences"], mode="fig2", load=documents)
         summary, tensors = run_study(loaded, seqs, settings, progress=counter(len(seqs), on_progress),
-                                     source={"corpora": list(s["corpora"])})
+                                     source=study_source())
         save_study(out, summary, tensors, overwrite=True, png=False)
     return out
 
@@ -155,8 +151,7 @@ def make_profile(loaded, on_progress=None) -> Path:
         steps = 2 * loaded.summary()["num_layers"]
         result = profile_sequences(loaded, seqs, {"corpus": s["corpus"]}, budgets=s["budgets"],
                                    progress=counter(steps, on_progress))
-        with atomic_dir(out, overwrite=True) as tmp:
-            write_json(tmp / "profile.json", result)
+        save_profile(out, result, overwrite=True, figures=False)  # the page draws its own figures
     return out
 
 

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 from analysis.compress import Job, PolicyOptions
 from analysis.errors import UserError
+from analysis.heads.allocate import BASELINES
+from analysis.options import parse_names
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.sweep import run_sweep
 from analysis.text.corpora import load_documents, token_sequences
 
 METHOD = "weightedkv"
+
+
+def evaluation_options(plan, baselines: str | list[str], tokens: int, window: int) -> list[str]:
+    """The baselines named (a comma list or a page's chosen list), once the plan fits the window: the checks
+    ``experiments.heads evaluate`` and the Heads page share, before any model work."""
+    names = parse_names(baselines)
+    for n in names:
+        if n not in BASELINES:
+            raise UserError(f"unknown baseline {n!r}: choose from {', '.join(BASELINES)}")
+    if tokens < window:
+        raise UserError(f"--tokens {tokens} is shorter than --window {window}")
+    if plan.max_budget >= window:
+        raise UserError(f"plan {plan.name!r} gives a head {plan.max_budget} slots, not below --window {window}")
+    return names
 
 
 def base_id(text_id: str) -> str:

@@ -19,6 +19,7 @@ import torch
 
 from analysis.compress import METHODS, Job, PolicyOptions, WeightedKV, compresses, make_jobs
 from analysis.errors import UserError
+from analysis.options import parse_ints, parse_names
 from analysis.perturbation.end_to_end import end_to_end
 from analysis.perturbation.ideal import ideal_sequence
 from analysis.perturbation.summary import fig2_sequence, summary_rows, teacher_forced_sequence
@@ -66,6 +67,36 @@ class Settings:
             raise UserError(f"--steps must lie in 2..{self.tokens - self.future} (--tokens minus --future)")
         if self.mode in ("fig2", "ideal"):
             WeightedKV((self.t0 if self.mode == "fig2" else min(self.steps)) - 1, self.sinks, self.recent)
+
+    @classmethod
+    def from_options(cls, mode: str, *, tokens: int = 0, sequences: int = 1, layers: str | None = None,
+                     heads: str | None = None, methods: str | list[str] | None = None, budget: str | None = None,
+                     t0: int = 100, future: int = 0, steps: str | None = None, sinks: int = 4,
+                     recent: int | None = None, seed: int = 0) -> Settings:
+        """Settings from option values as the command spells them (``--layers 0,5-7``, ``--methods a,b``),
+        validated; the Perturbation page builds its settings here too. Options a mode has not are ignored:
+        ``t0`` is fig2's, ``future`` fig2's and ideal's, ``budget`` sweep's and end2end's, ``steps`` ideal's;
+        ``tokens`` is t0 + future in fig2. ``methods`` None: weightedkv alone (ideal has no --methods).
+        """
+        names = parse_names("weightedkv" if methods is None else methods)
+        if sequences < 1 or sinks < 0:
+            raise UserError("--sequences >= 1 and --sinks >= 0 are required")
+        if not names:
+            raise UserError("--methods: choose at least one method")
+        if mode == "fig2":
+            if t0 < 2 or future < 1:
+                raise UserError(f"--t0 >= 2 and --future >= 1 are required (got {t0}, {future})")
+            tokens = t0 + future
+        budgets = parse_ints(budget, "budget") or [] if mode in ("sweep", "end2end") else []
+        settings = cls(mode=mode, tokens=tokens, layers=parse_ints(layers, "layers"), heads=parse_ints(heads, "heads"),
+                       methods=names, budgets=budgets,
+                       t0=t0 if mode == "fig2" else 100, future=future if mode in ("fig2", "ideal") else 0,
+                       steps=parse_ints(steps, "steps") if mode == "ideal" else [100], sinks=sinks, recent=recent,
+                       seed=seed)
+        if mode == "ideal" and (settings.future < 1 or not settings.steps):
+            raise UserError("--future >= 1 and at least one --steps value are required")
+        settings.validate()
+        return settings
 
     def check_model(self, config: dict) -> None:
         n, h = config["num_layers"], config["num_kv_heads"]

@@ -26,6 +26,7 @@ from analysis.perplexity.jobs import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.perplexity.table1 import check_finite, run_table, table_csv, table_markdown, window_count
 from analysis.perturbation.study import Settings, run_study
+from analysis.perturbation.texts import study_sequences, study_source
 from analysis.report.export import write_figure
 from analysis.report.fig3 import fig_fig3_replay
 from analysis.report.heads import fig_plan_heatmap, profile_figures
@@ -141,13 +142,11 @@ def build_fig3_replay(run: FigureRun, out: Path) -> None:
 
 
 def _perturbation(run: FigureRun, out: Path, settings) -> None:
-    """A merging-effects study (``analysis.perturbation.study``) on sequences from two corpora."""
+    """A merging-effects study (``analysis.perturbation.study``) on the command's books + web mix."""
 
-    loaded, n = run.loaded(), run.sizes.perturb_sequences
-    half = max(1, n // 2)
-    seqs = [s for corpus, k in (("books", half), ("web", n - half)) if k
-            for s in token_sequences(loaded.tokenizer, load_documents(corpus=corpus), settings.tokens, k)]
-    summary, tensors = run_study(loaded, seqs, settings, source={"corpus": "books+web"})
+    loaded = run.loaded()
+    seqs = study_sequences(loaded.tokenizer, settings.tokens, run.sizes.perturb_sequences, mode=settings.mode)
+    summary, tensors = run_study(loaded, seqs, settings, source=study_source())
     study = save_study(out / "study", summary, tensors, png=run.png)  # JSON, CSV, curves stay in study/
     for figure in sorted((study / "figures").iterdir()):  # the figures sit beside every other figure's
         figure.replace(out / figure.name)

@@ -10,6 +10,7 @@ from torch import Tensor
 from analysis.io import atomic_dir, write_json
 from analysis.perturbation.study import RESULTS, rows_csv
 from analysis.report.export import write_figure
+from analysis.report.heads import profile_figures
 from analysis.report.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
 from analysis.report.perturbation import figures
 from analysis.report.stream import fig_stream_running
@@ -66,4 +67,15 @@ def save_study(out: str | Path, summary: dict, tensors: dict, overwrite: bool = 
         save_file(tensors, str(tmp / "curves.safetensors"))
         for stem, fig in figures(summary).items():
             write_figure(fig, tmp / "figures", stem, png=png)
+    return Path(out)
+
+
+def save_profile(out: str | Path, result: dict, overwrite: bool = False, png: bool = True,
+                 figures: bool = True) -> Path:
+    """Write a head profile atomically: profile.json and (unless ``figures=False``) its figures."""
+    with atomic_dir(out, overwrite) as tmp:
+        write_json(tmp / "profile.json", result)
+        if figures:
+            for stem, fig in profile_figures(result).items():
+                write_figure(fig, tmp, stem, png=png)
     return Path(out)

@@ -310,6 +310,12 @@ def load_documents(corpus: str | None = None, text: str | None = None) -> list[D
     return load_text(text)
 
 
+def austen_first(corpus: str | None = None, text: str | None = None) -> list[Document]:
+    """``load_documents``, with the Austen novels first in ``books`` (the text the paper's examples use)."""
+    docs = load_documents(corpus=corpus, text=text)
+    return [d for d in docs if "/austen/" in d.id] + [d for d in docs if "/austen/" not in d.id]
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     if hasattr(tokenizer, "encode"):
         try:

@@ -1,0 +1,61 @@
+"""A perplexity sweep's settings from option values: the command (``experiments.perplexity``) and the
+Perplexity page both build them here, so a form field fails with the same one line as its option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from analysis.compress import MERGE_VS_EVICT, Job, PolicyOptions, make_jobs, method_names
+from analysis.compress.plans import Plan
+from analysis.errors import UserError
+from analysis.options import parse_ints, parse_names
+
+SWEEP_METHODS = ",".join(method_names(compressing=True, in_paper=True))  # the paper's methods
+STREAM_METHODS = ",".join(MERGE_VS_EVICT)  # Fig. 4: WeightedKV against its eviction ablation
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    methods: list[str]
+    budgets: list[int]  # empty when a plan gives the budgets
+    plan: Plan | None
+    jobs: list[Job]  # every (method, budget) run, validated
+
+
+def plan_and_budgets(budget: str | list[int] | None, plan_file: str | None = None,
+                     total_budget: int | None = None) -> tuple[Plan | None, list[int]]:
+    """--plan FILE (checked against --total-budget) replaces --budget (a comma list, or the ints): (plan, budgets)."""
+    if plan_file:
+        plan = Plan.load(plan_file)
+        plan.check_total(total_budget)
+        return plan, []
+    if total_budget is not None:
+        raise UserError("--total-budget limits a --plan: give one")
+    return None, list(budget) if isinstance(budget, (list, tuple)) else parse_ints(budget, "budget")
+
+
+def parse_methods(methods: str | list[str] | None, default: str) -> list[str]:
+    """--methods (a comma list, or a page's chosen list); None or '': ``default``. At least one is required."""
+    names = parse_names(default if methods in (None, "") else methods)
+    if not names:
+        raise UserError("--methods: choose at least one method")
+    return names
+
+
+def sweep_settings(methods: str | list[str] | None, budget: str | list[int] | None, tokens: int, window: int, *,
+                   sinks: int = 4, recent: int | None = None, seed: int = 0, plan_file: str | None = None,
+                   total_budget: int | None = None, batch_size: int = 32) -> SweepSettings:
+    """A windowed sweep's settings, every check that needs no model done: bad values fail before any work."""
+    names = parse_methods(methods, SWEEP_METHODS)
+    plan, budgets = plan_and_budgets(budget, plan_file, total_budget)
+    jobs = make_jobs(names, budgets, PolicyOptions(sinks, recent, seed), plan, window=window)
+    if tokens < window:
+        raise UserError(f"--tokens {tokens} is shorter than --window {window}")
+    check_batch_size(batch_size)
+    return SweepSettings(names, budgets, plan, jobs)
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")

@@ -1,0 +1,46 @@
+"""Generate text from a prompt through a CompressedCache, and report what the cache kept.
+
+Plain data in and out, no streamlit: the Generate page calls it (through the dashboard's model lock).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from analysis.compress.plans import Plan
+from analysis.errors import UserError
+from analysis.runtime.cache import CompressedCache
+
+
+def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
+                  sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
+    """Generate ``new`` tokens after ``prompt`` with ``loaded`` (analysis.models.loading) through a CompressedCache.
+
+    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/compress/plans.py), replacing the budget.
+    Returns the text and the cache afterwards (occupancy, tokens seen, memory, kept positions per head).
+    The cache hooks the model and switches its attention while open: callers sharing the model serialise calls.
+    """
+    tok = loaded.tokenizer
+    ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
+    if ids.shape[1] == 0:
+        raise UserError("the prompt is empty")
+    plan = Plan.from_text(plan_json) if plan_json else None
+    kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan)
+    torch.manual_seed(seed)
+    began = time.perf_counter()
+    with torch.inference_mode(), cache:
+        out = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                                    max_new_tokens=new, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kwargs)
+    seconds = time.perf_counter() - began
+    generated = out[0, ids.shape[1]:]
+    return {
+        "text": tok.decode(generated, skip_special_tokens=True), "prompt_tokens": ids.shape[1],
+        "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
+        "seen": [layer.get_seq_length() for layer in cache.layers], "sinks": cache.policy.sinks,
+        "recent": cache.policy.recent, "memory": cache.memory(),
+        "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
+                 for i in range(len(cache.layers))],
+    }
