@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from analysis.compress import method_names
 from analysis.errors import UserError
 from analysis.options import parse_ints, parse_names
 from analysis.perplexity.settings import sweep_settings
@@ -73,7 +74,8 @@ def test_perturbation_settings_from_options_match_the_mode():
 
 def test_sweep_settings_check_what_the_command_checks():
     s = sweep_settings(None, "16,24", 72, 48)
-    assert s.methods[0] == "weightedkv" and s.budgets == [16, 24] and s.plan is None and len(s.jobs) == 12
+    assert s.methods == method_names(compressing=True, in_paper=True)  # the default: the paper's methods
+    assert s.budgets == [16, 24] and s.plan is None and len(s.jobs) == 12
     assert sweep_settings(["full", "h2o"], [16], 72, 48).budgets == [16]
     for args, message in [((["h2o"], "16", 32, 48), "shorter than --window"), (([], "16", 72, 48), "one method"),
                           ((None, "1x", 72, 48), "--budget expects")]:
