@@ -7,7 +7,7 @@ layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-l
 import streamlit as st
 
 from analysis.app.dashboard import cached_model, generate_text, user_errors
-from analysis.compress import METHODS
+from analysis.compress import METHODS, compresses
 from analysis.errors import UserError
 from analysis.report.generate import fig_kept_positions, fig_occupancy
 from analysis.text.corpora import load_documents, token_sequences
@@ -77,7 +77,7 @@ def main() -> None:
         st.caption(f"Per-head budgets from the uploaded plan. Cache memory: "
                    f"{result['memory']['logical_bytes'] / 2**20:.2f} MB logical (sum of the budgets), "
                    f"{result['memory']['physical_bytes'] / 2**20:.2f} MB physical (the slots allocated).")
-    if result["prompt_tokens"] <= budget and method != "full":
+    if result["prompt_tokens"] <= budget and compresses(method):
         st.warning(f"The prompt has {result['prompt_tokens']} tokens, no more than the budget {budget}: "
                    "only the generated tokens can push the cache past it.")
     left, right = st.columns(2)
@@ -85,7 +85,7 @@ def main() -> None:
     show_text(right, "full cache", full)
 
     st.plotly_chart(fig_occupancy({method: result["occupancy"], "full": full["occupancy"]},
-                                  None if method == "full" else budget), key="fig_occupancy")
+                                  budget if compresses(method) else None), key="fig_occupancy")
     layers = len(result["kept"])
     c1, c2 = st.columns(2)
     layer = c1.slider("layer", 0, layers - 1, layers // 2, key="layer")

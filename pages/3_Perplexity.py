@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import dashboard
-from analysis.compress import METHODS
+from analysis.compress import METHODS, compresses
 from analysis.io import check_out_dir
 from analysis.perplexity.settings import sweep_settings
 from analysis.report.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
@@ -62,7 +62,7 @@ def show(summary: dict) -> None:
 
     st.subheader("Running log-perplexity")
     present = [m for m in summary["methods"] if any(r["method"] == m for r in results)]
-    budgets = sorted({r["budget"] for r in results if r["method"] != "full"})
+    budgets = sorted({r["budget"] for r in results if compresses(r["method"])})
     c1, c2 = st.columns([3, 1])
     methods = c1.multiselect("methods", present, default=present, key="curve_methods")
     budget = c2.selectbox("budget", budgets, key="curve_budget") if budgets else None
@@ -79,7 +79,7 @@ def speed_rows(results: list[dict]) -> list[dict]:
     """One row per decode group (``full`` alone, then each budget's methods together)."""
     groups: dict = {}
     for r in results:
-        groups.setdefault("full" if r["method"] == "full" else r["budget"], []).append(r)
+        groups.setdefault(r["budget"] if compresses(r["method"]) else "full", []).append(r)
     rows = []
     for key, group in groups.items():
         seconds = sum(r["seconds"] for r in group)

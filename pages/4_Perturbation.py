@@ -13,7 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import dashboard, starter
-from analysis.compress import METHODS
+from analysis.compress import METHODS, compresses
 from analysis.io import check_out_dir
 from analysis.perturbation.study import MODES, RESULTS, Settings, run_study
 from analysis.perturbation.texts import MIXED, study_sequences, study_source
@@ -78,7 +78,7 @@ def show(summary: dict) -> None:
     mode = summary["mode"]
     st.caption(f"{mode} · {summary['model']} · {summary['sequences']} sequence(s) of {summary['tokens']} tokens "
                f"({', '.join(summary['text_ids'][:4])}{'…' if len(summary['text_ids']) > 4 else ''})")
-    methods = [m for m in summary["methods"] if m != "full"]
+    methods = [m for m in summary["methods"] if compresses(m)]
     if mode == "fig2":
         metric = st.selectbox("metric", ["rel_error", "attn_cosine", "attn_cosine_padded"], key="metric")
         st.plotly_chart(fig_fig2(summary, metric), key="fig2")

@@ -8,7 +8,7 @@ the real CompressedCache (analysis.runtime.replay); nothing here simulates a met
 import streamlit as st
 
 from analysis.app import dashboard
-from analysis.compress import METHODS, make_policy
+from analysis.compress import make_policy, method_names
 from analysis.errors import UserError
 from analysis.models.loading import EMBEDDED_NAME
 from analysis.report.attention import fig_attention_map, fig_average_attention, fig_mixing, fig_replay_kept
@@ -85,7 +85,7 @@ def main() -> None:
 
     st.subheader("Replay: decoding token by token through the compressed cache")
     r1, r2 = st.columns([3, 1])
-    methods = r1.multiselect("methods", [m for m in METHODS if m != "full"], default=REPLAY_METHODS, key="methods")
+    methods = r1.multiselect("methods", method_names(compressing=True), default=REPLAY_METHODS, key="methods")
     longest = min(len(token_ids), MAX_REPLAY)
     if longest <= budget:
         st.info(f"The run has {len(token_ids)} tokens, no more than the budget {budget}: nothing to compress.")
