@@ -194,5 +194,6 @@ def test_unsupported_generation_modes_and_bad_budget(llama, random_ids):
     ids = random_ids(1, 24, seed=11)
     for method in ("full", "h2o"):  # beam search would silently mix beams: it must be refused
         with pytest.raises(UserError, match="does not support beam search"), torch.no_grad():
-            llama.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=CompressedCache(llama, method, BUDGET),
+            llama.generate(ids, attention_mask=torch.ones_like(ids),
+                           past_key_values=CompressedCache(llama, method, BUDGET),
                            max_new_tokens=6, num_beams=4, do_sample=False, pad_token_id=0)

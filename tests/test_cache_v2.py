@@ -57,7 +57,8 @@ def test_per_head_budgets_hold_and_free_slots_get_zero_weight(llama, random_ids)
     for i, row in enumerate(budgets):
         held = cache.layers[i].state.n_valid()  # (B, H)
         assert held.tolist() == [row, row]  # each head at its own budget
-    free_weight = [w.view(2, 2, 2, *w.shape[2:])[:, :, :, :, :][~v[:, :, None, None, :].expand(-1, -1, 2, w.shape[2], -1)]
+    free_weight = [w.view(2, 2, 2, *w.shape[2:])[:, :, :, :, :][
+                       ~v[:, :, None, None, :].expand(-1, -1, 2, w.shape[2], -1)]
                    for w, v in seen_weights]
     assert sum(x.numel() for x in free_weight) > 0  # there were free slots while attending
     assert all(bool((x == 0).all()) for x in free_weight)  # exactly zero weight on them
@@ -165,7 +166,8 @@ def test_one_decode_step_replays_in_a_cuda_graph(llama, random_ids):
         for _ in range(2):
             cache = CompressedCache(model, "weightedkv", BUDGET, sinks=SINKS)
             with torch.no_grad():
-                model(ids[:, :30], past_key_values=cache, position_ids=torch.arange(30, device="cuda")[None], use_cache=True)
+                model(ids[:, :30], past_key_values=cache, position_ids=torch.arange(30, device="cuda")[None],
+                      use_cache=True)
             caches.append(cache)
         step = ids[:, 30:31]
         position = torch.full((1, 1), 30, device="cuda")

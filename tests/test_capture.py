@@ -329,7 +329,8 @@ def test_embedded_model_on_books(embedded):
         assert cap.get(i, "attn_received_kv").shape == (1, g["num_kv_heads"], 256)
         assert all(torch.isfinite(t).all() for t in cap.tensors.values())
         pre, post = cap.get(i, "key_pre_rope"), cap.get(i, "key_post_rope")
-        assert (apply_rope(embedded.model, pre, positions(1, 256)) - post).abs().max() <= 1e-5 * post.abs().max().clamp_min(1)
+        assert ((apply_rope(embedded.model, pre, positions(1, 256)) - post).abs().max()
+                <= 1e-5 * post.abs().max().clamp_min(1))
         assert (pre - post).abs().max() > 1e-2
         assert torch.allclose(cap.get(i, "attn_received").sum(-1), torch.full((1, g["num_heads"]), 256.0), rtol=1e-4)
     # recording does not change the model: same logits as a plain forward

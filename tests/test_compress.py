@@ -71,7 +71,8 @@ def reference(method, budget, sinks, recent, blocks, attn_seed, seed=0, merge_nu
             for h in range(H):
                 for t in range(q):
                     cache[b][h].append(
-                        {"k": k[b, h, t], "v": v[b, h, t].double(), "pos": int(pos[t]), "acc": 0.0, "cnt": 0.0, "last": 0.0}
+                        {"k": k[b, h, t], "v": v[b, h, t].double(), "pos": int(pos[t]),
+                         "acc": 0.0, "cnt": 0.0, "last": 0.0}
                     )
         L = len(cache[0][0])
         attn = attn_fn(attn_seed + step, q, L, batch)
@@ -122,7 +123,8 @@ def assert_matches(state: LayerState, cache) -> None:
     state = state.ordered()  # slots sorted by position, free ones dropped: the reference's list order
 
     def stack(field):
-        return torch.stack([torch.stack([torch.stack([torch.as_tensor(s[field]) for s in S]) for S in row]) for row in cache])
+        return torch.stack([torch.stack([torch.stack([torch.as_tensor(s[field]) for s in S]) for S in row])
+                            for row in cache])
 
     assert state.positions.tolist() == stack("pos").tolist()
     torch.testing.assert_close(state.keys, stack("k"), rtol=0, atol=0)
@@ -165,7 +167,8 @@ def test_fig3_toy_example_replayed_exactly():
             torch.testing.assert_close(state.ordered().values[0, 0, 1], eye[1] / 6 + 5 * eye[2] / 6)
     final = state.ordered()
     assert final.positions[0, 0].tolist() == [2, 5, 6, 7]
-    expected = torch.stack([eye[0] / 3 + eye[1] / 9 + 5 * eye[2] / 9, 4 / 35 * eye[3] + 6 / 35 * eye[4] + 5 / 7 * eye[5], eye[6], eye[7]])
+    expected = torch.stack([eye[0] / 3 + eye[1] / 9 + 5 * eye[2] / 9,
+                            4 / 35 * eye[3] + 6 / 35 * eye[4] + 5 / 7 * eye[5], eye[6], eye[7]])
     torch.testing.assert_close(final.values[0, 0], expected, rtol=0, atol=1e-6)
     assert torch.equal(final.keys[0, 0], keys[0, 0, [2, 5, 6, 7]])
     assert state.capacity == 5  # fixed capacity: budget + the one incoming token, reused in place
@@ -282,7 +285,8 @@ def test_budget_sinks_and_recent_window_hold_every_step(method):
 def test_batch_rows_do_not_leak(method):
     blocks = chunks(15, [12, 1, 1, 2, 1, 1])
     other = chunks(16, [12, 1, 1, 2, 1, 1])
-    mixed = [(torch.cat([k[:1], k2[1:]]), torch.cat([v[:1], v2[1:]]), p) for (k, v, p), (k2, v2, _) in zip(blocks, other)]
+    mixed = [(torch.cat([k[:1], k2[1:]]), torch.cat([v[:1], v2[1:]]), p)
+             for (k, v, p), (k2, v2, _) in zip(blocks, other)]
 
     def attn_changed(seed, q, L, batch):
         a = causal_attn(seed, q, L, batch)

@@ -207,7 +207,8 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
     out = tmp_path / "out"
     assert_refused(heads_command("plan", "--profile", str(profile_dir), "--total-budget", "100", "--out", str(out)),
                    "minimum 450 slots", out)
-    assert_refused(heads_command("profile", "--methods", "weightedkv,zip", "--out", str(out)), "unknown method 'zip'", out)
+    assert_refused(heads_command("profile", "--methods", "weightedkv,zip", "--out", str(out)),
+                   "unknown method 'zip'", out)
     done = heads_command("plan", "--profile", str(profile_dir), "--total-budget", "16x", "--out", str(out), "--no-png")
     assert done.returncode == 0, done.stderr
     written = json.loads((out / "plan.json").read_text())

@@ -143,7 +143,8 @@ def test_command_writes_results(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "perplexity.json").read_text())
     runs = {(r["method"], r["budget"]) for r in summary["results"]}
-    assert runs == {("full", 64), ("weightedkv", 16), ("weightedkv", 32), ("weightedkv_evict", 16), ("weightedkv_evict", 32)}
+    assert runs == {("full", 64), ("weightedkv", 16), ("weightedkv", 32),
+                    ("weightedkv_evict", 16), ("weightedkv_evict", 32)}
     assert all(r["ppl"] > 1 and r["tokens"] == 95 and r["corpus"] == "books" for r in summary["results"])
     assert len(summary["results"][0]["running_log_ppl"]) > 10
     assert "| weightedkv |" in (out / "table.md").read_text()

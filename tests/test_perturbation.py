@@ -163,7 +163,8 @@ def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
             for row in data["results"]:
                 if row["method"] == "full" or row["budget"] == 40:  # budget >= T: nothing compressed
                     assert row["mean"] == 0.0 and row["std"] == 0.0, row
-            assert len([r for r in data["results"] if r["layer"] is not None]) == 5 * 4 * 2  # jobs (full + 2 methods x 2 budgets) x layers x heads
+            # jobs (full + 2 methods x 2 budgets) x layers x heads
+            assert len([r for r in data["results"] if r["layer"] is not None]) == 5 * 4 * 2
             lines = paired_lines(data)  # budget 40 >= T: both exact 0, so merge is never strictly below
             assert len(lines) == 2
             assert lines[1] == "rel_error m=40: weightedkv below weightedkv_evict in 0 of 2 sequences (paired)"

@@ -51,7 +51,8 @@ def test_victims_and_merge_targets_follow_weightedkv(weighted):
             index = before.index(now.evicted)
             assert sinks <= index < len(before) - recent  # never a sink, never the recent window
             assert now.merged_into in ([before[index + 1]], [])  # the right neighbour (or nothing: ā sum 0)
-    assert weighted.next_merge(BUDGET - 1, 0) == (weighted.steps[BUDGET][0].evicted, weighted.steps[BUDGET][0].merged_into)
+    assert weighted.next_merge(BUDGET - 1, 0) == (weighted.steps[BUDGET][0].evicted,
+                                                   weighted.steps[BUDGET][0].merged_into)
 
 
 def test_mixtures_reproduce_the_cached_values(weighted):

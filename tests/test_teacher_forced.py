@@ -1,4 +1,5 @@
-"""The teacher-forced replay (the perturbation command's sweep mode): exact zeros where nothing is compressed, and the cache's own states."""
+"""The teacher-forced replay (the perturbation command's sweep mode): exact zeros where nothing is compressed,
+and the cache's own states."""
 
 from __future__ import annotations
 

@@ -182,7 +182,8 @@ class LayerState:
         B, H, q = slots.shape
         need = self.seen + q
         if need > self.mixing.shape[-1]:
-            self.mixing = torch.cat([self.mixing, self.mixing.new_zeros((*self.mixing.shape[:3], need - self.mixing.shape[-1]))], -1)
+            self.mixing = torch.cat([self.mixing,
+                                     self.mixing.new_zeros((*self.mixing.shape[:3], need - self.mixing.shape[-1]))], -1)
         T = self.mixing.shape[-1]
         onehot = torch.nn.functional.one_hot(positions, T).float()[:, None].expand(B, H, q, T)  # (B, H, q, T)
         self.mixing.scatter_(2, slots[..., None].expand(B, H, q, T), onehot)

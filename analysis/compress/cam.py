@@ -54,7 +54,8 @@ class CaM(StreamingLLM):
         pos = state.positions
         by_position = state.by_position()  # (B, H, C): slots oldest first
         mine = pos.gather(2, victims)  # (B, H, R)
-        rank = ((pos[:, :, None, :] >= 0) & (pos[:, :, None, :] < mine[..., None])).sum(-1, keepdim=True)  # (B, H, R, 1)
+        # (B, H, R, 1)
+        rank = ((pos[:, :, None, :] >= 0) & (pos[:, :, None, :] < mine[..., None])).sum(-1, keepdim=True)
         target_rank = rank + 1 + torch.arange(M, device=pos.device)  # (B, H, R, M)
         valid = target_rank < state.n_valid()[..., None, None]  # clipped to the newest token
         targets = by_position.gather(2, target_rank.clamp_max(C - 1).flatten(2)).view(B, H, -1, M)

@@ -40,7 +40,8 @@ class Plan:
             for head, budget in enumerate(row):
                 if not isinstance(budget, int) or budget <= self.head_recent(budget) + self.sinks:
                     raise UserError(f"plan budget {budget!r} at layer {layer}, KV head {head} must be an integer "
-                                    f"above sinks + recent ({self.sinks} + {self.head_recent(budget) if isinstance(budget, int) else '?'}): "
+                                    f"above sinks + recent ({self.sinks} + "
+                                    f"{self.head_recent(budget) if isinstance(budget, int) else '?'}): "
                                     f"the floor is {self.floor()}")
 
     # --- shape and totals ------------------------------------------------------------------

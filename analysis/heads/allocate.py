@@ -2,7 +2,8 @@
 
 Rule (``greedy_plan``): every head starts at the smallest profiled budget, or at the floor
 (``Plan.floor()``: sinks + recent + 1, the least a head can hold) when the total cannot give every
-head that much (so predictions below the profiled range are used only when nothing else fits); then slots are handed out one at a time, each to the head whose predicted
+head that much (so predictions below the profiled range are used only when nothing else fits);
+then slots are handed out one at a time, each to the head whose predicted
 error drops most from one more slot, until the total memory is spent. A head's predicted error at
 budget b is its better method's teacher-forced error, min(weightedkv, weightedkv_evict), linear in
 log2(b) between the profiled budgets, 0 at the profiled length (nothing is compressed there) and

@@ -169,9 +169,11 @@ def profile_capture(capture, methods=DEFAULT_METHODS, budgets=DEFAULT_BUDGETS, s
             row |= {error_column(m, b): float(errors[m, b][i, h]) for m in methods for b in budgets}
             rows.append(row)
     T = capture.get(layers[0], "key_post_rope").shape[2]
-    return {"model": capture.meta.get("model"), "num_layers": capture.meta.get("config", {}).get("num_layers", len(layers)),
+    return {"model": capture.meta.get("model"),
+            "num_layers": capture.meta.get("config", {}).get("num_layers", len(layers)),
             "layers": [int(l) for l in layers], "num_kv_heads": H, "tokens": T,
-            "sequences": capture.get(layers[0], "key_post_rope").shape[0], "text_ids": list(capture.meta.get("text_ids", [])),
+            "sequences": capture.get(layers[0], "key_post_rope").shape[0],
+            "text_ids": list(capture.meta.get("text_ids", [])),
             "methods": methods, "budgets": budgets, "sinks": sinks, "recent_window": recent_window,
             "columns": list(rows[0]), "rows": rows}
 

@@ -149,9 +149,10 @@ def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings
     rows, tensors = _summarise(settings, per_seq, layers)
     if settings.heads is not None:
         rows = [r for r in rows if r["kv_head"] is None or r["kv_head"] in settings.heads]
-    summary = {"mode": settings.mode, "model": loaded.model_id, "source": source, "config": config, "sequences": len(sequences),
-               "tokens": settings.tokens, "text_ids": [t for t, _ in sequences], "layers": layers,
-               "methods": settings.methods, "budgets": settings.budgets if settings.mode in ("sweep", "end2end") else None,
+    summary = {"mode": settings.mode, "model": loaded.model_id, "source": source, "config": config,
+               "sequences": len(sequences), "tokens": settings.tokens, "text_ids": [t for t, _ in sequences],
+               "layers": layers, "methods": settings.methods,
+               "budgets": settings.budgets if settings.mode in ("sweep", "end2end") else None,
                "t0": settings.t0, "future": settings.future, "steps": settings.steps, "sinks": settings.sinks,
                "recent": settings.recent, "seed": settings.seed, "results": rows}
     return summary, tensors
@@ -175,14 +176,15 @@ def _summarise(settings: Settings, per_seq: dict, layers: list[int]) -> tuple[li
                                                                         "method": method, "budget": budget}, layers)
             tensors[f"rel_error/{method}/{budget}"] = curves[:, j].mean(0)
     elif mode == "end2end":
-        kl, dnll, dev = (torch.stack(per_seq[k]) for k in ("kl", "delta_nll", "deviation"))  # (S, J, T-1), (S, J, L, T-1)
+        # (S, J, T-1), (S, J, L, T-1)
+        kl, dnll, dev = (torch.stack(per_seq[k]) for k in ("kl", "delta_nll", "deviation"))
         for j, job in enumerate(jobs_of(settings)):
             method, budget = job.method, job.budget
             start = min(budget or kl.shape[-1], kl.shape[-1] - 1) if job.compresses else 0
             labels = {"mode": mode, "method": method, "budget": budget}
             for metric, values in (("kl", kl[:, j]), ("delta_nll", dnll[:, j])):
-                row = summary_rows(values[:, None, None, start:].mean(-1), values[:, None, None], labels | {"metric": metric},
-                                   [None])[-1]
+                row = summary_rows(values[:, None, None, start:].mean(-1), values[:, None, None],
+                                   labels | {"metric": metric}, [None])[-1]
                 rows.append(row | {"mean_all_positions": float(values.mean()), "from_position": start})
                 tensors[f"{metric}/{method}/{budget}"] = values.mean(0)
             rows += summary_rows(dev[:, j, :, start:].mean(-1), None, labels | {"metric": "attn_deviation"},

@@ -15,8 +15,9 @@ remaining weights are compared as they are; renormalising does not change a cosi
 the policy chooses it: among positions >= sinks and older than the ``recent`` newest (the policies'
 default recent is budget // 2 - sinks, 45 for t0 = 100; ``recent=1`` lets every older token compete).
 
-Teacher-forced (``teacher_forced_sequence``, the command's ``sweep`` mode): ``analysis.perturbation.teacher_forced.teacher_forced_layer`` per layer, every (method,
-budget) job a batch row of one ``LayerState`` run token by token exactly as ``CompressedCache``.
+Teacher-forced (``teacher_forced_sequence``, the command's ``sweep`` mode):
+``analysis.perturbation.teacher_forced.teacher_forced_layer`` per layer, every (method, budget) job a
+batch row of one ``LayerState`` run token by token exactly as ``CompressedCache``.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def fig2_sequence(capture, layers: list[int], t0: int = 100, future: int = 800, 
     return {key: torch.stack(v) for key, v in out.items()}
 
 
-def teacher_forced_sequence(capture, layers: list[int], jobs: list[Job]) -> tuple[Tensor, Tensor, list[tuple[str, int]]]:
+def teacher_forced_sequence(capture, layers: list[int],
+                            jobs: list[Job]) -> tuple[Tensor, Tensor, list[tuple[str, int]]]:
     """One sequence: errors (J, L, H, T) per step and means after the cache fills (J, L, H), and job labels."""
 
     curves, means, labels = [], [], None

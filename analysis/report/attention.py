@@ -85,7 +85,8 @@ def fig_replay_kept(replays: dict[str, Replay], step: int, head: int) -> go.Figu
         if slots.evicted is not None:
             strip([slots.evicted], name, "removed", dict(symbol="x", size=12, color="#d62728"))
     first = next(iter(replays.values()))
-    fig.update_layout(title=f"Slots held after token {step} (layer {first.layer}, KV head {head}, budget {first.budget})",
+    fig.update_layout(title=f"Slots held after token {step} (layer {first.layer}, KV head {head}, "
+                            f"budget {first.budget})",
                       xaxis_title="original token position", xaxis_range=[-1, len(first.token_ids)],
                       template="plotly_white", height=140 + 45 * len(replays), legend_orientation="h",
                       legend_y=-0.35)

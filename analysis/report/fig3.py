@@ -21,7 +21,8 @@ def _fraction(x: float) -> str:
 
 def fig_fig3_replay(steps: list[Step], budget: int = 4) -> go.Figure:
     """Left: the held tokens at every step with their average attention ā (victim red, the neighbour
-    it is merged into green, the merge and its weights written beside the row). Right: what each final slot's value mixes."""
+    it is merged into green, the merge and its weights written beside the row). Right: what each final
+    slot's value mixes."""
     final = steps[-1]
     tokens = len(final.mixtures[0])
     fig = make_subplots(rows=1, cols=2, column_widths=[0.55, 0.45], horizontal_spacing=0.12,
@@ -37,7 +38,8 @@ def fig_fig3_replay(steps: list[Step], budget: int = 4) -> go.Figure:
             texts.append(f"{label(pos, before.get(pos, 0))}<br>{avg:g}")
         fig.add_trace(go.Scatter(x=xs, y=[s.step] * len(xs), mode="markers+text", text=texts,
                                  textfont=dict(size=11), showlegend=False, hoverinfo="text",
-                                 marker=dict(symbol="square", size=40, color=colours, line=dict(color="#555", width=1))),
+                                 marker=dict(symbol="square", size=40, color=colours,
+                                             line=dict(color="#555", width=1))),
                       row=1, col=1)
         if s.victim is not None and s.neighbour is not None:
             share = f"{_fraction(s.weights[0])} : {_fraction(s.weights[1])}"
@@ -47,14 +49,16 @@ def fig_fig3_replay(steps: list[Step], budget: int = 4) -> go.Figure:
                                font=dict(size=11, color="#31a354"))
         before = dict(s.merges)
     for role, colour in ROLE_COLOURS.items():  # legend entries only
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name={"kept": "kept", "victim": "lowest ā: removed",
-                                                                          "neighbour": "right neighbour: absorbs its value"}[role],
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
+                                 name={"kept": "kept", "victim": "lowest ā: removed",
+                                       "neighbour": "right neighbour: absorbs its value"}[role],
                                  marker=dict(symbol="square", size=14, color=colour)), row=1, col=1)
     names = [label(p, final.merges.get(p, 0)) for p in final.kept]
     z = final.mixtures
     fig.add_trace(go.Heatmap(z=z, x=[f"v{i + 1}" for i in range(tokens)], y=names, colorscale="Blues", zmin=0, zmax=1,
                              text=[[_fraction(v) for v in row] for row in z], texttemplate="%{text}",
-                             colorbar=dict(title="weight", x=1.0), hovertemplate="%{y} holds %{z:.4f} of %{x}<extra></extra>"),
+                             colorbar=dict(title="weight", x=1.0),
+                             hovertemplate="%{y} holds %{z:.4f} of %{x}<extra></extra>"),
                   row=1, col=2)
     fig.update_xaxes(title_text="held tokens, oldest first", range=[-0.6, 6.6], showgrid=False, zeroline=False,
                      showticklabels=False, row=1, col=1)

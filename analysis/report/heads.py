@@ -74,7 +74,8 @@ def fig_evaluation(summary: dict) -> go.Figure:
         docs = [d for r in rows for d in r["per_document_ppl"]]
         fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker=dict(color="black", size=6), text=docs,
                                  showlegend=False, offsetgroup=name, hovertemplate="%{text}: %{y:.3f}<extra></extra>"))
-    fig.update_layout(barmode="group", scattermode="group", title=f"Perplexity at equal cache memory — plan {summary['plan']}",
+    fig.update_layout(barmode="group", scattermode="group",
+                      title=f"Perplexity at equal cache memory — plan {summary['plan']}",
                       yaxis_title="perplexity (dots: per document)", template="plotly_white", width=900, height=520)
     return fig
 

@@ -42,7 +42,8 @@ def fig_ppl_vs_budget(summary: dict) -> go.Figure:
     return fig
 
 
-def fig_running_log_ppl(summary: dict, methods=("weightedkv", "weightedkv_evict"), budget: int | None = None) -> go.Figure:
+def fig_running_log_ppl(summary: dict, methods=("weightedkv", "weightedkv_evict"),
+                        budget: int | None = None) -> go.Figure:
     """Running mean log-perplexity against token position (the paper's Fig. 4 ablation)."""
     budgets = [r["budget"] for r in summary["results"] if compresses(r["method"])]
     budget = budget if budget is not None else (min(budgets) if budgets else None)

@@ -10,7 +10,8 @@ from analysis.compress import METHODS, compresses
 COLOURS = dict(zip(list(METHODS) + ["ideal", "convex_query", "evict"], qualitative.Plotly + qualitative.D3))
 
 
-LABELS = {"rel_error": "relative output error ||o - o_full|| / ||o_full||", "attn_cosine": "attention cosine (victim left out)",
+LABELS = {"rel_error": "relative output error ||o - o_full|| / ||o_full||",
+          "attn_cosine": "attention cosine (victim left out)",
           "attn_cosine_padded": "attention cosine (victim as 0)", "kl": "KL(full || compressed) [nats]",
           "delta_nll": "NLL change [nats]", "attn_deviation": "relative attention-block output deviation",
           "at_merge": "relative output error at the merging query", "future": "relative output error, next queries"}
@@ -66,7 +67,8 @@ def fig_head_heatmap(summary: dict, method: str, budget=None, metric: str = "rel
         title = f"{method} minus {minus}" + (f", m={budget}" if budget is not None else "")
         top = max((abs(v) for row in z for v in row if v is not None), default=1.0) or 1.0
         kwargs = {"colorscale": "RdBu_r", "zmid": 0, "zmin": -top, "zmax": top}
-    fig = go.Figure(go.Heatmap(z=z, x=heads, y=layers, hovertemplate="layer %{y}, KV head %{x}: %{z:.3g}<extra></extra>",
+    fig = go.Figure(go.Heatmap(z=z, x=heads, y=layers,
+                               hovertemplate="layer %{y}, KV head %{x}: %{z:.3g}<extra></extra>",
                                colorbar_title=metric, **kwargs))
     fig.update_layout(title=dict(text=f"{LABELS.get(metric, metric)}<br>{title}", font_size=13), xaxis_title="KV head",
                       yaxis_title="layer", template="plotly_white", width=520, height=700,
@@ -90,13 +92,15 @@ def fig_layer_deviation(summary: dict, budget, methods=None) -> go.Figure:
     """End to end: mean ± std over sequences of each layer's attention-output deviation, per method."""
     fig = go.Figure()
     for method in summary["methods"]:
-        rows = [r for r in _rows(summary, metric="attn_deviation", method=method, budget=budget) if r["layer"] is not None]
+        rows = [r for r in _rows(summary, metric="attn_deviation", method=method, budget=budget)
+                if r["layer"] is not None]
         if rows and (methods is None or method in methods):
             fig.add_trace(go.Scatter(x=[r["layer"] for r in rows], y=[r["mean"] for r in rows], name=method,
                                      error_y=dict(array=[r["std"] for r in rows]), mode="lines+markers",
                                      line_color=COLOURS.get(method, "grey")))
     fig.update_layout(title=f"Attention-block output deviation per layer, m={budget}", xaxis_title="layer",
-                      yaxis_title=LABELS["attn_deviation"], yaxis_type="log", template="plotly_white", width=900, height=500)
+                      yaxis_title=LABELS["attn_deviation"], yaxis_type="log", template="plotly_white",
+                      width=900, height=500)
     return fig
 
 
@@ -109,7 +113,8 @@ def fig_ideal(summary: dict, layer=None) -> go.Figure:
                              error_y=dict(array=[r["std"] for r in rows])))
     where = "all layers" if layer is None else f"layer {layer}"
     fig.update_layout(title=f"Ideal merge (§III-B) vs convex merges vs eviction — {where}, mean ± std over sequences",
-                      yaxis_title="relative output error", barmode="group", template="plotly_white", width=900, height=500)
+                      yaxis_title="relative output error", barmode="group", template="plotly_white",
+                      width=900, height=500)
     return fig
 
 

@@ -26,7 +26,8 @@ def save_sweep(out: Path, summary: dict, tensors: dict[str, Tensor], overwrite: 
         write_json(tmp / "perplexity.json", summary)
         save_file(tensors, str(tmp / "nll.safetensors"))
         header = list(rows[0])
-        (tmp / "table.csv").write_text("\n".join(",".join(str(r[h]) for h in header) for r in [dict(zip(header, header))] + rows) + "\n")
+        (tmp / "table.csv").write_text("\n".join(",".join(str(r[h]) for h in header)
+                                                 for r in [dict(zip(header, header))] + rows) + "\n")
         md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
         (tmp / "table.md").write_text("\n".join(md) + "\n")

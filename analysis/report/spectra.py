@@ -104,7 +104,8 @@ def fig_rank_heatmaps(result: SpectraResult, metric: str = "rank_90", kinds=None
         title=f"{METRIC_LABELS[metric]} per (layer, head), of {result.head_dim} dims<br><sup>"
               f"energy = σ², ranks from per-sequence spectra; {_source(result)}</sup>",
         coloraxis={"colorscale": "Viridis", "cmin": min(values), "cmax": max(values), "colorbar": {"title": metric}},
-        template="plotly_white", width=min(1600, 300 + 40 * sum(widths)), height=max(450, 22 * len(result.layers) + 200))
+        template="plotly_white", width=min(1600, 300 + 40 * sum(widths)),
+        height=max(450, 22 * len(result.layers) + 200))
     return fig
 
 

@@ -1,4 +1,5 @@
-"""Fig. 4 over one long stream (``analysis.perplexity.stream``): running log-perplexity, mean ± spread over documents."""
+"""Fig. 4 over one long stream (``analysis.perplexity.stream``): running log-perplexity, mean ± spread over
+documents."""
 
 from __future__ import annotations
 

@@ -185,7 +185,8 @@ def restore(model: nn.Module) -> None:
 def _sliding_layers(config) -> set[int]:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     types = getattr(config, "layer_types", None) or []
-    return {i for i, kind in enumerate(types) if kind == "sliding_attention"} if getattr(config, "sliding_window", None) else set()
+    return ({i for i, kind in enumerate(types) if kind == "sliding_attention"}
+            if getattr(config, "sliding_window", None) else set())
 
 
 @dataclass(frozen=True)
@@ -285,5 +286,6 @@ class CompressedCache(Cache):
             budget = state.budget if state.budget is not None else torch.tensor(self.policy.budget or state.capacity)
             held = torch.minimum(budget.expand(state.positions.shape[:2]), torch.tensor(state.seen))
             logical += int(held.sum()) * per_slot
-            physical += state.keys.numel() * state.keys.element_size() + state.values.numel() * state.values.element_size()
+            physical += (state.keys.numel() * state.keys.element_size()
+                         + state.values.numel() * state.values.element_size())
         return {"logical_bytes": logical, "physical_bytes": physical}

@@ -195,7 +195,8 @@ def record(
     geometry = Geometry(heads=g["num_heads"], kv_heads=g["num_kv_heads"], head_dim=g["head_dim"])
     describe = module_names(model)
     device = torch.device("cpu") if offload else None
-    recorder = _Recorder({i: _LayerRecord(tuple(kinds), stats, maps_window, device, dtype, geometry, describe(modules[i]))
+    recorder = _Recorder({i: _LayerRecord(tuple(kinds), stats, maps_window, device, dtype, geometry,
+                                          describe(modules[i]))
                           for i in chosen}, kv_heads=geometry.kv_heads)
     handles = []
     previous = model.config._attn_implementation
