@@ -65,14 +65,17 @@ def _decode_timer(model, method, budget, length, batch, steps, device):
         with torch.inference_mode():
             for start in range(0, length, 256):  # chunks: same state, bounded attention memory
                 stop = min(start + 256, length)
-                model(ids[:, start:stop], past_key_values=cache, position_ids=torch.arange(start, stop, device=device).expand(batch, -1))
-            model(ids[:, length : length + 1], past_key_values=cache, position_ids=torch.full((batch, 1), length, device=device))
+                positions = torch.arange(start, stop, device=device).expand(batch, -1)
+                model(ids[:, start:stop], past_key_values=cache, position_ids=positions)
+            model(ids[:, length : length + 1], past_key_values=cache,
+                  position_ids=torch.full((batch, 1), length, device=device))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             began = time.perf_counter()
             with around_steps():
                 for t in range(length + 1, length + 1 + steps):
-                    model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((batch, 1), t, device=device))
+                    model(ids[:, t : t + 1], past_key_values=cache,
+                          position_ids=torch.full((batch, 1), t, device=device))
             if device.type == "cuda":
                 torch.cuda.synchronize()
         return (time.perf_counter() - began) / steps
@@ -86,7 +89,8 @@ def bench_step(loaded, args) -> None:
     print(f"\n### Decode step, batch {args.batch}, {args.steps} steps, median of {args.repeats} (ms/step)\n")
     print("| budget | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
     for budget in parse_ints(args.budgets, "budgets"):
-        timers = {m: _decode_timer(loaded.model, m, budget, budget, args.batch, args.steps, loaded.device) for m in methods}
+        timers = {m: _decode_timer(loaded.model, m, budget, budget, args.batch, args.steps, loaded.device)
+                  for m in methods}
         times = {m: [] for m in methods}
         for _ in range(args.repeats):  # interleaved
             for m in methods:
@@ -113,7 +117,8 @@ def bench_memory(loaded, args) -> None:
     print("| method | " + " | ".join(f"{n} tok" for n in lengths) + " |\n|---|" + "---|" * len(lengths))
     for method, budget in (("weightedkv", 256), ("full", None)):
         cache = CompressedCache(model, method, budget)
-        ids = torch.randint(0, model.config.vocab_size, (1, max(lengths)), generator=torch.Generator().manual_seed(0)).to(device)
+        ids = torch.randint(0, model.config.vocab_size, (1, max(lengths)),
+                            generator=torch.Generator().manual_seed(0)).to(device)
         cells = []
         with torch.inference_mode():
             for start in range(0, max(lengths), 64):
@@ -143,7 +148,8 @@ def bench_throughput(loaded, args) -> None:
     began = time.perf_counter()
     with torch.inference_mode(), CompressedCache(model, "weightedkv", args.budget) as cache:  # same attention
         for t in range(naive_tokens):
-            logits = model(row[:, t : t + 1], past_key_values=cache, position_ids=torch.full((1, 1), t, device=device)).logits
+            logits = model(row[:, t : t + 1], past_key_values=cache,
+                           position_ids=torch.full((1, 1), t, device=device)).logits
             torch.log_softmax(logits.float(), -1)
     naive = naive_tokens / (time.perf_counter() - began)
     print(f"\n### Perplexity evaluation throughput, weightedkv m={args.budget}, window {W}\n")
@@ -185,10 +191,12 @@ def bench_fullstep(loaded, args) -> None:
         model.set_attn_implementation(attention.register())
         try:
             with torch.inference_mode():
-                model(ids[:, :m], past_key_values=cache, position_ids=torch.arange(m, device=device).expand(args.batch, m))
+                model(ids[:, :m], past_key_values=cache,
+                      position_ids=torch.arange(m, device=device).expand(args.batch, m))
                 began = time.perf_counter()
                 for t in range(m, m + args.steps):
-                    model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((args.batch, 1), t, device=device))
+                    model(ids[:, t : t + 1], past_key_values=cache,
+                          position_ids=torch.full((args.batch, 1), t, device=device))
                     cache.crop(-1)  # back to m slots: every step attends over m + 1
             return (time.perf_counter() - began) / args.steps
         finally:

@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     print("| device | threads | shape (L x H_kv/H_q x B x T x d) | matrices | compute_spectra (Gram) s "
           "| batched svdvals s | per-head svdvals loop s | loop / compute_spectra |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.device} | {torch.get_num_threads()} | 30 x 3/9 x {args.sequences} x {args.tokens} x 64 | {matrices} "
+    print(f"| {args.device} | {torch.get_num_threads()} | 30 x 3/9 x {args.sequences} x {args.tokens} x 64 "
+          f"| {matrices} "
           f"| {t_batch:.3f} | {t_svd:.3f} | {t_loop:.3f} | {t_loop / t_batch:.2f}x |")
     return 0
 

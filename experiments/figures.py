@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="figures directory (new, empty, or one to resume)")
     parser.add_argument("--corpora", default="books,web,latex,math",
-                        help="corpora of Table I; the first one also feeds Fig. 1 and Fig. 4 (default: books,web,latex,math)")
+                        help="corpora of Table I; the first one also feeds Fig. 1 and Fig. 4 "
+                             "(default: books,web,latex,math)")
     parser.add_argument("--budgets", default="128,256",
                         help="cache sizes m of Table I; Fig. 4 uses the first (default: 128,256)")
     parser.add_argument("--sequences", type=int, default=None,

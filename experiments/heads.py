@@ -50,13 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="profile|plan|evaluate")
 
     p = sub.add_parser("profile", help="measure every (layer, KV head) on profiling text",
-                       description="Head profile: teacher-forced errors, merge-minus-evict, ranks, attention statistics.")
+                       description="Head profile: teacher-forced errors, merge-minus-evict, ranks, "
+                                   "attention statistics.")
     add_model_args(p)
     add_text_args(p)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per profiling document (default: 1024)")
     p.add_argument("--documents", type=int, default=4, help="profiling documents (default: 4)")
     p.add_argument("--skip", type=int, default=0, help="skip the corpus's first N documents (default: 0)")
-    p.add_argument("--budgets", default="32,64,128,256", help="budgets of the teacher-forced sweep (default: 32,64,128,256)")
+    p.add_argument("--budgets", default="32,64,128,256",
+                   help="budgets of the teacher-forced sweep (default: 32,64,128,256)")
     p.add_argument("--methods", default="weightedkv,weightedkv_evict",
                    help="methods of the sweep; must include weightedkv and weightedkv_evict (default: those two)")
     p.add_argument("--sinks", type=int, default=4, help="attention sinks (default: 4)")

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--tokens", type=int, default=512, help="tokens per sequence (default: 512)")
             p.add_argument("--steps", default="100,200,300", help="merge steps t (default: 100,200,300)")
         if methods is not None:
-            p.add_argument("--methods", default=methods, help="comma list; 'full' adds the reference (default: %(default)s)")
+            p.add_argument("--methods", default=methods,
+                           help="comma list; 'full' adds the reference (default: %(default)s)")
         add_output_args(p)
     return parser
 

@@ -107,7 +107,8 @@ def plan_section(path: Path, profile: dict) -> None:
     if key in results:
         rows = results[key]
         st.dataframe([{"plan": r["plan"], "slots": r["total_slots"], "ppl": round(r["ppl"], 3)}
-                      | {d: v for d, v in r["per_document_ppl"].items()} for r in rows], key="evaluation", hide_index=True)
+                      | {d: v for d, v in r["per_document_ppl"].items()} for r in rows],
+                 key="evaluation", hide_index=True)
         st.plotly_chart(fig_evaluation({"plan": plan.name, "results": rows}), key="fig_evaluation")
 
 

@@ -219,9 +219,11 @@ def test_two_sessions_at_once_get_what_each_would_alone():
     jobs = {
         "capture": lambda: dashboard.capture_embedded("books", 32, 1).get(20, "value"),
         "generate": lambda: dashboard.generate_text(prompt, "weightedkv", 12, 4, None, 6, False, 1.0, 0)["kept"],
-        "sweep": lambda: [r["ppl"] for r in dashboard.sweep_embedded("books", 48, 24, ["weightedkv"], [12])[0]["results"]],
+        "sweep": lambda: [r["ppl"] for r in
+                          dashboard.sweep_embedded("books", 48, 24, ["weightedkv"], [12])[0]["results"]],
         "replay": lambda: [h.positions for h in
-                           dashboard.replay_cached("default", list(range(100, 130)), "weightedkv", 12, 4, 20).steps[-1]],
+                           dashboard.replay_cached("default", list(range(100, 130)), "weightedkv", 12, 4,
+                                                   20).steps[-1]],
     }
     alone = {name: job() for name, job in jobs.items()}
     dashboard._replays().clear()  # the replay is cached per process: make the concurrent round compute it again

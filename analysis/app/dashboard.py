@@ -129,7 +129,8 @@ def _replays() -> dict:
 
 
 def replay_cached(model: str, token_ids: list[int], method: str, budget: int, sinks: int, layer: int):
-    """``analysis.runtime.replay.replay`` on the shared model, kept per process (up to 48 replays) and shown with a progress bar."""
+    """``analysis.runtime.replay.replay`` on the shared model, kept per process (up to 48 replays), with a
+    progress bar."""
 
     store = _replays()
     key = (model, tuple(token_ids), method, budget, sinks, layer)
