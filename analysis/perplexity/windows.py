@@ -1,4 +1,9 @@
-"""TODO docstring (from analysis.perplexity.decode)"""
+"""Windows over documents and what is scored in them (the paper's Table I protocol; see ``decode``).
+
+Each document's first N tokens are cut into windows of W tokens with stride W/2, plus one last
+window aligned to the end; every target from the second token on is scored exactly once, by the
+first window that sees it. ``summarise`` turns a run's NLL rows into its perplexity.json entry.
+"""
 
 from __future__ import annotations
 

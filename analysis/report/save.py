@@ -1,4 +1,10 @@
-"""TODO docstring (from analysis.perplexity.jobs, analysis.perplexity.stream, analysis.perturbation.study)"""
+"""The writers of result directories: a study returns its results, and these save them with their figures.
+
+Each directory is built in a hidden temp directory and renamed into place (``analysis.io.atomic_dir``):
+a perplexity sweep (perplexity.json, nll.safetensors, table.csv/md, figures), a stream (stream.json,
+nll.safetensors, the running log-perplexity figure), a perturbation study (perturbation.json/csv,
+curves.safetensors, figures/) and a head profile.
+"""
 
 from __future__ import annotations
 
