@@ -296,5 +296,5 @@ def test_starter_set_up_is_idempotent(tmp_path, monkeypatch):
         folder = folder()
         folder.mkdir(parents=True)
         (folder / name).write_text("{}")
-    monkeypatch.setattr("analysis.models.loading.load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(starter, "load_model", lambda *a, **k: pytest.fail("loaded a model"))  # the name it calls
     assert starter.main(["--quiet"]) == 0
