@@ -63,9 +63,11 @@ def austen(embedded):
 
 
 # Largest per-token NLL difference allowed (measured on this test's 2 x 47 predictions: float32
-# 1.7e-5, bfloat16 0.092, float16 0.016). The paths differ only in summation order (grouped matmul
-# vs repeat_kv, slot order), which half precision rounds differently at every layer.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}
+# 1.7e-5, bfloat16 0.092, float16 0.016; on an AMD EPYC without AVX512-BF16, bfloat16 0.212 for both
+# methods, at the commit before the library moved into subpackages too). The paths differ only in
+# summation order (grouped matmul vs repeat_kv, slot order), which half precision rounds differently
+# at every layer, and the CPU's bfloat16 kernels decide how.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.3, torch.float16: 0.05}
 
 
 @pytest.mark.slow
