@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 RECORDED = Path(__file__).parent / "recorded"
 VOLATILE = {"seconds", "tokens_per_second", "device", "elapsed", "elapsed_s", "command", "out", "path", "created",
             "wall_seconds", "started", "finished", "python", "torch", "transformers", "source_dir", "run"}
@@ -64,8 +66,6 @@ def _strip(data, work: str):
 
 
 def _tensors(path: Path) -> dict[str, str]:
-    from safetensors.torch import load_file
-
     return {name: f"{tuple(t.shape)} {t.dtype} " + hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:24]
             for name, t in sorted(load_file(str(path)).items())}
 
