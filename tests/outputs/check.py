@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 RECORDED = Path(__file__).parent / "recorded"
@@ -90,10 +91,15 @@ def run(name: str, work: Path, dirs: dict[str, Path], in_process: bool = False) 
     argv = [a.format(**{k: str(v) for k, v in dirs.items()}) for a in COMMANDS[name]]
     extra = [] if name in NO_QUIET or name == "fig3_replay" else ["--quiet"]
     args = [*argv[1:], *extra, "--out", str(out)]
-    if in_process:
+    if in_process:  # one thread, as the recording's subprocesses ran: another count sums in another order
         os.environ["HF_HUB_OFFLINE"] = "1"
-        with contextlib.redirect_stdout(io.StringIO()):
-            importlib.import_module(f"experiments.{argv[0]}").main(args)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                importlib.import_module(f"experiments.{argv[0]}").main(args)
+        finally:
+            torch.set_num_threads(threads)
     else:
         cmd = [sys.executable, "-m", f"experiments.{argv[0]}", *args]
         env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
