@@ -30,6 +30,8 @@ def main_stream(args) -> None:
         raise UserError("--stream runs in one process (its documents are batch rows): run it without torchrun")
     methods = parse_methods(args.methods, STREAM_METHODS)
     plan, budgets = plan_and_budgets(args.budget, args.plan, args.total_budget)
+    options = PolicyOptions(args.sinks, args.recent, args.seed)
+    make_jobs(methods, budgets, options, plan)  # bad methods and budgets: one line, before the model loads
     documents = STREAM_DOCUMENTS if args.documents is None else args.documents
     if documents < 1:
         raise UserError(f"--documents must be at least 1, got {documents}")
@@ -51,8 +53,7 @@ def main_stream(args) -> None:
     tokens = args.tokens if args.tokens is not None else max_positions
     check_stream_length(tokens, max_positions)
 
-    jobs = make_jobs(methods, budgets, PolicyOptions(args.sinks, args.recent, args.seed), plan,
-                     window=tokens)  # before any work
+    jobs = make_jobs(methods, budgets, options, plan, window=tokens)  # and against the stream's length
     sequences = token_sequences(loaded.tokenizer, docs, tokens, documents)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
     settings |= {"tokens": tokens, "documents": documents, "methods": methods,

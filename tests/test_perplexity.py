@@ -157,6 +157,7 @@ def test_command_writes_results(tmp_path):
     (["--budget", "32", "--methods", "weightedkv,nope"], "valid: full, streaming_llm"),
     (["--budget", "4"], "must exceed sinks"),
     (["--budget", "32", "--tokens", "32"], "shorter than --window"),
+    (["--stream", "--budget", "16", "--methods", "full,nope"], "valid: full, streaming_llm"),  # before loading
 ])
 def test_command_bad_input(tmp_path, args, message):
     done = _command("--tokens", "128", "--window", "64", *args, "--out", str(tmp_path / "x"), "--quiet", cwd=ROOT)
