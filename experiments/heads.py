@@ -28,6 +28,7 @@ from analysis.heads.allocate import baseline, greedy_plan, parse_total
 from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_options, evaluation_sequences
 from analysis.heads.profile import check_methods, profile_sequences, summary_lines
 from analysis.io import atomic_dir, check_out_dir, write_json
+from analysis.models.loading import compressed_layers, model_id_of
 from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure
 from analysis.report.heads import fig_evaluation, fig_plan_heatmap
@@ -111,7 +112,8 @@ def profile(args) -> None:
     docs = load_documents(**source)[args.skip:]
     loaded = load_model_from_args(args)
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
-    bar = tqdm(total=2 * loaded.summary()["num_layers"], unit="layer", desc="profile", disable=args.quiet)
+    layers = compressed_layers(loaded.model.config)  # sliding-window layers are not compressed, not profiled
+    bar = tqdm(total=2 * len(layers), unit="layer", desc="profile", disable=args.quiet)
     result = profile_sequences(loaded, sequences, source, methods, budgets, args.sinks, args.recent_window,
                                skip=args.skip, capture_progress=not args.quiet, progress=bar.update)
     bar.close()
@@ -157,6 +159,7 @@ def evaluate(args) -> None:
 
 
     plan_ = Plan.load(args.plan)
+    plan_.check_model(model_id_of(args.model))
     raw = json.loads(Path(args.plan).read_text())
     profile_ids = (raw.get("profile") or {}).get("text_ids", [])
     names = evaluation_options(plan_, args.baselines, args.tokens, args.window)

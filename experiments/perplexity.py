@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
+from analysis.models.loading import model_id_of
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.settings import sweep_settings
 from analysis.perplexity.sweep import run_sweep
@@ -101,6 +102,8 @@ def main(argv=None) -> None:
                            seed=args.seed, plan_file=args.plan, total_budget=args.total_budget,
                            batch_size=args.batch_size)
     plan, jobs = sweep.plan, sweep.jobs
+    if plan is not None:
+        plan.check_model(model_id_of(args.model))  # a plan of the other built-in model: before it loads
     rank, world = _distributed(args.device)
     out = check_out_dir(args.out, args.overwrite)
     partial = out.parent / f".{out.name}.partial"

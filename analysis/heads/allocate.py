@@ -17,6 +17,10 @@ linear from 1.5x the mean at layer 0 to 0.5x at the last layer, equal across a l
 ``random_plan`` (random positive weights per head, seeded). Every plan's total is at most the
 request and every head gets at least the floor.
 
+On a model with sliding-window layers (Gemma 2/3) the profile covers the other layers only (those
+``CompressedCache`` compresses); every plan shares the total among those layers' heads, and the
+sliding layers' rows hold the window, outside the total (``Plan.sliding_layers``).
+
 Controls that separate the plan's two choices: ``uniform-evict`` (uniform budgets, every head evicts:
 the uniform baseline with the other method), and ``budgets-merge`` / ``budgets-evict`` (the plan's own
 budgets, every head merging / evicting: how much comes from the allocation alone).
@@ -79,9 +83,33 @@ def head_curves(profile: dict) -> tuple[list[list[list[tuple[int, float]]]], dic
 
 def _shape(profile: dict, num_layers: int | None) -> tuple[int, int]:
     L = num_layers or profile.get("num_layers") or len(profile["layers"])
-    if len(profile["layers"]) != L:
-        raise UserError(f"the profile covers {len(profile['layers'])} of {L} layers: a plan needs every layer profiled")
-    return L, profile["num_kv_heads"]
+    sliding = profile.get("sliding_layers") or []
+    if len(profile["layers"]) + len(sliding) != L:
+        raise UserError(f"the profile covers {len(profile['layers'])} of {L} layers: a plan needs every layer profiled"
+                        + (f" but the {len(sliding)} sliding-window ones" if sliding else ""))
+    return len(profile["layers"]), profile["num_kv_heads"]
+
+
+def with_sliding(plan: Plan, sliding: list[int], window: int | None) -> Plan:
+    """``plan`` over the compressed layers only, with the sliding layers' rows (the window) put back in place."""
+    if not sliding:
+        return plan
+    rows, merges = iter(plan.budgets), iter(plan.merge or [])
+    H = plan.num_kv_heads
+    L = plan.num_layers + len(sliding)
+    held = window or plan.max_budget  # what the model's own sliding cache holds; not a budget
+    budgets = [[held] * H if i in sliding else next(rows) for i in range(L)]
+    merge = None if plan.merge is None else [[False] * H if i in sliding else next(merges) for i in range(L)]
+    return Plan(budgets, plan.sinks, plan.recent, merge=merge, name=plan.name, model=plan.model,
+                sliding_layers=sorted(sliding))
+
+
+def _compressed_only(plan: Plan) -> Plan:
+    """The rows of ``plan``'s compressed layers, as a plan of its own."""
+    keep = [i for i in range(plan.num_layers) if i not in plan.sliding_layers]
+    merge = None if plan.merge is None else [plan.merge[i] for i in keep]
+    return Plan([plan.budgets[i] for i in keep], plan.sinks, plan.recent, merge=merge, name=plan.name,
+                model=plan.model)
 
 
 def greedy_plan(profile: dict, total: int, sinks: int = 4, recent: int | None = None, max_budget: int | None = None,
@@ -109,7 +137,8 @@ def greedy_plan(profile: dict, total: int, sinks: int = 4, recent: int | None = 
             heapq.heappush(heap, (-(_predict(pts[l][h], b) - _predict(pts[l][h], b + 1)), l, h))
     merge = [[_predict(_points(grids[MERGE], profile, l, h), budgets[l][h])
               <= _predict(_points(grids[EVICT], profile, l, h), budgets[l][h]) for h in range(H)] for l in range(L)]
-    return Plan(budgets, sinks, recent, merge=merge, name=name, model=model)
+    return with_sliding(Plan(budgets, sinks, recent, merge=merge, name=name, model=model),
+                        profile.get("sliding_layers") or [], profile.get("sliding_window"))
 
 
 def _points(grid: dict, profile: dict, l: int, h: int) -> list[tuple[int, float]]:
@@ -164,6 +193,9 @@ def random_plan(num_layers: int, num_kv_heads: int, total: int, sinks: int = 4, 
 
 def baseline(name: str, like: Plan, total: int | None = None, cap: int | None = None, seed: int = 0) -> Plan:
     """The baseline ``name`` shaped like ``like`` at its total memory (or ``total``)."""
+    if like.sliding_layers:  # shared among the compressed layers only; the sliding rows as in ``like``
+        window = like.budgets[like.sliding_layers[0]][0]
+        return with_sliding(baseline(name, _compressed_only(like), total, cap, seed), like.sliding_layers, window)
     total = like.total_slots if total is None else total
     args = (like.num_layers, like.num_kv_heads, total, like.sinks, like.recent)
     if name == "uniform":

