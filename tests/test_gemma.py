@@ -7,6 +7,7 @@ shorter than the sequence) and Gemma 2 (soft-capped logits too); no download. Th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from analysis.compress.plans import Plan
 from analysis.errors import UserError
+from analysis.heads.allocate import baseline, greedy_plan
 from analysis.heads.profile import attention_stats, profile_capture
 from analysis.models import gemma
 from analysis.models.loading import (
@@ -30,6 +33,8 @@ from analysis.perturbation.one_step import causal_attention
 from analysis.perturbation.teacher_forced import full_replay
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import capture_sequences
+from analysis.runtime.generate import generate_text
+from analysis.runtime.replay import merge_preview, replay
 from tests.conftest import SLIDING_WINDOW
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,3 +196,69 @@ def test_real_gemma3_270m_when_installed():
     capture = capture_sequences(loaded, [("x", ids[0].tolist())], layers=[0, 5], progress=False)
     assert capture.attention(0).window == 512 and capture.attention(5).window is None
     assert capture.attention(5).scaling == pytest.approx(256 ** -0.5)
+
+
+def test_plans_on_a_model_with_sliding_layers(tiny_model, random_ids):
+    """The plan shares its total among the compressed layers; the sliding rows hold the window, outside it;
+    every baseline has the same total; CompressedCache runs it; a plan of the other model is refused."""
+    model = tiny_model("gemma3")
+    ids = random_ids(2, 34, seed=6)
+    capture = capture_sequences(_loaded(model), [(f"d{i}", ids[i].tolist()) for i in range(2)], progress=False)
+    profile = profile_capture(capture, budgets=(8, 12), sinks=2, recent_window=3)
+    profile["model"] = gemma.MODEL_ID
+    heads = len(profile["layers"]) * profile["num_kv_heads"]  # 2 compressed layers x 2 KV heads
+    plan = greedy_plan(profile, 10 * heads, sinks=2, model=gemma.MODEL_ID)
+    assert plan.sliding_layers == [0, 2] and plan.budgets[0] == [SLIDING_WINDOW] * 2
+    assert plan.total_slots == 10 * heads
+    for name in ("uniform", "layer", "random", "budgets-merge"):
+        other = baseline(name, plan)
+        assert other.sliding_layers == [0, 2] and other.total_slots <= plan.total_slots
+    plan.check(model.config)
+    loaded = Plan.from_text(json.dumps(plan.to_json()))
+    assert loaded.sliding_layers == [0, 2] and loaded.max_budget == plan.max_budget
+    with CompressedCache(model, "weightedkv", plan=loaded) as cache, torch.no_grad():
+        model(random_ids(1, 30, seed=7), past_key_values=cache, use_cache=True)
+    assert [cache.occupancy()[i] for i in (1, 3)] == [max(plan.budgets[1]), max(plan.budgets[3])]
+    with pytest.raises(UserError, match="made for model"):
+        loaded.check_model("SmolLM2-135M-Instruct")
+    loaded.check_model(gemma.MODEL_ID)
+    flat = Plan([[16, 16]] * 4, sinks=2, model=gemma.MODEL_ID)  # same shape, no sliding layers: another model
+    with pytest.raises(UserError, match="another model"):
+        flat.check(model.config)
+
+
+def test_attention_page_replay_refuses_sliding_layers(tiny_model, random_ids):
+    model = tiny_model("gemma3")
+    ids = random_ids(1, 20, seed=8)[0].tolist()
+    with pytest.raises(UserError, match="sliding window"):
+        replay(model, ids, "weightedkv", 8, layer=0, sinks=2)
+    rep = replay(model, ids, "weightedkv", 8, layer=1, sinks=2)
+    assert len(rep.steps) == 20 and all(len(h.positions) <= 8 for h in rep.steps[-1])
+    capture = capture_sequences(_loaded(model), [("x", ids)], progress=False)
+    with pytest.raises(UserError, match="sliding window"):
+        merge_preview(capture, 0, budget=8, sinks=2)
+    assert len(merge_preview(capture, 1, budget=8, sinks=2)) == 2
+
+
+class _Tokens:
+    """A stand-in tokenizer for a tiny model: characters are token ids."""
+
+    pad_token_id = eos_token_id = 1
+
+    def encode(self, text):
+        return [3 + ord(c) % 90 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(65 + int(i) % 26) for i in ids)
+
+
+def test_generate_reports_sliding_layers_as_the_model_keeps_them(tiny_model):
+    model = tiny_model("gemma3")
+    loaded = LoadedModel(model, _Tokens(), "tiny", torch.device("cpu"), torch.float32)
+    out = generate_text(loaded, "a prompt of some length", "weightedkv", 8, sinks=2, recent=None, new=6,
+                        sample=False, temperature=1.0, seed=0)
+    seen = len("a prompt of some length") + 5  # the last generated token is not fed back
+    assert out["occupancy"][1] == out["occupancy"][3] == 8  # full-attention layers: the budget
+    held = out["occupancy"][0]
+    assert SLIDING_WINDOW - 1 <= held <= SLIDING_WINDOW  # sliding layers: the model's window
+    assert out["kept"][0][0] == list(range(seen - held, seen)) and len(out["kept"][1][0]) == 8

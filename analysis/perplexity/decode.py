@@ -11,6 +11,10 @@ Protocol (the paper leaves details open; these are our choices, stated once here
 - randomised methods draw per window (seeded by the seed and the window's index), so a window's
   result does not depend on the batch it runs in.
 
+Sliding-window layers (Gemma 2/3) keep the model's own sliding cache: the budget applies to the
+full-attention layers only (``analysis.runtime.cache``). Logits are T x vocabulary floats: prefill
+chunks are sized by the vocabulary (``default_chunk``), Gemma's 262k one included.
+
 Speed: while a window's cache is below the budget no method has anything to do, so those tokens go
 through the model in chunks (identical attention and statistics, fewer forwards); after that, one
 token per forward. Windows are batch rows, and so are a sweep's (method, budget) jobs when there are
@@ -32,8 +36,16 @@ def _nll(logits: Tensor, targets: Tensor) -> Tensor:
     return -logp.gather(-1, targets[..., None])[..., 0]
 
 
-def default_chunk(rows: int) -> int:
-    return max(8, 4096 // rows)  # bounds the (rows, chunk, vocab) logits of a prefill chunk
+LOGIT_FLOATS = 4096 * 49152  # float32 logits a prefill chunk may hold (~800 MB): 4,096 token-rows of a 49k vocabulary
+
+
+def default_chunk(rows: int, vocab: int | None = None) -> int:
+    """Tokens per prefill chunk: bounds the (rows, chunk, vocab) logits (Gemma's 262k vocabulary: 5x fewer)."""
+    return max(8, LOGIT_FLOATS // (rows * (vocab or 49152)))
+
+
+def vocab_size(model) -> int | None:
+    return getattr(model.config.get_text_config(), "vocab_size", None)
 
 
 @torch.inference_mode()
@@ -57,7 +69,7 @@ def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: in
     row_ids = torch.tensor(window_ids if window_ids is not None else range(b))
     rows = Rows(ids=row_ids, budgets=row_budgets)
     with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows) as cache:
-        return _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b)).cpu()
+        return _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b, vocab_size(model))).cpu()
 
 
 def _decode(model, ids: Tensor, cache, uncompressed: int, chunk: int) -> Tensor:

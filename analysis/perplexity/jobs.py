@@ -20,7 +20,7 @@ from torch import Tensor
 
 from analysis.compress import Job, RowPolicies
 from analysis.errors import UserError
-from analysis.perplexity.decode import decode_rows, default_chunk
+from analysis.perplexity.decode import decode_rows, default_chunk, vocab_size
 from analysis.perplexity.windows import Windows, summarise
 
 
@@ -72,7 +72,7 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]]) -> Tens
     window_ids = [w for _, w in batch]
     first = batch[0][0]
     jobs = list({job.key: job for job, _ in batch}.values())
-    chunk = default_chunk(len(batch))
+    chunk = default_chunk(len(batch), vocab_size(model))
     if len(jobs) == 1:
         return decode_rows(model, ids, first.policy, first.uncompressed(windows.size), chunk, window_ids,
                            plan=first.plan)

@@ -182,6 +182,12 @@ def restore(model: nn.Module) -> None:
         _close(model)
 
 
+def _held(layer) -> int:
+    """Tokens a layer of the model's own cache holds (a sliding layer: its window, not every token seen)."""
+    keys = getattr(layer, "keys", None)
+    return int(keys.shape[-2]) if isinstance(keys, Tensor) and keys.dim() == 4 else layer.get_seq_length()
+
+
 @dataclass(frozen=True)
 class Rows:
     """What tells a batch's rows apart: ``ids`` (B,) seed each row's random draws (its window index),
@@ -260,7 +266,7 @@ class CompressedCache(Cache):
     def occupancy(self) -> list[int]:
         """Tokens held per layer (the most any (row, head) holds)."""
         held = dict((i, int(state.n_valid().max())) for i, state in self._compressed())
-        return [held.get(i, layer.get_seq_length() if not isinstance(layer, CompressedLayer) else 0)
+        return [held.get(i, _held(layer) if not isinstance(layer, CompressedLayer) else 0)
                 for i, layer in enumerate(self.layers)]
 
     def kept_positions(self, layer: int) -> Tensor:
