@@ -61,14 +61,16 @@ class CompressedLayer(DynamicLayer):
     def _start(self, key_states: Tensor, value_states: Tensor) -> None:
         self.lazy_initialization(key_states, value_states)
         device = key_states.device
+        # once per layer, host to device: the per-step path then never copies or reads them back
+        row_ids = self.row_ids.to(device) if self.row_ids is not None else None
         state = LayerState.empty(key_states, value_states, 0, stats=self.policy.stats, layer=self.layer_idx,
-                                 row_ids=self.row_ids, track_mixing=self.track_mixing)
-        if self.row_budgets is not None:  # (B, 1): one budget per row (a sweep's jobs side by side)
+                                 row_ids=row_ids, track_mixing=self.track_mixing)
+        if self.row_budgets is not None:  # (B, 1) on the host: one budget per row (a sweep's jobs side by side)
             state.budget = self.row_budgets.to(device).expand(-1, key_states.shape[1])
+            state.budget_range = (int(self.row_budgets.min()), int(self.row_budgets.max()))
         elif self.budgets is not None:
             state.budget = torch.tensor(self.budgets, device=device)[None, :]  # (1, H)
-        if state.budget is not None:
-            state.budget_range = (int(state.budget.min()), int(state.budget.max()))
+            state.budget_range = (min(self.budgets), max(self.budgets))  # known on the host: no device read
         if self.merge is not None:
             state.merge_mask = torch.tensor(self.merge, device=device)[None, :]  # (1, H)
         if self.recent is not None:
