@@ -33,6 +33,7 @@ from analysis.errors import UserError
 from analysis.ops import FAR, group_mean, seen_counts
 
 STATS = ("acc", "count", "last")
+SLOT_STATS = (*STATS, "depth")  # per-slot statistics a state may keep; ``depth`` only when asked for
 
 
 @dataclass(eq=False)
@@ -62,6 +63,7 @@ class LayerState:
     mixing: Tensor | None = None  # (B, H, C, T) float32: original tokens each slot's value mixes
     max_valid: int = 0  # host-side upper bound on valid slots in any (row, head)
     pending: int = 0  # tokens appended since the last compression
+    depth: Tensor | None = None  # (B, H, C) float32: merged tokens a slot's value carries; kept if "depth" in stats
 
     @classmethod
     def empty(cls, like_keys: Tensor, like_values: Tensor, capacity: int = 0, stats=STATS, layer: int = 0,
@@ -74,7 +76,7 @@ class LayerState:
             keys=like_keys.new_zeros((B, H, capacity, D)),
             values=like_values.new_zeros((B, H, capacity, like_values.shape[-1])),
             positions=torch.full((B, H, capacity), -1, dtype=torch.long, device=device),
-            acc=stat, count=stat.clone(), last=stat.clone(),
+            acc=stat, count=stat.clone(), last=stat.clone(), depth=stat.clone() if "depth" in stats else None,
             step=torch.zeros((), dtype=torch.long, device=device),
             stats=tuple(stats), layer=layer, row_ids=row_ids,
             mixing=torch.zeros((B, H, capacity, track_mixing), device=device) if track_mixing else None,
@@ -130,8 +132,9 @@ class LayerState:
             t = getattr(self, name)
             if t is not None:
                 out[name] = t.gather(2, order[..., None].expand(*order.shape, t.shape[-1]))
-        for name in ("positions", "acc", "count", "last"):
-            out[name] = getattr(self, name).gather(2, order)
+        for name in ("positions", *SLOT_STATS):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).gather(2, order)
         return out
 
     # --- writing ---------------------------------------------------------------------------
@@ -142,6 +145,8 @@ class LayerState:
         self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
         self.positions = pad(self.positions, -1)
         self.acc, self.count, self.last = pad(self.acc, 0), pad(self.count, 0), pad(self.last, 0)
+        if self.depth is not None:
+            self.depth = pad(self.depth, 0)
         if self.mixing is not None:
             self.mixing = pad(self.mixing, 0)
 
