@@ -62,7 +62,7 @@ def _batches(units: list[tuple[Job, int]], batch_size: int) -> list[list[tuple[J
     """Pack units into batches: same budget together (same chunked prefill); plans and the reference alone."""
     groups: dict[tuple, list] = {}
     for job, w in units:
-        shareable = job.plan is None and job.compresses
+        shareable = job.plan is None and job.compresses and job.lowrank is None  # one cache holds one basis
         groups.setdefault(("budget", job.budget) if shareable else ("job", job.key), []).append((job, w))
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
@@ -75,7 +75,7 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]]) -> Tens
     chunk = default_chunk(len(batch))
     if len(jobs) == 1:
         return decode_rows(model, ids, first.policy, first.uncompressed(windows.size), chunk, window_ids,
-                           plan=first.plan)
+                           plan=first.plan, lowrank=first.lowrank)
     keys = [j.key for j in jobs]
     rows = RowPolicies(policies=[j.policy for j in jobs], rows=[keys.index(job.key) for job, _ in batch])
     return decode_rows(model, ids, rows, first.uncompressed(windows.size), chunk, window_ids,
