@@ -232,3 +232,40 @@ class LowRank:
             ranks = self.ranks(kind)
             out[f"{name}_rank"] = None if ranks is None else round(float(ranks.float().mean()), 3)
         return out
+
+
+def slot_bytes(head_dim: int, element_size: int, key_width: float | None = None,
+               value_width: float | None = None) -> float:
+    """Bytes one slot of one (layer, KV head) holds: (key width + value width) x element size.
+
+    Full keys and values: 2 d x dtype; rank-r keys: (r + d) x dtype; per-head ranks: their mean.
+    """
+    return ((key_width if key_width is not None else head_dim)
+            + (value_width if value_width is not None else head_dim)) * element_size
+
+
+def slots_for_bytes(budget_bytes: float, per_slot: float, sinks: int = 4) -> int:
+    """Slots per (layer, KV head) a byte budget buys (equal bytes): m = floor(B / per_slot).
+
+    Refused when B does not buy the smallest cache a policy can run (sinks + 2 slots: the sinks, one
+    victim candidate, one recent token).
+    """
+    slots = int(budget_bytes // per_slot)
+    if slots < sinks + 2:
+        raise UserError(f"a byte budget of {budget_bytes:g} B per (layer, KV head) holds {slots} slot(s) of "
+                        f"{per_slot:g} B; the smallest cache holds {sinks + 2} slots ({(sinks + 2) * per_slot:g} B)")
+    return slots
+
+
+def cache_bytes(held: Tensor, head_dim: int, element_size: int, lowrank: LowRank | None = None) -> int:
+    """Logical bytes of one sequence's cache holding ``held`` (L, H) slots per (layer, KV head)."""
+    widths = torch.full(held.shape, 2 * head_dim, dtype=torch.long)  # (L, H) key + value width
+    if lowrank is not None:
+        for kind in KINDS:
+            ranks = lowrank.ranks(kind)
+            if ranks is not None:
+                rows = [lowrank.basis.row(layer) for layer in range(held.shape[0])]
+                for layer, row in enumerate(rows):
+                    if row is not None:
+                        widths[layer] += ranks[row] - head_dim
+    return int((held.long() * widths).sum()) * element_size

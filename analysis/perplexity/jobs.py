@@ -62,8 +62,9 @@ def _batches(units: list[tuple[Job, int]], batch_size: int) -> list[list[tuple[J
     """Pack units into batches: same budget together (same chunked prefill); plans and the reference alone."""
     groups: dict[tuple, list] = {}
     for job, w in units:
-        shareable = job.plan is None and job.compresses and job.lowrank is None  # one cache holds one basis
-        groups.setdefault(("budget", job.budget) if shareable else ("job", job.key), []).append((job, w))
+        shareable = job.plan is None and job.compresses
+        channels = (job.lowrank.tag, id(job.lowrank.basis)) if job.lowrank is not None else None  # one per cache
+        groups.setdefault(("budget", job.budget, channels) if shareable else ("job", job.key), []).append((job, w))
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
@@ -79,7 +80,7 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]]) -> Tens
     keys = [j.key for j in jobs]
     rows = RowPolicies(policies=[j.policy for j in jobs], rows=[keys.index(job.key) for job, _ in batch])
     return decode_rows(model, ids, rows, first.uncompressed(windows.size), chunk, window_ids,
-                       row_budgets=[job.budget for job, _ in batch])
+                       row_budgets=[job.budget for job, _ in batch], lowrank=first.lowrank)
 
 
 def run_jobs(model, windows: Windows, jobs: list[Job],
