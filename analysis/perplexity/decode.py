@@ -55,11 +55,13 @@ def window_nll(model, ids: Tensor, job: Job, chunk: int | None = None, window_id
     Token t's prediction sees tokens <= t through a cache compressed to the job's budget slots per
     layer (or to its plan's per-head budgets). ``window_ids`` (b,) seed randomised methods per window.
     """
-    return decode_rows(model, ids, job.policy, job.uncompressed(ids.shape[1]), chunk, window_ids, plan=job.plan)
+    return decode_rows(model, ids, job.policy, job.uncompressed(ids.shape[1]), chunk, window_ids, plan=job.plan,
+                       lowrank=job.lowrank)
 
 
 def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: int | None = None,
-                window_ids: list[int] | None = None, plan=None, row_budgets: list[int] | None = None) -> Tensor:
+                window_ids: list[int] | None = None, plan=None, row_budgets: list[int] | None = None,
+                lowrank=None) -> Tensor:
     """Teacher-forced NLL (b, W-1) of ``ids`` (b, W) through one CompressedCache under ``policy``.
 
     The first ``uncompressed`` tokens (where no row can overflow its budget) go in chunks.
@@ -68,7 +70,7 @@ def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: in
     device = next(model.parameters()).device
     row_ids = torch.tensor(window_ids if window_ids is not None else range(b))
     rows = Rows(ids=row_ids, budgets=row_budgets)
-    with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows) as cache:
+    with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows, lowrank=lowrank) as cache:
         return _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b, vocab_size(model))).cpu()
 
 
