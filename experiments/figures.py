@@ -1,4 +1,6 @@
-"""Regenerate every figure of the toolkit on the embedded default, into one directory.
+"""Regenerate every figure of the toolkit on the embedded default (or on --model gemma3-270m, or any
+model --model takes), into one directory. The model is part of each figure's settings: a directory made
+with one model is remade, not kept, for another.
 
     python -m experiments.figures --out figures/            # full size (over an hour on 2 CPU cores:
                                                             # table1 took 32 min, fig4_stream 12 min)
@@ -21,7 +23,7 @@ Figures (names for --only; the list is analysis.report.figures.FIGURES):
 Sizes                full (default)                                    --quick
   fig1_spectra       10 sequences x 1024 tokens                        2 x 512
   fig2_perturbation  8 sequences, t0 = 100 + 800 steps                 2, 100 + 200
-  fig4_stream        4 documents x 8192 tokens (the model's positions) 2 x 768
+  fig4_stream        4 documents x 8192 tokens (or the model's fewer)  2 x 768
   merge_vs_evict     8 sequences x 1024 tokens                         2 x 256
   heads              4 documents x 1024 tokens                         1 x 256
   table1             4 documents x 1024 tokens per corpus, window 1024 1 x 384, window 384 (one window each)

@@ -33,7 +33,7 @@ from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure
 from analysis.report.heads import fig_evaluation, fig_plan_heatmap
 from analysis.report.save import save_profile
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
     add_model_args,
     add_output_args,
@@ -173,7 +173,7 @@ def evaluate(args) -> None:
     texts = []
     for src in sources:  # every split is checked before any evaluation runs
         seqs = evaluation_sequences(loaded.tokenizer, src, args.tokens, args.documents, args.skip, profile_ids)
-        texts.append((src, make_windows(seqs, args.window)))
+        texts.append((src, make_windows(seqs, args.window, bos_id(loaded.tokenizer))))
     bar = tqdm(total=sum(len(w.docs) for _, w in texts) * len(plans), unit="run-window", desc="evaluate",
                disable=args.quiet)
     results = []

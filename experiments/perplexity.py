@@ -36,7 +36,7 @@ from analysis.perplexity.settings import bytes_budget, lowrank_options, sweep_se
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
     add_output_args,
     command_parser,
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
     if loaded.summary()["max_positions"] and args.window > loaded.summary()["max_positions"]:
         raise UserError(f"--window {args.window} exceeds the model's {loaded.summary()['max_positions']} positions")
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
-    windows = make_windows(sequences, args.window)
+    windows = make_windows(sequences, args.window, bos_id(loaded.tokenizer))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
     settings["plan"] = plan.to_json() if plan is not None else None
     # every rank checks a resumed run's settings; rank 0 records new ones, and the others wait for it

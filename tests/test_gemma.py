@@ -262,3 +262,38 @@ def test_generate_reports_sliding_layers_as_the_model_keeps_them(tiny_model):
     held = out["occupancy"][0]
     assert SLIDING_WINDOW - 1 <= held <= SLIDING_WINDOW  # sliding layers: the model's window
     assert out["kept"][0][0] == list(range(seen - held, seen)) and len(out["kept"][1][0]) == 8
+
+
+@pytest.mark.slow
+def test_a_plan_of_the_other_model_is_refused_before_it_loads(tmp_path):
+    plan = tmp_path / "plan.json"
+    Plan.uniform(30, 3, 64, model="SmolLM2-135M-Instruct").save(plan)
+    env = dict(os.environ, KVLENS_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH=str(ROOT))  # no model there
+    for cmd in (["heads", "evaluate", "--plan", str(plan), "--tokens", "128", "--window", "128"],
+                ["perplexity", "--plan", str(plan), "--tokens", "128", "--window", "128"]):
+        done = subprocess.run([sys.executable, "-m", f"experiments.{cmd[0]}", *cmd[1:], "--model", GEMMA_MODEL,
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and "made for model 'SmolLM2-135M-Instruct'" in done.stderr
+
+
+class _BosTokens:
+    """Like Gemma's tokenizer: encode() starts every text with BOS id 2 unless told not to."""
+
+    def encode(self, text, add_special_tokens=True):
+        return ([2] if add_special_tokens else []) + [10 + ord(c) % 50 for c in text]
+
+
+def test_every_sequence_and_window_starts_with_bos_where_the_tokenizer_has_one():
+    from analysis.perplexity.windows import make_windows, scored_mask
+    from analysis.text.corpora import Document, bos_id, token_sequences
+
+    assert bos_id(_BosTokens()) == 2 and bos_id(_Tokens()) is None
+    docs = [Document("d", "x", "abcdefghijklmnopqrstuvwxyz" * 2)]
+    seqs = token_sequences(_BosTokens(), docs, 10, count=3)  # the first 9 letters, then chunks of 9 more
+    assert [s[0] for _, s in seqs] == [2, 2, 2] and all(len(s) == 10 for _, s in seqs)
+    letters = [10 + ord(c) % 50 for c in "abcdefghijklmnopqrstuvwxyz"]
+    assert seqs[0][1][1:] == letters[:9] and seqs[1][1][1:] == letters[9:18]
+    windows = make_windows([("d", list(range(2, 14)))], 8, bos=2)  # windows at 0, 4 (stride 4)
+    assert windows.ids[:, 0].tolist() == [2, 2] and windows.ids[1, 1:].tolist() == list(range(7, 14))
+    assert not scored_mask(windows)[1, :3].any()  # the replaced token is never a scored target
