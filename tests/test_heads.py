@@ -20,7 +20,7 @@ from analysis.app import starter
 from analysis.compress import Job
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
-from analysis.heads.allocate import baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
+from analysis.heads.allocate import BASELINES, baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
 from analysis.heads.evaluate import check_split, evaluate_plans
 from analysis.heads.profile import (
     attention_stats,
@@ -70,7 +70,23 @@ def test_plans_never_exceed_the_total_and_give_every_head_its_floor(total):
     assert plans[0].total_slots == total  # the greedy plan spends everything it may
     assert plans[0].merge is not None and len(plans[0].merge) == 6
     layer = plans[2].budgets
-    assert all(len(set(row)) == 1 for row in layer) and layer[0][0] >= layer[-1][0]  # pyramid: per layer only
+    assert all(max(row) - min(row) <= 1 for row in layer) and layer[0][0] >= layer[-1][0]  # pyramid, per layer
+    assert [p.total_slots for p in plans] == [total] * 4  # every one at exactly the requested memory
+
+
+@pytest.mark.parametrize("total", [731, 18 * 40 + 17, 18 * 40])
+def test_every_baseline_is_at_exactly_the_plans_memory(total):
+    """731 slots over 18 heads: uniform used to give 18 x 40 = 720. The remainder is spread one slot per head."""
+    plan = greedy_plan(fake_profile(), total)
+    assert plan.total_slots == total
+    for name in BASELINES:
+        other = baseline(name, plan, cap=255)
+        assert other.total_slots == total, name
+    uniform = baseline("uniform", plan).budgets
+    flat = [b for row in uniform for b in row]
+    assert set(flat) <= {total // 18, total // 18 + 1} and flat.count(total // 18 + 1) == total % 18
+    extras = [row.count(total // 18 + 1) for row in uniform] if total % 18 else [0]
+    assert max(extras) - min(extras) <= 1  # spread over the layers, not piled on the first ones
 
 
 def test_greedy_follows_the_error_curves():
