@@ -286,9 +286,22 @@ class Policy:
         return (pos >= self.sinks) & (pos < state.step - recent)
 
     def select(self, state: LayerState) -> Tensor:
-        """One victim per (B, H): the lowest-scoring candidate (ties: lowest slot). Returns (B, H) int64."""
-        victim = self._candidate_scores(state).argmin(dim=-1)  # (B, H) or (B, 1)
+        """One victim per (B, H): the lowest-scoring candidate, ties to the oldest position. Returns (B, H) int64.
+
+        Algorithm 1's argmin runs over positions, so among equal scores (float16 weights that underflow
+        to 0, say) the first position goes; slot order is not position order once slots are reused.
+        Static shapes, no host read: the minimum, then the oldest position holding it.
+        """
+        scores = self._candidate_scores(state)  # (B, H or 1, C)
+        positions = self._positions(state, scores)  # (B, H or 1, C), unique per (row, head) among held slots
+        tied = (scores == scores.min(dim=-1, keepdim=True).values) & (positions >= 0)
+        victim = torch.where(tied, positions, FAR).argmin(dim=-1)  # (B, H) or (B, 1)
         return victim.expand(state.keys.shape[0], state.keys.shape[1])
+
+    @staticmethod
+    def _positions(state: LayerState, scores: Tensor) -> Tensor:
+        """The positions the scores are over: head 0's for a per-layer decision (every head holds the same)."""
+        return state.positions if scores.shape[1] == state.positions.shape[1] else state.positions[:, :1]
 
     def _candidate_scores(self, state: LayerState) -> Tensor:
         """Scores (B, H, C), or (B, 1, C) if ``per_layer``, in float32, +inf on every slot that is no candidate."""
@@ -329,7 +342,12 @@ class Policy:
 
     def _compress_ranked(self, state: LayerState, over: Tensor, rounds: int) -> None:
         B, H = over.shape
-        order = self._candidate_scores(state).argsort(dim=-1, stable=True)[..., :rounds]  # (B, H or 1, rounds)
+        scores = self._candidate_scores(state)  # (B, H or 1, C)
+        # rank by score, ties by position: a stable sort by score of the slots already in position order
+        positions = self._positions(state, scores)
+        by_position = torch.where(positions >= 0, positions, FAR).argsort(dim=-1, stable=True)  # held, oldest first
+        ranked = scores.gather(-1, by_position).argsort(dim=-1, stable=True)  # (B, H or 1, C)
+        order = by_position.gather(-1, ranked)[..., :rounds]  # (B, H or 1, rounds)
         victims = order.expand(B, H, rounds)  # (B, H, rounds): victims in the order they go
         active = torch.arange(rounds, device=over.device) < over[..., None]  # (B, H, rounds)
         if self.merges:
