@@ -158,7 +158,7 @@ def test_profile_agrees_with_spectra_and_the_sweep(tiny_model, random_ids):
         assert r["sink_share"] + r["recent_share"] + r["middle_share"] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(UserError, match="unknown measure"):
         grid(profile, "loudness")
-    with pytest.raises(UserError, match="unknown method"):
+    with pytest.raises(UserError, match="unknown compression method"):
         profile_capture(capture, methods=("weightedkv", "weightedkv_evict", "zip"), budgets=(8,))
 
 
@@ -234,7 +234,7 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
     assert_refused(heads_command("plan", "--profile", str(profile_dir), "--total-budget", "100", "--out", str(out)),
                    "minimum 450 slots", out)
     assert_refused(heads_command("profile", "--methods", "weightedkv,zip", "--out", str(out)),
-                   "unknown method 'zip'", out)
+                   "unknown compression method 'zip'", out)
     done = heads_command("plan", "--profile", str(profile_dir), "--total-budget", "16x", "--out", str(out), "--no-png")
     assert done.returncode == 0, done.stderr
     written = json.loads((out / "plan.json").read_text())

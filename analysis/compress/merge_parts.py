@@ -63,9 +63,9 @@ def cosine(state: LayerState, victim: Tensor, slots: Tensor | None = None) -> Te
 # --- targets ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Target:
-    """Where victim j goes. ``find`` gives (targets (B, H, K), ok (B, H, K), cosine or None) for one victim
-    per (B, H) among ``eligible`` (B, H, C) slots; ``ranked`` (when the targets of a long prompt's whole
-    pass are known before its first merge) the same for victims (B, H, R) as (B, H, R, K)."""
+    """Where victim j goes. ``find`` gives (targets (B, H, K), ok (B, H, K) or None when one always exists,
+    cosine or None) for one victim per (B, H) among ``eligible`` (B, H, C) slots; ``ranked`` (when the targets
+    of a long prompt's whole pass are known before its first merge) the same for victims (B, H, R) as (B, H, R, K)."""
 
     name: ClassVar[str] = ""
     width: ClassVar[int] = 1  # K: slots one victim spreads over
@@ -88,8 +88,7 @@ class RightNeighbour(Target):
         mine = pos.gather(2, victim[..., None])  # (B, H, 1)
         right = pos > mine if eligible is None else (pos > mine) & eligible  # (B, H, C)
         target = torch.where(right, pos, FAR).argmin(dim=-1, keepdim=True)  # (B, H, 1)
-        ok = torch.ones_like(target, dtype=torch.bool) if eligible is None else right.any(-1, keepdim=True)
-        return target, ok, None
+        return target, None if eligible is None else right.any(-1, keepdim=True), None  # None: always found
 
     def ranked(self, state, victims, active):
         """Victim i goes to the nearest slot to its right still there at its turn: a survivor or a later victim."""
@@ -206,7 +205,8 @@ class AttentionWeights(Weights):
     name: ClassVar[str] = "attention"
 
     def pair(self, policy, state, victims, targets, ok, cos):
-        return _average(state, victims)[..., None, None], _average(state, targets)[..., None]
+        both = _average(state, torch.cat([victims[..., None], targets], -1))  # (B, H, R, 1 + K): one gather
+        return both[..., :1, None], both[..., 1:, None]
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from analysis.compress.base import LayerState, Policy
-from analysis.compress.merge_parts import TARGETS, WEIGHTS, WHAT, cosine, gather_rows, target_part, weights_part
+from analysis.compress.merge_parts import TARGETS, WEIGHTS, WHAT, cosine, target_part, weights_part
 from analysis.errors import UserError
 
 SELECT = ("average", "position")
@@ -160,16 +160,18 @@ class MergePolicy(Policy):
               w_t: Tensor | None) -> None:
         """Fold victim (B, H) into targets (B, H, K) where ``on`` (B, H, K), given weights (B, H, 1 or K, 1)."""
         B, H, K = targets.shape
+        pair = torch.cat([victim[..., None], targets], -1)  # (B, H, 1 + K): j, then its targets
+        on = on[..., None]  # (B, H, K, 1)
         for tensor in self._tensors(state):
             D = tensor.shape[-1]
-            v_j = gather_rows(tensor, victim[..., None])  # (B, H, 1, D)
-            wide = targets[..., None].expand(B, H, K, D)  # (B, H, K, D)
-            v_t = tensor.gather(2, wide).float()
-            tensor.scatter_(2, wide, self.weights.rule(w_j, v_j, w_t, v_t, on[..., None]).to(tensor.dtype))
+            wide = pair[..., None].expand(B, H, 1 + K, D)  # (B, H, 1 + K, D)
+            rows = tensor.gather(2, wide).float()  # one gather: v_j, then the v_t
+            merged = self.weights.rule(w_j, rows[:, :, :1], w_t, rows[:, :, 1:], on)  # (B, H, K, D)
+            tensor.scatter_(2, wide[:, :, 1:], merged.to(tensor.dtype))
         if "depth" in state.stats:  # the target now carries the victim and all it carried
             d_j = state.depth.gather(2, victim[..., None])  # (B, H, 1)
             d_t = state.depth.gather(2, targets)
-            state.depth.scatter_(2, targets, torch.where(on, d_t + 1.0 + d_j, d_t))
+            state.depth.scatter_(2, targets, torch.where(on[..., 0], d_t + 1.0 + d_j, d_t))
 
     def _active(self, state: LayerState, active: Tensor) -> Tensor:
         if state.merge_mask is None:
@@ -183,9 +185,10 @@ class MergePolicy(Policy):
         targets, ok, cos = self.target.find(state, victim, self._eligible(state, victim))  # (B, H, K)
         if self.weights.needs_cosine and cos is None:
             cos = _pair_cosine(state, victim, targets)
-        w_j, w_t = self.weights.pair(self, state, victim[..., None], targets[:, :, None], ok[:, :, None],
-                                     None if cos is None else cos[:, :, None])
-        self._fold(state, victim, targets, active[..., None] & ok, w_j[:, :, 0], _first(w_t))
+        w_j, w_t = self.weights.pair(self, state, victim[..., None], targets[:, :, None],
+                                     None if ok is None else ok[:, :, None], None if cos is None else cos[:, :, None])
+        on = active[..., None] if ok is None else active[..., None] & ok  # (B, H, 1 or K)
+        self._fold(state, victim, targets, on, w_j[:, :, 0], _first(w_t))
 
     def merge_ranked(self, state: LayerState, victims: Tensor, active: Tensor) -> None:
         """A long prompt's merges in rank order. Targets (and static weights) are worked out once when a pass

@@ -61,17 +61,22 @@ def window_nll(model, ids: Tensor, job: Job, chunk: int | None = None, window_id
 
 def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: int | None = None,
                 window_ids: list[int] | None = None, plan=None, row_budgets: list[int] | None = None,
-                lowrank=None) -> Tensor:
+                lowrank=None, track_mixing: int = 0, inspect=None) -> Tensor:
     """Teacher-forced NLL (b, W-1) of ``ids`` (b, W) through one CompressedCache under ``policy``.
 
     The first ``uncompressed`` tokens (where no row can overflow its budget) go in chunks.
+    ``track_mixing`` is the cache's option; ``inspect(cache)`` is called once at the end, before it closes.
     """
     b, W = ids.shape
     device = next(model.parameters()).device
     row_ids = torch.tensor(window_ids if window_ids is not None else range(b))
     rows = Rows(ids=row_ids, budgets=row_budgets)
-    with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows, lowrank=lowrank) as cache:
-        return _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b, vocab_size(model))).cpu()
+    with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows, lowrank=lowrank,
+                                                 track_mixing=track_mixing) as cache:
+        nll = _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b, vocab_size(model))).cpu()
+        if inspect is not None:
+            inspect(cache)
+        return nll
 
 
 def _decode(model, ids: Tensor, cache, uncompressed: int, chunk: int) -> Tensor:
