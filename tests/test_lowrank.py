@@ -283,3 +283,16 @@ def test_compare_refuses_text_overlapping_the_calibration(basis, tmp_path, capsy
         run_main(lowrank.main, ["compare", "--basis", str(tmp_path / "b"), "--text", str(tmp_path / "eval.txt"),
                                 "--out", str(tmp_path / "o")])
     assert exit.value.code == 2 and "overlap" in capsys.readouterr().err
+
+
+def test_rank_cost_is_zero_at_rank_d_and_grows_as_r_falls(llama, random_ids, basis):
+    from analysis.lowrank.cost import KINDS, rank_correlation, rank_costs
+    with record(llama, kinds=KINDS) as rec, torch.no_grad():
+        llama(random_ids(1, 32, seed=12))
+    rows = rank_costs(llama, rec.result({"model": "tiny"}), basis, [2, D])
+    full = [r["output_error"] for r in rows if r["rank"] == D]
+    low = [r["output_error"] for r in rows if r["rank"] == 2]
+    assert len(full) == 4 * 2 and max(full) < 1e-5 and min(low) > 1e-4
+    assert all(r["calibration_energy"] == pytest.approx(1.0, abs=1e-5) for r in rows if r["rank"] == D)
+    hand = [{"rank": 1, "key_rank_90": k, "output_error": e} for k, e in [(1, 0.1), (2, 0.3), (3, 0.2), (4, 0.9)]]
+    assert rank_correlation(hand, 1) == pytest.approx(0.8)  # Spearman: ranks (1,2,3,4) vs (1,3,2,4)
