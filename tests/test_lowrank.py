@@ -61,6 +61,9 @@ def test_centred_basis_keeps_the_mean(llama, random_ids):
     assert not basis.mean["value"].any()  # values are never centred (merges are linear)
     centred = compute_spectra(capture, kinds=["key_pre_rope"], center=True).select("key_pre_rope", 2, 1)[0]
     assert basis.energy["key_pre_rope"][2, 1, 3].item() == pytest.approx(centred.cumulative_energy[3], abs=1e-5)
+    ids = random_ids(1, 12, seed=4)
+    with CompressedCache(llama, "full", None, key_basis=basis, key_rank=D) as cache:  # the mean comes back exactly
+        assert torch.allclose(logits(llama, ids, cache), logits(llama, ids), atol=1e-4)
 
 
 def test_energy_ranks_and_bad_ranks(basis):
