@@ -78,6 +78,9 @@ def _parser():
     add_text_args(p)
     p.add_argument("--basis", required=True, metavar="DIR", help="a basis directory (calibrate)")
     p.add_argument("--fractions", default="0.5,0.25,0.125", help="fractions of the full cache's bytes")
+    p.add_argument("--held-out-from", action="append", metavar="DIR",
+                   help="also set aside this basis's calibration documents, so that runs with bases from two "
+                        "corpora evaluate the same documents (repeatable)")
     p.add_argument("--documents", type=int, default=4, help="held-out documents (default: 4)")
     p.add_argument("--tokens", type=int, default=1024, help="tokens per document (default: 1024)")
     p.add_argument("--window", type=int, default=1024, help="window W, stride W/2 (default: 1024)")
@@ -111,6 +114,8 @@ def _evaluation_docs(args, basis: Basis):
     docs = load_documents(**text_source(args))
     if "corpus" in text_source(args):  # the same corpus: skip the calibration documents
         docs = held_out(basis, docs)
+    for other in getattr(args, "held_out_from", None) or []:  # another basis's documents too (paired runs)
+        docs = held_out(Basis.load(other), docs)
     check_disjoint(basis, docs)
     if not docs:
         raise UserError("no documents left once the basis's calibration documents are set aside")

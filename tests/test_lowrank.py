@@ -61,6 +61,9 @@ def test_centred_basis_keeps_the_mean(llama, random_ids):
     assert not basis.mean["value"].any()  # values are never centred (merges are linear)
     centred = compute_spectra(capture, kinds=["key_pre_rope"], center=True).select("key_pre_rope", 2, 1)[0]
     assert basis.energy["key_pre_rope"][2, 1, 3].item() == pytest.approx(centred.cumulative_energy[3], abs=1e-5)
+    ids = random_ids(1, 12, seed=4)
+    with CompressedCache(llama, "full", None, key_basis=basis, key_rank=D) as cache:  # the mean comes back exactly
+        assert torch.allclose(logits(llama, ids, cache), logits(llama, ids), atol=1e-4)
 
 
 def test_energy_ranks_and_bad_ranks(basis):
@@ -207,3 +210,92 @@ def test_key_norm_families_project_the_normed_pre_rope_key(tiny_model, random_id
     assert torch.allclose(out, logits(model, ids), atol=1e-4)
     with CompressedCache(model, "full", None, key_basis=basis, key_rank=2) as cache:
         assert not torch.allclose(logits(model, ids, cache), out, atol=1e-3)
+
+
+# --- equal bytes and the commands' bad input ---------------------------------------------------------
+def test_equal_bytes_by_hand():
+    from analysis.compress.lowrank import slot_bytes, slots_for_bytes
+    budget = 0.25 * 1024 * 2 * 64 * 4  # a quarter of a 1024-token float32 cache, d = 64, per (layer, KV head)
+    assert slots_for_bytes(budget, slot_bytes(64, 4)) == 256  # B / (2 d dtype)
+    assert slots_for_bytes(budget, slot_bytes(64, 4, key_width=8)) == 455  # B / ((r + d) dtype) = 131072 / 288
+    assert slots_for_bytes(budget, slot_bytes(64, 4, 8, 24)) == 1024  # keys and values in 8 + 24
+    with pytest.raises(UserError, match="smallest cache"):
+        slots_for_bytes(5 * 512, slot_bytes(64, 4))  # 5 slots < sinks + 2
+
+
+def test_compare_configs_fill_the_same_bytes(basis):
+    from analysis.lowrank.compare import Config, config_bytes, parse_key_specs, plan_configs
+    configs = plan_configs([0.25], D, 64, key_specs=parse_key_specs("4", basis), token_methods=("tova",),
+                           merge_methods=("weightedkv",), combine_methods=("tova",), sinks=2)
+    by_name = {c.name: c for c in configs}
+    assert {"full", "full+k4", "tova@16", "weightedkv@16", "full+k4+v4", "tova@25+k4"} <= set(by_name)
+    full = config_bytes(by_name["full"], 4, 2, D, 64, 4)
+    assert full == 4 * 2 * 64 * 32 * 4
+    for name in ("tova@16", "full+k4+v4", "tova@25+k4"):  # at most a quarter, and within one slot of it
+        spent = config_bytes(by_name[name], 4, 2, D, 64, 4)
+        assert full / 4 - 4 * 2 * (4 + D) * 4 < spent <= full / 4
+    assert Config("token", "h2o", 8).name == "h2o@8"
+
+
+@pytest.fixture
+def basis_dir(basis, tmp_path):
+    return str(basis.save(tmp_path / "basis"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--key-rank", "0"], "out of 1..16"),
+    (["--key-rank", "17"], "out of 1..16"),
+    (["--key-energy", "1.5"], "outside (0, 1]"),
+    (["--key-energy", "0"], "outside (0, 1]"),
+    (["--key-rank", "4", "--bytes", "100"], "smallest cache"),
+])
+def test_perplexity_command_refuses_bad_low_rank_options(basis_dir, tmp_path, capsys, argv, message):
+    from experiments import perplexity
+    from experiments.common import run_main
+    with pytest.raises(SystemExit) as exit:
+        run_main(perplexity.main, ["--key-basis", basis_dir, *argv, "--out", str(tmp_path / "o")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--fractions", "1.5"], "not in (0, 1)"),
+    (["--fractions", "x"], "not a comma list"),
+    (["--key-ranks", "0"], "out of 1..16"),
+    (["--key-ranks", "1.5"], "outside (0, 1]"),
+])
+def test_compare_command_refuses_bad_input(basis_dir, tmp_path, capsys, argv, message):
+    from experiments import lowrank
+    from experiments.common import run_main
+    with pytest.raises(SystemExit) as exit:
+        run_main(lowrank.main, ["compare", "--basis", basis_dir, *argv, "--out", str(tmp_path / "o")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+def test_compare_refuses_text_overlapping_the_calibration(basis, tmp_path, capsys):
+    from experiments import lowrank
+    from experiments.common import run_main
+    (tmp_path / "eval.txt").write_text("the calibration text")
+    seen = {"documents": [{"id": "books/x", "sha256": text_hash("the calibration text")}]}
+    Basis(**{p: getattr(basis, p) for p in ("vectors", "mean", "energy")}, layers=basis.layers,
+          shape=basis.shape, calibration=seen).save(tmp_path / "b")
+    with pytest.raises(SystemExit) as exit:
+        run_main(lowrank.main, ["compare", "--basis", str(tmp_path / "b"), "--text", str(tmp_path / "eval.txt"),
+                                "--out", str(tmp_path / "o")])
+    assert exit.value.code == 2 and "overlap" in capsys.readouterr().err
+
+
+def test_rank_cost_is_zero_at_rank_d_and_grows_as_r_falls(llama, random_ids, basis):
+    from analysis.lowrank.cost import KINDS, rank_correlation, rank_costs
+    with record(llama, kinds=KINDS) as rec, torch.no_grad():
+        llama(random_ids(1, 32, seed=12))
+    rows = rank_costs(llama, rec.result({"model": "tiny"}), basis, [2, D])
+    full = [r["output_error"] for r in rows if r["rank"] == D]
+    low = [r["output_error"] for r in rows if r["rank"] == 2]
+    assert len(full) == 4 * 2 and max(full) < 1e-5 and min(low) > 1e-4
+    assert all(r["calibration_energy"] == pytest.approx(1.0, abs=1e-5) for r in rows if r["rank"] == D)
+    hand = [{"rank": 1, "key_rank_90": k, "output_error": e} for k, e in [(1, 0.1), (2, 0.3), (3, 0.2), (4, 0.9)]]
+    assert rank_correlation(hand, 1) == pytest.approx(0.8)  # Spearman: ranks (1,2,3,4) vs (1,3,2,4)

@@ -24,7 +24,8 @@ from analysis.text.corpora import token_sequences
 
 
 def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    """SHA-256 of the text with its whitespace runs made single spaces (a copy reformatted still matches)."""
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
 
 
 def _base(doc_id: str) -> str:

@@ -71,7 +71,8 @@ def parse_key_specs(value: str, basis: Basis) -> list[tuple[int | None, float | 
             number = float(part)
         except ValueError:
             raise UserError(f"--key-ranks: {part!r} is neither a rank nor an energy") from None
-        rank, energy = (int(number), None) if number >= 1 and number == int(number) else (None, number)
+        integer = number == int(number) and "." not in part and "e" not in part.lower()
+        rank, energy = (int(number), None) if integer else (None, number)
         ranks = basis.ranks("key_pre_rope", rank, energy)  # refuses r out of 1..d, energy outside (0, 1]
         specs.append((rank, energy, float(ranks.float().mean())))
     return specs

@@ -4,8 +4,9 @@ On captured held-out sequences, per (layer, KV head) and rank r, the head's caus
 twice through the one kernel (``analysis.runtime.kernel.slot_attention``): with the captured
 post-RoPE keys, and with the keys the low-rank cache would hold (pre-RoPE key projected on the
 basis's top-r directions, plus the mean, rotated to its position by the model's RoPE). The error is
-the relative output error ||o_r - o|| / ||o|| per query, averaged over queries, the query heads of
-the group and the sequences. Every other layer's input is the full model's (one head at a time),
+the relative output error sqrt(sum ||o_r - o||^2 / sum ||o||^2), sums over queries, the query heads
+of the group and the sequences (a per-query ratio would be dominated by queries that attend to a sink
+whose value is near zero, so that ||o|| is tiny). Every other layer's input is the full model's (one head at a time),
 so this isolates the head, as the perturbation study's one-step measures do.
 
 Next to it: the head's pre-RoPE key rank at 90 % energy on the same text (``analysis.spectra``) and
@@ -52,14 +53,14 @@ def rank_costs(model, capture: Capture, basis: Basis, ranks: list[int]) -> list[
         scaling = getattr(modules[layer], "scaling", None)
         rotary = Rotary(model, layer)
         reference, _ = slot_attention(q, post, v, allowed, scaling)  # (B, Hq, T, Dv)
-        norm = reference.norm(dim=-1).clamp_min(1e-12)  # (B, Hq, T)
+        energy = reference.square().sum(dim=(0, 2, 3)).view(H, G).sum(-1).clamp_min(1e-30)  # (H,)
         vectors, mean = basis.vectors["key_pre_rope"][row], basis.mean["key_pre_rope"][row]  # (H, D, D), (H, D)
         for r in ranks:
             V = vectors[:, :, :r]  # (H, D, r)
             projected = (pre - mean[None, :, None]) @ V @ V.transpose(-1, -2) + mean[None, :, None]  # (B, H, T, D)
             keys = rotary.rotate(projected, positions.expand(B, T))
             out, _ = slot_attention(q, keys, v, allowed, scaling)
-            error = ((out - reference).norm(dim=-1) / norm).mean(dim=(0, 2)).view(H, G).mean(-1)  # (H,)
+            error = ((out - reference).square().sum(dim=(0, 2, 3)).view(H, G).sum(-1) / energy).sqrt()  # (H,)
             for h in range(H):
                 rows.append({"layer": layer, "kv_head": h, "rank": r, "output_error": round(float(error[h]), 6),
                              "calibration_energy": round(float(basis.energy["key_pre_rope"][row, h, r - 1]), 6),

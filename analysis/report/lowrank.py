@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+from plotly.subplots import make_subplots
 
 FAMILY_COLOURS = {"token": qualitative.Plotly[0], "merge": qualitative.Plotly[1],
                   "lowrank": qualitative.Plotly[2], "combined": qualitative.Plotly[3],
@@ -65,3 +66,24 @@ def compare_table(compare: dict) -> list[dict]:
                     "bytes": r["bytes"], "ppl": round(r["ppl"], 3),
                     "per-document min-max": f"{min(docs):.2f}-{max(docs):.2f}" if docs else ""})
     return out
+
+
+def fig_energy_lost(result, rank: int) -> go.Figure:
+    """What rank r costs, from the spectra alone: 1 - cumulative energy at r per (layer, KV head), keys vs values."""
+    kinds = [k for k in ("key_pre_rope", "value") if k in result.kinds]
+    fig = make_subplots(rows=1, cols=len(kinds), subplot_titles=[f"{k.replace('_', ' ')}: energy lost at rank {rank}"
+                                                                  for k in kinds])
+    for i, kind in enumerate(kinds):
+        grid = [[float("nan")] * result.num_heads(kind) for _ in result.layers]
+        row_of = {layer: j for j, layer in enumerate(result.layers)}
+        for r in result.select(kind):
+            grid[row_of[r.layer]][r.head] = 1 - r.cumulative_energy[min(rank, len(r.cumulative_energy)) - 1]
+        fig.add_trace(go.Heatmap(z=grid, y=result.layers, x=list(range(result.num_heads(kind))), zmin=0, zmax=1,
+                                 colorscale="Viridis", showscale=i == len(kinds) - 1,
+                                 hovertemplate="layer %{y}, head %{x}: %{z:.3f} of the energy lost<extra></extra>"),
+                      row=1, col=i + 1)
+        fig.update_xaxes(title_text="KV head", row=1, col=i + 1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_layout(title=f"What rank {rank} costs each head (relative reconstruction error, spectra)",
+                      width=1000, height=600)
+    return fig
