@@ -21,6 +21,8 @@ Figures (names for --only; the list is analysis.report.figures.FIGURES):
                      basis calibrated on the first documents, perplexity on the next ones (first corpus)
   table1             Table I, perplexity of every method on each corpus at each budget, per-document spread
                      (table.md, table.csv, table.json and a figure)
+  retrieval          a passkey grid (depths 0/50/100, decode mode) at the smallest budget: full, weightedkv,
+                     weightedkv_evict, h2o, streaming_llm; heatmap, accuracy vs budget, fates (experiments.retrieval)
 
 Sizes                full (default)                                    --quick
   fig1_spectra       10 sequences x 1024 tokens                        2 x 512
@@ -30,6 +32,7 @@ Sizes                full (default)                                    --quick
   heads              4 documents x 1024 tokens                         1 x 256
   lowrank_bytes      3 + 3 documents x 256 tokens, window 256          1 + 1 x 128
   table1             4 documents x 1024 tokens per corpus, window 1024 1 x 384, window 384 (one window each)
+  retrieval          5 trials x 3 depths x 1024 tokens                 1 x 3 x 256
 --sequences N replaces the number of sequences/documents of every figure.
 
 Output: OUT/NAME/ per figure (each figure as NAME.html + NAME.png, its data beside it, and

@@ -34,9 +34,11 @@ from analysis.report.export import write_figure
 from analysis.report.fig3 import fig_fig3_replay
 from analysis.report.heads import fig_plan_heatmap, profile_figures
 from analysis.report.lowrank import fig_ppl_vs_bytes
+from analysis.report.retrieval import write_retrieval
 from analysis.report.save import save_study, write_stream
 from analysis.report.spectra import standard_figures
 from analysis.report.table1 import fig_table1
+from analysis.retrieval.grid import build_prompts, retrieval_settings, run_grid
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra import compute_spectra, summary_sentence
 from analysis.text.corpora import load_documents, token_sequences
@@ -62,6 +64,8 @@ class Sizes:
     heads_tokens: int = 1024
     lowrank_documents: int = 3  # calibration documents, and as many held-out ones evaluated
     lowrank_tokens: int = 256  # per document; also the window
+    retrieval_tokens: int = 1024  # the passkey grid: one length, depths 0/50/100, the smallest budget
+    retrieval_trials: int = 5
 
 
 FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table_tokens=1024, table_window=1024,
@@ -70,7 +74,8 @@ FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table
 
 QUICK = Sizes(spectra_sequences=2, spectra_tokens=512, table_documents=1, table_tokens=384, table_window=384,
               stream_documents=2, stream_tokens=768, perturb_sequences=2, fig2_future=200, sweep_tokens=256,
-              heads_documents=1, heads_tokens=256, lowrank_documents=1, lowrank_tokens=128)
+              heads_documents=1, heads_tokens=256, lowrank_documents=1, lowrank_tokens=128,
+              retrieval_tokens=256, retrieval_trials=1)
 
 
 @dataclass
@@ -265,6 +270,24 @@ def _table_units(run: FigureRun) -> int:
                                                                              run.sizes.table_window)
 
 
+RETRIEVAL_METHODS = ["full", *MERGE_VS_EVICT, "h2o", "streaming_llm"]
+
+
+def _retrieval_settings(run: FigureRun):
+    return retrieval_settings("passkey", "decode", [run.sizes.retrieval_tokens], [0, 50, 100], [min(run.budgets)],
+                              RETRIEVAL_METHODS, run.sizes.retrieval_trials)
+
+
+def build_retrieval(run: FigureRun, out: Path) -> None:
+    """A passkey grid in decode mode (analysis/retrieval): heatmap, accuracy vs budget, fates."""
+    settings = _retrieval_settings(run)
+    prompts = build_prompts(run.loaded().tokenizer, settings)
+    with ticking(run, "retrieval"):
+        result = run_grid(run.loaded(), settings, prompts,
+                          Batching(partial=run.partial("retrieval"), progress=run.advance))
+    write_retrieval(out, result, png=run.png)
+
+
 # --- the registry: one entry per figure (how to build it, the settings it records, what it shows) ---------
 def _fig1_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences,
@@ -302,6 +325,10 @@ def _table1_settings(r: FigureRun) -> dict:
             "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}
 
 
+def _retrieval_figure_settings(r: FigureRun) -> dict:
+    return {"model": r.model, **_retrieval_settings(r).record()}
+
+
 FIGURES: dict[str, Figure] = {
     "fig1_spectra": Figure(build_fig1_spectra, _fig1_settings,
                            "Fig. 1: key vs value singular-value spectra (+ rank heatmaps, RoPE keys)"),
@@ -324,6 +351,10 @@ FIGURES: dict[str, Figure] = {
     "table1": Figure(build_table1, _table1_settings,
                      "Table I: perplexity of every method per corpus at each budget, per-document spread",
                      units=_table_units),
+    "retrieval": Figure(build_retrieval, _retrieval_figure_settings,
+                        "Retrieval: a passkey far back, found or lost under each method (decode mode), and where "
+                        "its tokens went (kept / merged / gone)",
+                        units=lambda r: len(_retrieval_settings(r).jobs) * 3 * r.sizes.retrieval_trials),
 }
 
 
