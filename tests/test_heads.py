@@ -10,7 +10,6 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,6 +30,7 @@ from analysis.heads.profile import (
     profile_summary,
     summary_lines,
 )
+from analysis.models.loading import LoadedModel
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.runtime.capture import record
@@ -202,7 +202,7 @@ def test_uniform_plan_reproduces_the_uniform_evaluation_exactly(tiny_model, rand
     model = tiny_model("llama")
     ids = random_ids(2, 40, seed=9)
     windows = make_windows([("d0", ids[0].tolist()), ("d1", ids[1].tolist())], 24)
-    loaded = SimpleNamespace(model=model, model_id="tiny", device=torch.device("cpu"))
+    loaded = LoadedModel(model=model, tokenizer=None, model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
     source = {"corpus": "tiny"}
     summary, _ = run_sweep(loaded, windows, [Job.of("weightedkv", 12)], source=source, tokens=40, documents=2)
     plain = summary["results"][0]
