@@ -115,6 +115,7 @@ def cases():
         yield pytest.param(name, id=name)
     yield pytest.param("plan", id="weightedkv-plan")
     yield pytest.param("rows", id="rows-of-every-method")
+    yield pytest.param("plan-rows", id="a-plan-per-row")
 
 
 def make_cache(model, case: str, batch: int) -> CompressedCache:
@@ -122,6 +123,10 @@ def make_cache(model, case: str, batch: int) -> CompressedCache:
     if case == "plan":
         plan = Plan([[12, 16], [16, 9], [10, 10], [14, 16]], sinks=2, merge=[[True, False]] * 4)
         return CompressedCache(model, "weightedkv", plan=plan, rows=Rows(ids=ids))
+    if case == "plan-rows":
+        plans = [Plan([[12, 16], [16, 9], [10, 10], [14, 16]], sinks=2, merge=[[True, False]] * 4),
+                 Plan.uniform(4, 2, 13, sinks=2)]
+        return CompressedCache(model, "weightedkv", rows=Rows(ids=ids, plans=plans))
     if case == "rows":
         names = [n for n, cls in METHODS.items() if cls.compresses]
         policies = [make_policy(n, BUDGET, SINKS) for n in names]

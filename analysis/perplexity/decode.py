@@ -61,16 +61,17 @@ def window_nll(model, ids: Tensor, job: Job, chunk: int | None = None, window_id
 
 def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: int | None = None,
                 window_ids: list[int] | None = None, plan=None, row_budgets: list[int] | None = None,
-                lowrank=None, track_mixing: int = 0, inspect=None) -> Tensor:
+                lowrank=None, track_mixing: int = 0, inspect=None, row_plans: list | None = None) -> Tensor:
     """Teacher-forced NLL (b, W-1) of ``ids`` (b, W) through one CompressedCache under ``policy``.
 
-    The first ``uncompressed`` tokens (where no row can overflow its budget) go in chunks.
-    ``track_mixing`` is the cache's option; ``inspect(cache)`` is called once at the end, before it closes.
+    The first ``uncompressed`` tokens (where no row can overflow its budget) go in chunks. Rows may
+    each have their own budget (``row_budgets``) or per-head plan (``row_plans``). ``track_mixing`` is
+    the cache's option; ``inspect(cache)`` is called once at the end, before it closes.
     """
     b, W = ids.shape
     device = next(model.parameters()).device
     row_ids = torch.tensor(window_ids if window_ids is not None else range(b))
-    rows = Rows(ids=row_ids, budgets=row_budgets)
+    rows = Rows(ids=row_ids, budgets=row_budgets, plans=row_plans)
     with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows, lowrank=lowrank,
                                                  track_mixing=track_mixing) as cache:
         chunk = chunk or default_chunk(b, vocab_size(model))
