@@ -17,6 +17,9 @@ Figures (names for --only; the list is analysis.report.figures.FIGURES):
                      greedy per-head plan at the first budget per head on average
   table1             Table I, perplexity of every method on each corpus at each budget, per-document spread
                      (table.md, table.csv, table.json and a figure)
+  merge_space        the merge space's named points (weightedkv, weightedkv_similar, keepkv_like, d2o_like,
+                     mergingpress_like, asymkv_like, cam), each paired with its own eviction, as table1's sizes
+                     (merges.json, space.html); the full space is python -m experiments.merges
 
 Sizes                full (default)                                    --quick
   fig1_spectra       10 sequences x 1024 tokens                        2 x 512
@@ -25,6 +28,7 @@ Sizes                full (default)                                    --quick
   merge_vs_evict     8 sequences x 1024 tokens                         2 x 256
   heads              4 documents x 1024 tokens                         1 x 256
   table1             4 documents x 1024 tokens per corpus, window 1024 1 x 384, window 384 (one window each)
+  merge_space        as table1 (9 methods instead of 8)
 --sequences N replaces the number of sequences/documents of every figure.
 
 Output: OUT/NAME/ per figure (each figure as NAME.html + NAME.png, its data beside it, and

@@ -104,7 +104,9 @@ def main(argv=None) -> None:
     if args.overwrite:
         shutil.rmtree(partial, ignore_errors=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png", "batch_size")}
-    load_partial_settings(partial, settings)
+    # A resumed run may change what is done after the sweeps: their per-window results do not depend on it.
+    load_partial_settings(partial, settings, ignore=("top", "kl_documents", "cascade_tokens", "cascade_documents",
+                                                     "cascade_budget", "cascade_variants"))
     loaded = load_model_from_args(args)
     n_jobs = 2 * len(c["variants"]) * len(c["budgets"])
     windows = window_count(args.tokens, args.window)

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from analysis.compress import MERGE_VS_EVICT, make_jobs, method_names
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs, method_names
 from analysis.compress.fig3 import replay
 from analysis.heads.allocate import greedy_plan
 from analysis.heads.profile import profile_sequences
 from analysis.io import write_json
+from analysis.merges.space import ablation
+from analysis.merges.study import run_space
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.perplexity.table1 import check_finite, run_table, table_csv, table_markdown, window_count
@@ -30,6 +32,7 @@ from analysis.perturbation.texts import study_sequences, study_source
 from analysis.report.export import write_figure
 from analysis.report.fig3 import fig_fig3_replay
 from analysis.report.heads import fig_plan_heatmap, profile_figures
+from analysis.report.merges import fig_space
 from analysis.report.save import save_study, write_stream
 from analysis.report.spectra import standard_figures
 from analysis.report.table1 import fig_table1
@@ -228,6 +231,30 @@ def _table_units(run: FigureRun) -> int:
                                                                              run.sizes.table_window)
 
 
+# The merge space's named points (the factorial and the cascade are experiments.merges'), each paired with its eviction.
+MERGE_FIGURE_VARIANTS = ["weightedkv", "weightedkv_similar", "keepkv_like", "d2o_like", "mergingpress_like",
+                         "asymkv_like", "cam"]
+
+
+def build_merge_space(run: FigureRun, out: Path) -> None:
+
+    s = run.sizes
+    with ticking(run, "merge_space"):
+        _, rows = run_space(run.loaded(), run.corpora, MERGE_FIGURE_VARIANTS, run.budgets, tokens=s.table_tokens,
+                            documents=s.table_documents, window=s.table_window, options=PolicyOptions(),
+                            batching=Batching(partial=run.partial("merge_space"), progress=run.advance), split="all")
+    result = {"model": run.loaded().model_id, "budgets": run.budgets, "corpora": run.corpora, "rows": rows,
+              "spread": "population std"}
+    write_json(out / "merges.json", result)
+    write_figure(fig_space(result), out, "space", png=run.png)
+
+
+def _merge_units(run: FigureRun) -> int:
+    jobs = len(set(MERGE_FIGURE_VARIANTS) | {ablation(v) for v in MERGE_FIGURE_VARIANTS}) * len(run.budgets)
+    return jobs * len(run.corpora) * run.sizes.table_documents * window_count(run.sizes.table_tokens,
+                                                                             run.sizes.table_window)
+
+
 # --- the registry: one entry per figure (how to build it, the settings it records, what it shows) ---------
 def _fig1_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences,
@@ -279,6 +306,9 @@ FIGURES: dict[str, Figure] = {
     "table1": Figure(build_table1, _table1_settings,
                      "Table I: perplexity of every method per corpus at each budget, per-document spread",
                      units=_table_units),
+    "merge_space": Figure(build_merge_space, lambda r: _table1_settings(r) | {"variants": MERGE_FIGURE_VARIANTS},
+                          "The merge space's named points, each paired with its own eviction: wins and mean "
+                          "perplexity difference per corpus and budget", units=_merge_units),
 }
 
 
