@@ -23,6 +23,9 @@ Figures (names for --only; the list is analysis.report.figures.FIGURES):
                      (table.md, table.csv, table.json and a figure)
   retrieval          a passkey grid (depths 0/50/100, decode mode) at the smallest budget: full, weightedkv,
                      weightedkv_evict, h2o, streaming_llm; heatmap, accuracy vs budget, fates (experiments.retrieval)
+  merge_space        the merge space's named points (weightedkv, weightedkv_similar, keepkv_like, d2o_like,
+                     mergingpress_like, asymkv_like, cam), each paired with its own eviction, as table1's sizes
+                     (merges.json, space.html); the full space is python -m experiments.merges
 
 Sizes                full (default)                                    --quick
   fig1_spectra       10 sequences x 1024 tokens                        2 x 512
@@ -33,6 +36,7 @@ Sizes                full (default)                                    --quick
   lowrank_bytes      3 + 3 documents x 256 tokens, window 256          1 + 1 x 128
   table1             4 documents x 1024 tokens per corpus, window 1024 1 x 384, window 384 (one window each)
   retrieval          5 trials x 3 depths x 1024 tokens                 1 x 3 x 256
+  merge_space        as table1 (9 methods instead of 8)
 --sequences N replaces the number of sequences/documents of every figure.
 
 Output: OUT/NAME/ per figure (each figure as NAME.html + NAME.png, its data beside it, and

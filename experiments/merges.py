@@ -50,7 +50,7 @@ def parser():
     p.add_argument("--documents", type=int, default=8, help="documents per corpus (default: 8)")
     p.add_argument("--tokens", type=int, default=512, help="tokens per document (default: 512)")
     p.add_argument("--window", type=int, default=512, help="perplexity window (default: 512)")
-    p.add_argument("--top", type=int, default=3, help="variants confirmed (default: 3)")
+    p.add_argument("--top", type=int, default=3, help="variants confirmed (default: 3; 0: selection only)")
     p.add_argument("--kl-documents", type=int, default=1, help="documents per selection corpus for KL (0: skip)")
     p.add_argument("--cascade-tokens", type=int, default=8192, help="stream length of the cascade (0: skip)")
     p.add_argument("--cascade-documents", type=int, default=1, help="books streams in the cascade (default: 1)")
@@ -82,8 +82,8 @@ def check(args) -> dict:
     if set(select) & set(confirm):
         raise UserError(f"--select and --confirm share {', '.join(sorted(set(select) & set(confirm)))}: "
                         "the confirmation must be on corpora the choice never saw")
-    if min(args.documents, args.top) < 1 or min(args.kl_documents, args.cascade_tokens, args.cascade_documents) < 0:
-        raise UserError("--documents and --top must be at least 1; --kl-documents, --cascade-* not negative")
+    if args.documents < 1 or min(args.top, args.kl_documents, args.cascade_tokens, args.cascade_documents) < 0:
+        raise UserError("--documents must be at least 1; --top, --kl-documents, --cascade-* not negative")
     if args.tokens < args.window:
         raise UserError(f"--tokens {args.tokens} is shorter than --window {args.window}")
     if max(budgets) >= args.window:
@@ -104,7 +104,9 @@ def main(argv=None) -> None:
     if args.overwrite:
         shutil.rmtree(partial, ignore_errors=True)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png", "batch_size")}
-    load_partial_settings(partial, settings)
+    # A resumed run may change what is done after the sweeps: their per-window results do not depend on it.
+    load_partial_settings(partial, settings, ignore=("top", "kl_documents", "cascade_tokens", "cascade_documents",
+                                                     "cascade_budget", "cascade_variants"))
     loaded = load_model_from_args(args)
     n_jobs = 2 * len(c["variants"]) * len(c["budgets"])
     windows = window_count(args.tokens, args.window)
@@ -116,8 +118,10 @@ def main(argv=None) -> None:
                             split="selection", **sizes)
     best = choose(rows, c["variants"], c["select"], top=args.top)
     chosen = [b["variant"] for b in best]
-    _, confirm_rows = run_space(loaded, c["confirm"], chosen, c["budgets"], batching=batching("confirm"),
-                                split="confirmation", **sizes)
+    confirm_rows = []
+    if chosen:  # --top 0: the selection only (no confirmation: say so when reporting it)
+        _, confirm_rows = run_space(loaded, c["confirm"], chosen, c["budgets"], batching=batching("confirm"),
+                                    split="confirmation", **sizes)
     bar.close()
     rows += confirm_rows
     kl = {}

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default="128,256", help="cache sizes m per layer (default: 128,256)")
     parser.add_argument("--methods", default=None,
                         help="comma list; 'full' adds the uncompressed reference (default: all compressing; "
-                             "--stream: weightedkv,weightedkv_evict)")
+                             "--stream: weightedkv,weightedkv_evict); also presets such as keepkv_like, tova_orig "
+                             "and merge-space points merge:target=similar,cap=2 (analysis/compress/registry.py)")
     parser.add_argument("--sinks", type=int, default=4, help="attention sinks kept (default: 4)")
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: budget/2 - sinks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")

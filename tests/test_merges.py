@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +15,16 @@ from analysis.compress.merge_parts import MostSimilar, NormRatioWeights
 from analysis.compress.merging import MergeSpec
 from analysis.compress.registry import PRESETS, policy_class
 from analysis.errors import UserError
+from analysis.models.loading import LoadedModel
 from analysis.options import parse_names
+from analysis.perturbation.study import Settings, run_study
+from analysis.report.merges import fig_space
+from analysis.report.save import save_study
 from analysis.runtime.cache import CompressedCache
 from analysis.text.corpora import load_documents, token_sequences
 from tests.legacy_merges import LegacyCaM, LegacyWeightedKV, LegacyWeightedKVEvict
 from tests.test_compress import causal_attn, chunks, to_slots
+from tests.test_dashboard import app, titles
 
 
 # --- bit for bit against today's code, on the real model ---------------------------------------------------
@@ -177,3 +185,21 @@ def test_every_preset_keeps_budget_and_window_over_prompt_and_steps(name):
     assert bool((state.positions == newest).any(-1).all())  # the newest token is never a victim
     if policy.spec.cap is not None if hasattr(policy, "spec") else False:
         assert float(state.depth.max()) <= policy.spec.cap
+
+
+@pytest.mark.slow
+def test_perturbation_page_shows_a_merge_study(tmp_path, monkeypatch, tiny_model):
+    """A merges.json (this one: the command on 1 document x 24 tokens, m=8) opens as the space and cascade figures."""
+
+    root = tmp_path / "runs"
+    (root / "merges").mkdir(parents=True)
+    monkeypatch.setenv("KVLENS_RUNS", str(root))
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
+    loaded = LoadedModel(tiny_model("llama"), None, "tiny-llama", torch.device("cpu"), torch.float32)
+    seqs = [("s0", torch.randint(0, 100, (40,), generator=torch.Generator().manual_seed(0)).tolist())]
+    save_study(root / "fig2", *run_study(loaded, seqs, Settings("fig2", 40, t0=20, future=20, sinks=2)), png=False)
+    shutil.copy(Path(__file__).parent / "merges_small.json", root / "merges" / "merges.json")
+    assert fig_space(json.loads((root / "merges" / "merges.json").read_text())).data[0].text[1][0] == "1/1"
+    at = app("pages/4_Perturbation.py").run()  # cam beat streaming_llm on the one books document: 1/1
+    merge_titles = [t for t in titles(at) if t.startswith(("Merge space", "Cascade"))]
+    assert len(merge_titles) == 2 and not at.exception and at.selectbox(key="merge_study").value == "merges"

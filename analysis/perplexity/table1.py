@@ -8,6 +8,8 @@ population standard deviation of the per-document perplexities (0 with one docum
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import statistics
 
@@ -122,9 +124,10 @@ def table_markdown(table: dict) -> str:
 
 def table_csv(table: dict) -> str:
     header = ["corpus", "method", "budget", "ppl", "ppl_doc_mean", "ppl_doc_std", "documents", "tokens"]
-    rows = [",".join(header)]
-    rows += [",".join("" if e[h] is None else str(e[h]) for h in header) for e in table["entries"]]
-    return "\n".join(rows) + "\n"
+    buffer = io.StringIO()  # csv quotes a merge point's commas (merge:target=similar,cap=2)
+    csv.writer(buffer, lineterminator="\n").writerows(
+        [header] + [["" if e[h] is None else e[h] for h in header] for e in table["entries"]])
+    return buffer.getvalue()
 
 
 def check_finite(table: dict) -> None:

@@ -17,13 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from analysis.compress import MERGE_VS_EVICT, make_jobs, method_names
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs, method_names
 from analysis.compress.fig3 import replay
 from analysis.heads.allocate import greedy_plan
 from analysis.heads.profile import profile_sequences
 from analysis.io import write_json
 from analysis.lowrank.calibrate import calibrate, held_out
 from analysis.lowrank.compare import goal, pareto, parse_key_specs, plan_configs, run_compare
+from analysis.merges.space import ablation
+from analysis.merges.study import run_space
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.perplexity.table1 import check_finite, run_table, table_csv, table_markdown, window_count
@@ -34,6 +36,7 @@ from analysis.report.export import write_figure
 from analysis.report.fig3 import fig_fig3_replay
 from analysis.report.heads import fig_plan_heatmap, profile_figures
 from analysis.report.lowrank import fig_ppl_vs_bytes
+from analysis.report.merges import fig_space
 from analysis.report.retrieval import write_retrieval
 from analysis.report.save import save_study, write_stream
 from analysis.report.spectra import standard_figures
@@ -288,6 +291,30 @@ def build_retrieval(run: FigureRun, out: Path) -> None:
     write_retrieval(out, result, png=run.png)
 
 
+# The merge space's named points (the factorial and the cascade are experiments.merges'), each paired with its eviction.
+MERGE_FIGURE_VARIANTS = ["weightedkv", "weightedkv_similar", "keepkv_like", "d2o_like", "mergingpress_like",
+                         "asymkv_like", "cam"]
+
+
+def build_merge_space(run: FigureRun, out: Path) -> None:
+
+    s = run.sizes
+    with ticking(run, "merge_space"):
+        _, rows = run_space(run.loaded(), run.corpora, MERGE_FIGURE_VARIANTS, run.budgets, tokens=s.table_tokens,
+                            documents=s.table_documents, window=s.table_window, options=PolicyOptions(),
+                            batching=Batching(partial=run.partial("merge_space"), progress=run.advance), split="all")
+    result = {"model": run.loaded().model_id, "budgets": run.budgets, "corpora": run.corpora, "rows": rows,
+              "spread": "population std"}
+    write_json(out / "merges.json", result)
+    write_figure(fig_space(result), out, "space", png=run.png)
+
+
+def _merge_units(run: FigureRun) -> int:
+    jobs = len(set(MERGE_FIGURE_VARIANTS) | {ablation(v) for v in MERGE_FIGURE_VARIANTS}) * len(run.budgets)
+    return jobs * len(run.corpora) * run.sizes.table_documents * window_count(run.sizes.table_tokens,
+                                                                             run.sizes.table_window)
+
+
 # --- the registry: one entry per figure (how to build it, the settings it records, what it shows) ---------
 def _fig1_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences,
@@ -355,6 +382,9 @@ FIGURES: dict[str, Figure] = {
                         "Retrieval: a passkey far back, found or lost under each method (decode mode), and where "
                         "its tokens went (kept / merged / gone)",
                         units=lambda r: len(_retrieval_settings(r).jobs) * 3 * r.sizes.retrieval_trials),
+    "merge_space": Figure(build_merge_space, lambda r: _table1_settings(r) | {"variants": MERGE_FIGURE_VARIANTS},
+                          "The merge space's named points, each paired with its own eviction: wins and mean "
+                          "perplexity difference per corpus and budget", units=_merge_units),
 }
 
 
