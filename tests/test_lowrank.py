@@ -5,14 +5,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.compress.lowrank import Basis, LowRank
+from analysis.compress import make_jobs
+from analysis.compress.lowrank import Basis, LowRank, slot_bytes, slots_for_bytes
 from analysis.errors import UserError
 from analysis.lowrank.calibrate import basis_from_capture, check_disjoint, held_out, text_hash
+from analysis.lowrank.compare import Config, config_bytes, parse_key_specs, plan_configs
+from analysis.lowrank.cost import KINDS, rank_correlation, rank_costs
+from analysis.perplexity.settings import bytes_budget, lowrank_options, with_lowrank
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import apply_rope, record
 from analysis.runtime.channels import Rotary
 from analysis.spectra import compute_spectra
 from analysis.text.corpora import Document
+from experiments import lowrank, perplexity
+from experiments.common import run_main
 from tests.conftest import build_tiny
 
 D = 16  # the tiny Llama's head_dim (64 hidden / 4 heads)
@@ -214,7 +220,6 @@ def test_key_norm_families_project_the_normed_pre_rope_key(tiny_model, random_id
 
 # --- equal bytes and the commands' bad input ---------------------------------------------------------
 def test_equal_bytes_by_hand():
-    from analysis.compress.lowrank import slot_bytes, slots_for_bytes
     budget = 0.25 * 1024 * 2 * 64 * 4  # a quarter of a 1024-token float32 cache, d = 64, per (layer, KV head)
     assert slots_for_bytes(budget, slot_bytes(64, 4)) == 256  # B / (2 d dtype)
     assert slots_for_bytes(budget, slot_bytes(64, 4, key_width=8)) == 455  # B / ((r + d) dtype) = 131072 / 288
@@ -224,7 +229,6 @@ def test_equal_bytes_by_hand():
 
 
 def test_compare_configs_fill_the_same_bytes(basis):
-    from analysis.lowrank.compare import Config, config_bytes, parse_key_specs, plan_configs
     configs = plan_configs([0.25], D, 64, key_specs=parse_key_specs("4", basis), token_methods=("tova",),
                            merge_methods=("weightedkv",), combine_methods=("tova",), sinks=2)
     by_name = {c.name: c for c in configs}
@@ -250,8 +254,6 @@ def basis_dir(basis, tmp_path):
     (["--key-rank", "4", "--bytes", "100"], "smallest cache"),
 ])
 def test_perplexity_command_refuses_bad_low_rank_options(basis_dir, tmp_path, capsys, argv, message):
-    from experiments import perplexity
-    from experiments.common import run_main
     with pytest.raises(SystemExit) as exit:
         run_main(perplexity.main, ["--key-basis", basis_dir, *argv, "--out", str(tmp_path / "o")])
     assert exit.value.code == 2
@@ -266,8 +268,6 @@ def test_perplexity_command_refuses_bad_low_rank_options(basis_dir, tmp_path, ca
     (["--key-ranks", "1.5"], "outside (0, 1]"),
 ])
 def test_compare_command_refuses_bad_input(basis_dir, tmp_path, capsys, argv, message):
-    from experiments import lowrank
-    from experiments.common import run_main
     with pytest.raises(SystemExit) as exit:
         run_main(lowrank.main, ["compare", "--basis", basis_dir, *argv, "--out", str(tmp_path / "o")])
     assert exit.value.code == 2
@@ -276,8 +276,6 @@ def test_compare_command_refuses_bad_input(basis_dir, tmp_path, capsys, argv, me
 
 
 def test_compare_refuses_text_overlapping_the_calibration(basis, tmp_path, capsys):
-    from experiments import lowrank
-    from experiments.common import run_main
     (tmp_path / "eval.txt").write_text("the calibration text")
     seen = {"documents": [{"id": "books/x", "sha256": text_hash("the calibration text")}]}
     Basis(**{p: getattr(basis, p) for p in ("vectors", "mean", "energy")}, layers=basis.layers,
@@ -289,7 +287,6 @@ def test_compare_refuses_text_overlapping_the_calibration(basis, tmp_path, capsy
 
 
 def test_rank_cost_is_zero_at_rank_d_and_grows_as_r_falls(llama, random_ids, basis):
-    from analysis.lowrank.cost import KINDS, rank_correlation, rank_costs
     with record(llama, kinds=KINDS) as rec, torch.no_grad():
         llama(random_ids(1, 32, seed=12))
     rows = rank_costs(llama, rec.result({"model": "tiny"}), basis, [2, D])
@@ -299,3 +296,15 @@ def test_rank_cost_is_zero_at_rank_d_and_grows_as_r_falls(llama, random_ids, bas
     assert all(r["calibration_energy"] == pytest.approx(1.0, abs=1e-5) for r in rows if r["rank"] == D)
     hand = [{"rank": 1, "key_rank_90": k, "output_error": e} for k, e in [(1, 0.1), (2, 0.3), (3, 0.2), (4, 0.9)]]
     assert rank_correlation(hand, 1) == pytest.approx(0.8)  # Spearman: ranks (1,2,3,4) vs (1,3,2,4)
+
+
+def test_bytes_budget_of_the_perplexity_command(basis):
+    assert bytes_budget(16 * 2 * D * 4, D, 4) == 16  # full keys: B / (2 d dtype)
+    assert bytes_budget(16 * 2 * D * 4, D, 4, LowRank(basis, key_rank=4)) == 25  # 2048 / ((4 + 16) 4) = 25.6
+    lowrank = LowRank(basis, key_energy=0.9)
+    mean = float(lowrank.ranks("key_pre_rope").float().mean())
+    assert bytes_budget(2048, D, 4, lowrank) == int(2048 // ((mean + D) * 4))  # per-head ranks: their mean
+    jobs = with_lowrank(make_jobs(["tova"], [16]), LowRank(basis, key_rank=4))
+    assert [j.key for j in jobs] == ["tova@16+k4"]
+    with pytest.raises(UserError, match="needs --key-rank"):
+        lowrank_options("somewhere")

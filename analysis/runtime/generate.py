@@ -17,10 +17,11 @@ from analysis.runtime.cache import CompressedCache
 
 
 def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
-                  sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
+                  sample: bool, temperature: float, seed: int, plan_json: str | None = None, lowrank=None) -> dict:
     """Generate ``new`` tokens after ``prompt`` with ``loaded`` (analysis.models.loading) through a CompressedCache.
 
-    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/compress/plans.py), replacing the budget.
+    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/compress/plans.py), replacing the budget;
+    ``lowrank``: an ``analysis.compress.lowrank.LowRank`` (keys, and optionally values, in low rank).
     Returns the text and the cache afterwards (occupancy, tokens seen, memory, kept positions per head).
     The cache hooks the model and switches its attention while open: callers sharing the model serialise calls.
     """
@@ -30,7 +31,8 @@ def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: i
         raise UserError("the prompt is empty")
     plan = Plan.from_text(plan_json) if plan_json else None
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan)
+    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan,
+                            lowrank=lowrank)
     torch.manual_seed(seed)
     began = time.perf_counter()
     with torch.inference_mode(), cache:
