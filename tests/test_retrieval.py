@@ -20,6 +20,7 @@ from analysis.compress import Job, PolicyOptions
 from analysis.errors import UserError
 from analysis.perplexity.decode import decode_into, decode_rows, default_chunk
 from analysis.perplexity.jobs import Batching
+from analysis.retrieval import run as retrieval_run
 from analysis.retrieval.grid import build_prompts, check_positions, retrieval_settings
 from analysis.retrieval.run import Unit, run_batch, run_units, token_fates
 from analysis.retrieval.summary import by_fate, cells, wilson
@@ -208,17 +209,18 @@ def test_fates_sum_to_one_and_an_evicted_token_is_gone(tiny_model):
     torch.testing.assert_close(f["merged"][:2], 1 - kept[:2])  # merging: not held means merged somewhere
 
 
-def test_rows_do_not_depend_on_the_batching(tiny_model, tmp_path):
+def test_rows_do_not_depend_on_the_batching(tiny_model, tmp_path, monkeypatch):
     model = tiny_model("llama")
     jobs = [Job.of(m, 16, PolicyOptions(sinks=2)) for m in ("cam", "random", "h2o")]
     units = [Unit(j, tiny_prompt(t, d)) for j in jobs for t in range(2) for d in (0, 60)]
     one = run_units(model, units, "decode", batching=Batching(batch_size=12))
-    small = run_units(model, units, "decode", batching=Batching(batch_size=5, partial=tmp_path))
+    small = run_units(model, units, "decode", batching=Batching(batch_size=5, partial=tmp_path / "new"))
     for a, b in zip(one, small):
         assert a["unit"] == b["unit"]
         assert a["answer_logprob"] == pytest.approx(b["answer_logprob"], abs=1e-4)
         assert (a["correct"], a["fate_kept"]) == (b["correct"], pytest.approx(b["fate_kept"], abs=1e-6))
-    resumed = run_units(model, units, "decode", batching=Batching(batch_size=7, partial=tmp_path))
+    monkeypatch.setattr(retrieval_run, "run_batch", lambda *a, **k: pytest.fail("a finished unit was recomputed"))
+    resumed = run_units(model, units, "decode", batching=Batching(batch_size=7, partial=tmp_path / "new"))
     assert resumed == small  # everything came from the partial directory
 
 

@@ -248,6 +248,7 @@ def run_units(model, units: list[Unit], mode: str, protect_from=None, batching: 
         for record in records:
             done[record["unit"]] = record
         if batching.partial is not None:
+            batching.partial.mkdir(parents=True, exist_ok=True)
             path = _batch_path(batching.partial, batch)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(records))
