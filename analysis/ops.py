@@ -157,12 +157,17 @@ def uniform(*keys) -> Tensor:
     A counter-based hash: the draw for (seed, window, layer, head, step, slot) does not depend on
     which other rows share the batch, on the batch size or on the device, so randomised methods give
     each window the same result however it is batched. Every intermediate stays below 2**62.
+
+    Python-int keys are folded on the host until the first tensor key, and enter later as scalar
+    operands: no tensor is made on the host and nothing moves between devices (no sync per step).
     """
-    h = torch.zeros((), dtype=torch.long)
+    h = 0  # a Python int until the first tensor key, then a tensor on that key's device
     for key in keys:
-        key = torch.as_tensor(key, dtype=torch.long)
-        h = h.to(key.device)
+        if isinstance(key, Tensor) and key.dtype != torch.long:
+            key = key.long()
+        key = key & 0x7FFFFFFF
         for _ in range(2):
-            h = ((h ^ (key & 0x7FFFFFFF)) * 1540483477 + 0x2545F491) % 2147483647
+            h = ((h ^ key) * 1540483477 + 0x2545F491) % 2147483647
             h = h ^ (h >> 13)
+    h = h if isinstance(h, Tensor) else torch.tensor(h)  # only int keys: no device to be on
     return h.float() / 2147483647.0

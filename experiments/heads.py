@@ -11,7 +11,8 @@ rank; see analysis/heads.py) and figures; plan writes DIR/plan.json (the JSON Co
 evaluate writes DIR/evaluation.json with the plan and its baselines (uniform, per-layer, random, and
 the controls uniform-evict, budgets-merge, budgets-evict; analysis/head_plans.py) at the plan's
 total memory, per corpus, with per-document perplexity. Evaluation documents that come
-from the profiled documents are refused.
+from the profiled documents are refused, and so is a plan file with no ``profile`` block (nothing to
+check against) unless --no-profile-check, which evaluation.json records as ``profile_check: false``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from tqdm.auto import tqdm
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.allocate import baseline, greedy_plan, parse_total
-from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_options, evaluation_sequences
+from analysis.heads.evaluate import (
+    comparison,
+    evaluate_plans,
+    evaluation_options,
+    evaluation_sequences,
+    profiled_ids,
+)
 from analysis.heads.profile import check_methods, profile_sequences, summary_lines
 from analysis.io import atomic_dir, check_out_dir, write_json
 from analysis.models.loading import compressed_layers, model_id_of
@@ -93,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                         "budgets-evict (default: uniform,layer,random)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
     e.add_argument("--batch-size", type=int, default=32, help="windows decoded together (default: 32)")
+    e.add_argument("--no-profile-check", action="store_true",
+                   help="evaluate a plan file that has no 'profile' block (its profiled documents are unknown, so "
+                        "overlap with the evaluation text is not checked; recorded as profile_check: false)")
     e.add_argument("--no-png", action="store_true", help="write figures as HTML only")
     add_output_args(e)
     return parser
@@ -161,7 +171,7 @@ def evaluate(args) -> None:
     plan_ = Plan.load(args.plan)
     plan_.check_model(model_id_of(args.model))
     raw = json.loads(Path(args.plan).read_text())
-    profile_ids = (raw.get("profile") or {}).get("text_ids", [])
+    profile_ids, profile_check = profiled_ids(raw, args.plan, allow_missing=args.no_profile_check)
     names = evaluation_options(plan_, args.baselines, args.tokens, args.window)
     check_out_dir(args.out, args.overwrite)
     source = text_source(args)
@@ -183,6 +193,7 @@ def evaluate(args) -> None:
     bar.close()
     summary = {"model": loaded.model_id, "plan_file": str(args.plan), "plan": plan_.name, "window": args.window,
                "tokens": args.tokens, "documents": args.documents, "skip": args.skip, "profile_text_ids": profile_ids,
+               "profile_check": profile_check,
                "results": results, "comparison": comparison(results)}
     with atomic_dir(args.out, args.overwrite) as tmp:
         write_json(tmp / "evaluation.json", summary)

@@ -13,7 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import dashboard, starter
-from analysis.compress import METHODS, compresses
+from analysis.compress import compresses, method_names
 from analysis.io import check_out_dir
 from analysis.perturbation.study import MODES, RESULTS, Settings, run_study
 from analysis.perturbation.texts import MIXED, study_sequences, study_source
@@ -47,7 +47,7 @@ def small_study(root: Path) -> None:
         t0 = st.number_input("t0 (fig2)", 8, 1024, 100, key="new_t0")
         future = st.number_input("future queries (fig2, ideal)", 1, 1024, 100, key="new_future")
         budgets = st.text_input("budgets (sweep, end2end)", "64", key="new_budgets")
-        methods = st.multiselect("methods (sweep, end2end)", list(METHODS),
+        methods = st.multiselect("methods (sweep, end2end)", method_names(compressing=True, presets=True),
                                  default=["weightedkv", "weightedkv_evict"], key="new_methods")
         layers = st.text_input("layers (empty: all)", "0,10,20,29", key="new_layers")
         name = st.text_input("run name", "", placeholder=f"perturb-{mode}", key="new_name")

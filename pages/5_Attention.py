@@ -93,7 +93,8 @@ def main() -> None:
 
     st.subheader("Replay: decoding token by token through the compressed cache")
     r1, r2 = st.columns([3, 1])
-    methods = r1.multiselect("methods", method_names(compressing=True), default=REPLAY_METHODS, key="methods")
+    methods = r1.multiselect("methods", method_names(compressing=True, presets=True), default=REPLAY_METHODS,
+                             key="methods")
     longest = min(len(token_ids), MAX_REPLAY)
     if longest <= budget:
         st.info(f"The run has {len(token_ids)} tokens, no more than the budget {budget}: nothing to compress.")

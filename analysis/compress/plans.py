@@ -96,7 +96,8 @@ class Plan:
         layers = config.num_hidden_layers
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if (self.num_layers, self.num_kv_heads) != (layers, heads):
-            raise UserError(f"plan {self.name!r} is {self.num_layers} layers x {self.num_kv_heads} KV heads, "
+            made = f" (made for {self.model})" if self.model else ""
+            raise UserError(f"plan {self.name!r}{made} is {self.num_layers} layers x {self.num_kv_heads} KV heads, "
                             f"but the model has {layers} x {heads}: it was made for another model")
         sliding = sorted(model_sliding_layers(config))
         if sorted(self.sliding_layers) != sliding:

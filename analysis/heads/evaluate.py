@@ -46,6 +46,23 @@ def check_split(profile_ids, evaluation_ids) -> None:
                         "pick other documents (--skip N) or another corpus")
 
 
+def profiled_ids(plan_data: dict, where: str, allow_missing: bool = False) -> tuple[list[str], bool]:
+    """The profiled text ids a plan file records, and whether the overlap check can run.
+
+    A plan without a ``profile`` block (or one with no ``text_ids`` list) cannot be checked against
+    its evaluation text: refused unless ``allow_missing`` (``--no-profile-check``), then (``[]``, False).
+    """
+    block = plan_data.get("profile")
+    ids = block.get("text_ids") if isinstance(block, dict) else None
+    if isinstance(ids, list) and all(isinstance(t, str) for t in ids):
+        return ids, True
+    if not allow_missing:
+        raise UserError(f"plan file {where} has no 'profile' block with the profiled text_ids, so the evaluation "
+                        "text cannot be checked against it: use a plan from `experiments.heads plan`, or pass "
+                        "--no-profile-check")
+    return [], False
+
+
 def evaluation_sequences(tokenizer, source: dict, tokens: int, documents: int, skip: int = 0,
                          profile_ids=()) -> list[tuple[str, list[int]]]:
     """``documents`` sequences of ``tokens`` from ``source`` after skipping its first ``skip`` documents."""

@@ -36,7 +36,7 @@ import statistics
 import torch
 from torch import Tensor
 
-from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs, method_names
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, compresses, make_jobs, method_names
 from analysis.errors import UserError
 from analysis.models.loading import compressed_layers
 from analysis.ops import AttentionSpec, attention_logits, masked_softmax, query_groups
@@ -68,8 +68,8 @@ def check_methods(methods) -> list[str]:
 
     methods = list(methods)
     for m in methods:
-        if m not in method_names(compressing=True):
-            raise UserError(f"unknown method {m!r} for a head profile: choose from "
+        if not compresses(m):  # unknown names fail here with the list of valid ones
+            raise UserError(f"method {m!r} keeps everything: a head profile needs a compressing method, e.g. "
                             f"{', '.join(method_names(compressing=True))}")
     return methods
 

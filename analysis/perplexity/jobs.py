@@ -63,7 +63,8 @@ def _batches(units: list[tuple[Job, int]], batch_size: int) -> list[list[tuple[J
     groups: dict[tuple, list] = {}
     for job, w in units:
         shareable = job.plan is None and job.compresses
-        groups.setdefault(("budget", job.budget) if shareable else ("job", job.key), []).append((job, w))
+        channels = (job.lowrank.tag, id(job.lowrank.basis)) if job.lowrank is not None else None  # one per cache
+        groups.setdefault(("budget", job.budget, channels) if shareable else ("job", job.key), []).append((job, w))
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
@@ -75,11 +76,11 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]]) -> Tens
     chunk = default_chunk(len(batch), vocab_size(model))
     if len(jobs) == 1:
         return decode_rows(model, ids, first.policy, first.uncompressed(windows.size), chunk, window_ids,
-                           plan=first.plan)
+                           plan=first.plan, lowrank=first.lowrank)
     keys = [j.key for j in jobs]
     rows = RowPolicies(policies=[j.policy for j in jobs], rows=[keys.index(job.key) for job, _ in batch])
     return decode_rows(model, ids, rows, first.uncompressed(windows.size), chunk, window_ids,
-                       row_budgets=[job.budget for job, _ in batch])
+                       row_budgets=[job.budget for job, _ in batch], lowrank=first.lowrank)
 
 
 def run_jobs(model, windows: Windows, jobs: list[Job],

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.compress import METHODS, Job, PolicyOptions, WeightedKV, compresses, make_jobs
+from analysis.compress import Job, PolicyOptions, WeightedKV, compresses, make_jobs, policy_class
 from analysis.errors import UserError
 from analysis.models.loading import compressed_layers
 from analysis.options import parse_ints, parse_names
@@ -61,9 +61,8 @@ class Settings:
 
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise UserError(f"unknown method(s) {', '.join(bad)}; valid: {', '.join(METHODS)}")
+        for m in self.methods:
+            policy_class(m)  # unknown names, presets and bad merge points: one line
         if self.mode in ("sweep", "end2end"):
             if not self.budgets:
                 raise UserError("give at least one --budget")

@@ -41,6 +41,7 @@ from analysis.errors import UserError
 from analysis.models.layouts import Geometry, check_attention_inputs, module_names, pre_rope_hooks, refuse
 from analysis.models.loading import LoadedModel, attention_modules, config_summary, sliding_layers
 from analysis.ops import AttentionSpec, group_mean, seen_counts
+from analysis.runtime.channels import Rotary
 
 KINDS = ("query_post_rope", "key_pre_rope", "key_post_rope", "value")
 
@@ -318,17 +319,4 @@ def apply_rope(model: nn.Module, keys: Tensor, positions: Tensor, layer: int | N
 
     ``layer`` is needed where layer types rotate differently (Gemma 3: sliding layers use a local base).
     """
-    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is None:
-        return keys  # absolute-position model (GPT-2): keys carry no rotation
-    modules = attention_modules(model)
-    attn = modules[layer] if layer is not None else next(iter(modules.values()))
-    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    extra = {}
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        if layer is None:
-            raise UserError(f"{type(model).__name__} rotates each layer type differently: pass layer=")
-        extra["layer_type"] = model.config.layer_types[layer]
-    cos, sin = rotary(keys, positions, **extra)
-    _, rotated = rotate(keys, keys, cos, sin)
-    return rotated
+    return Rotary(model, layer).rotate(keys, positions)
