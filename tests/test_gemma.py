@@ -296,3 +296,20 @@ def test_every_sequence_and_window_starts_with_bos_where_the_tokenizer_has_one()
     windows = make_windows([("d", list(range(2, 14)))], 8, bos=2)  # windows at 0, 4 (stride 4)
     assert windows.ids[:, 0].tolist() == [2, 2] and windows.ids[1, 1:].tolist() == list(range(7, 14))
     assert not scored_mask(windows)[1, :3].any()  # the replaced token is never a scored target
+
+
+@pytest.mark.slow
+def test_retrieval_prompts_start_with_gemmas_bos_once():
+    """The real Gemma tokenizer (skipped when not installed): one BOS, first, in passkey and needle prompts."""
+    if not (gemma_model_dir() / "config.json").is_file():
+        pytest.skip("gemma3-270m is not installed")
+    from transformers import AutoTokenizer
+
+    from analysis.retrieval.tasks import haystacks, needle_prompt, passkey_prompt
+    from analysis.text.corpora import Document
+
+    tok = AutoTokenizer.from_pretrained(gemma_model_dir())
+    hay = haystacks(tok, [Document("d", "x", "It was a fine day in the country. " * 60)], 200, 1)[0]
+    for prompt in (passkey_prompt(tok, 200, 50, 0), needle_prompt(tok, hay, 200, 50, 0)):
+        assert prompt.ids[0] == tok.bos_token_id and prompt.ids.count(tok.bos_token_id) == 1
+        assert len(prompt.ids) == 200
