@@ -10,6 +10,7 @@ import torch
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.evaluate import evaluate_plans
+from analysis.models.loading import LoadedModel
 from analysis.perplexity.windows import make_windows
 from analysis.runtime.cache import CompressedCache, Rows
 
@@ -46,7 +47,7 @@ def test_packed_plan_evaluation_equals_one_plan_at_a_time(tiny_model, random_ids
     model = tiny_model("llama")
     ids = random_ids(2, 40, seed=12)
     windows = make_windows([("d0", ids[0].tolist()), ("d1", ids[1].tolist())], 24)
-    loaded = SimpleNamespace(model=model, model_id="tiny", device=torch.device("cpu"))
+    loaded = LoadedModel(model=model, tokenizer=None, model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
     source = {"corpus": "tiny"}
     together = evaluate_plans(loaded, windows, PLANS, source, 40, 2)
     for row, plan in zip(together, PLANS):
