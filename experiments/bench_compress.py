@@ -9,6 +9,8 @@
     python -m experiments.bench_compress prompt      # generate() after a long prompt, compressed vs full
     python -m experiments.bench_compress prefill     # peak memory of a chunked 4k-token prefill (subprocess)
     python -m experiments.bench_compress cache --batch 32   # cache management alone: append+observe+compress
+    python -m experiments.bench_compress cache --budget 256 --methods streaming_llm,weightedkv,weightedkv_similar
+    python -m experiments.bench_compress camprompt   # peak memory of CaM's long-prompt pass (subprocess)
     python -m experiments.bench_compress perturb --window 1024 --budgets 128,256  # sweep vs perplexity run
 
 Every timing is the median of interleaved repeats, so slow drift on a shared machine hits every
@@ -31,6 +33,7 @@ from transformers import DynamicCache
 from analysis.compress import Job, LayerState, make_jobs, make_policy, method_names
 from analysis.errors import UserError
 from analysis.models.loading import load_model
+from analysis.options import parse_names
 from analysis.perplexity.decode import window_nll
 from analysis.perplexity.jobs import run_jobs
 from analysis.perplexity.windows import make_windows
@@ -85,7 +88,7 @@ def _decode_timer(model, method, budget, length, batch, steps, device):
 
 def bench_step(loaded, args) -> None:
 
-    methods = method_names(compressing=True)
+    methods = parse_names(args.methods) if args.methods else method_names(compressing=True)
     print(f"\n### Decode step, batch {args.batch}, {args.steps} steps, median of {args.repeats} (ms/step)\n")
     print("| budget | " + " | ".join(methods) + " |\n|---|" + "---|" * len(methods))
     for budget in parse_ints(args.budgets, "budgets"):
@@ -265,30 +268,41 @@ def bench_cache(loaded, args) -> None:
 
     s = loaded.summary()
     H, G, D, B, m = s["num_kv_heads"], s["num_heads"] // s["num_kv_heads"], s["head_dim"], args.batch, args.budget
-    gen = torch.Generator().manual_seed(0)
     print(f"\n### Cache management per layer and decode step, batch {B}, m={m} (ms; x {s['num_layers']} layers)\n")
-    print("| method | ms per layer-step | ms per model step |\n|---|---|---|")
-    for method in ("weightedkv", "streaming_llm", "h2o", "cam"):
-        policy = make_policy(method, m)
-        k, v = torch.randn(B, H, m, D, generator=gen), torch.randn(B, H, m, D, generator=gen)
-        try:
-            state = LayerState.empty(k, v, 0, stats=policy.stats)
-        except (TypeError, AttributeError):  # the first core: no capacity or statistics arguments
-            state = LayerState.empty(k, v)
-        state.append(k, v, torch.arange(m))
-        attn = torch.rand(B, H * G, m, m, generator=gen).tril()
-        state.observe(attn / attn.sum(-1, keepdim=True))
-        steps = args.steps * 10
-        new = torch.randn(steps, B, H, 1, D, generator=gen)
-        weights = torch.rand(steps, B, H * G, 1, m + 1, generator=gen)
-        weights = weights / weights.sum(-1, keepdim=True)
-        began = time.perf_counter()
-        for t in range(steps):
-            state.append(new[t], new[t], torch.tensor([m + t]))
-            state.observe(weights[t])
-            policy.compress(state)
-        per = (time.perf_counter() - began) / steps * 1000
-        print(f"| {method} | {per:.2f} | {per * s['num_layers']:.1f} |")
+    print("| method | ms per layer-step | ms per model step | vs streaming_llm |\n|---|---|---|---|")
+    methods = parse_names(args.methods) if args.methods else ["weightedkv", "streaming_llm", "h2o", "cam"]
+    times = {m_: [] for m_ in methods}
+    for _ in range(args.repeats):  # interleaved repeats, median kept
+        for method in methods:
+            times[method].append(_cache_ms(method, B, H, G, D, m, args.steps * 10))
+    base = statistics.median(times["streaming_llm"]) if "streaming_llm" in times else None
+    for method in methods:
+        per = statistics.median(times[method])
+        ratio = f"{per / base:.2f}x" if base else "-"
+        print(f"| {method} | {per:.3f} | {per * s['num_layers']:.1f} | {ratio} |")
+
+
+def _cache_ms(method, B, H, G, D, m, steps) -> float:
+    """ms per layer-step of append + observe + compress for ``method`` at budget ``m`` (fixed random inputs)."""
+    gen = torch.Generator().manual_seed(0)
+    policy = make_policy(method, m)
+    k, v = torch.randn(B, H, m, D, generator=gen), torch.randn(B, H, m, D, generator=gen)
+    try:
+        state = LayerState.empty(k, v, 0, stats=policy.stats)
+    except (TypeError, AttributeError):  # the first core: no capacity or statistics arguments
+        state = LayerState.empty(k, v)
+    state.append(k, v, torch.arange(m))
+    attn = torch.rand(B, H * G, m, m, generator=gen).tril()
+    state.observe(attn / attn.sum(-1, keepdim=True))
+    new = torch.randn(steps, B, H, 1, D, generator=gen)
+    weights = torch.rand(steps, B, H * G, 1, m + 1, generator=gen)
+    weights = weights / weights.sum(-1, keepdim=True)
+    began = time.perf_counter()
+    for t in range(steps):
+        state.append(new[t], new[t], torch.tensor([m + t]))
+        state.observe(weights[t])
+        policy.compress(state)
+    return (time.perf_counter() - began) / steps * 1000
 
 
 PREFILL_CHILD = """
@@ -315,6 +329,35 @@ def bench_prefill(loaded, args) -> None:
         out = subprocess.run([sys.executable, "-c", PREFILL_CHILD, method, "256"], capture_output=True, text=True,
                              check=True)
         print(f"| {method} | {float(out.stdout.strip().splitlines()[-1]):.0f} |")
+
+
+CAM_CHILD = """
+import resource, sys, torch
+from analysis.compress import LayerState, make_policy
+B, H, T, D, m = 1, int(sys.argv[2]), int(sys.argv[3]), 64, 256
+k = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(0))
+state = LayerState.empty(k, k, 0, stats=make_policy(sys.argv[1], m).stats)
+state.append(k, k.clone(), torch.arange(T))
+state.observe(torch.full((B, H, 1, T), 1.0 / T))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+make_policy(sys.argv[1], m).compress(state)  # one pass: T - m victims ranked at once
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+"""
+
+
+def bench_camprompt(loaded, args) -> None:
+    """Peak RSS added by one long-prompt compression pass (T - 256 victims at once), each in a fresh process.
+
+    PYTHONPATH=<older tree> measures an older core with the same child."""
+
+    heads = 8  # a 7B-class model's KV heads: the temporaries scale with H x victims x slots
+    print(f"\n### Peak RSS added by one long-prompt pass to m=256, batch 1, {heads} KV heads, D=64 (MB)\n")
+    print("| prompt tokens | " + " | ".join(parse_names(args.methods or "cam,weightedkv")) + " |\n|---|---|---|")
+    for T in parse_ints(args.lengths, "lengths"):
+        peaks = [float(subprocess.run([sys.executable, "-c", CAM_CHILD, m, str(heads), str(T)], capture_output=True,
+                                      text=True, check=True).stdout.strip().splitlines()[-1])
+                 for m in parse_names(args.methods or "cam,weightedkv")]
+        print(f"| {T} | " + " | ".join(f"{p:.0f}" for p in peaks) + " |")
 
 
 PERTURB_METHODS = method_names(compressing=True)
@@ -387,7 +430,7 @@ def bench_perturb(loaded, args) -> None:
 def main(argv=None) -> None:
     parser = new_parser("bench_compress", __doc__)
     parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "prompt",
-                                         "prefill", "cache", "perturb"))
+                                         "prefill", "cache", "perturb", "camprompt"))
     add_model_args(parser)
     parser.add_argument("--budgets", default="128,256,1024",
                         help="budgets for 'step' and 'perturb' (default: 128,256,1024)")
@@ -400,6 +443,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", type=int, default=128, help="budget for 'throughput' (default: 128)")
     parser.add_argument("--parts", default="forward,sweep,perplexity",
                         help="what 'perturb' runs (default: forward,sweep,perplexity)")
+    parser.add_argument("--methods", default=None, help="methods for 'step', 'cache' and 'camprompt' (default: theirs)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -408,7 +452,7 @@ def main(argv=None) -> None:
     print(f"model {loaded.model_id}, device {loaded.device}, torch threads {torch.get_num_threads()}")
     benches = {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput, "profile": bench_profile,
                "fullstep": bench_fullstep, "sweep": bench_sweep, "prompt": bench_prompt, "prefill": bench_prefill,
-               "cache": bench_cache, "perturb": bench_perturb}
+               "cache": bench_cache, "perturb": bench_perturb, "camprompt": bench_camprompt}
     benches[args.what](loaded, args)
 
 

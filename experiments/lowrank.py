@@ -49,7 +49,7 @@ from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure
 from analysis.report.lowrank import fig_ppl_vs_bytes, fig_rank_cost
 from analysis.runtime.capture import capture_sequences
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
     add_model_args,
     add_output_args,
@@ -157,7 +157,7 @@ def compare_command(args) -> None:
     loaded = load_model_from_args(args)
     basis.check(loaded.model)
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
-    windows = make_windows(sequences, args.window)
+    windows = make_windows(sequences, args.window, bos_id(loaded.tokenizer))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png", "batch_size")}
     load_partial_settings(partial, settings)
     bar = tqdm(total=len(configs) * len(windows.docs), unit="run-window", desc="compare", disable=args.quiet)

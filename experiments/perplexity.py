@@ -30,13 +30,13 @@ from tqdm.auto import tqdm
 
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
-from analysis.models.loading import resolve_dtype
+from analysis.models.loading import model_id_of, resolve_dtype
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.settings import bytes_budget, lowrank_options, sweep_settings, with_lowrank
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
     add_output_args,
     command_parser,
@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", default="128,256", help="cache sizes m per layer (default: 128,256)")
     parser.add_argument("--methods", default=None,
                         help="comma list; 'full' adds the uncompressed reference (default: all compressing; "
-                             "--stream: weightedkv,weightedkv_evict)")
+                             "--stream: weightedkv,weightedkv_evict); also presets such as keepkv_like, tova_orig "
+                             "and merge-space points merge:target=similar,cap=2 (analysis/compress/registry.py)")
     parser.add_argument("--sinks", type=int, default=4, help="attention sinks kept (default: 4)")
     parser.add_argument("--recent", type=int, default=None, help="recent window (default: budget/2 - sinks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of cam and random (default: 0)")
@@ -127,6 +128,8 @@ def main(argv=None) -> None:
                            seed=args.seed, plan_file=args.plan, total_budget=args.total_budget,
                            batch_size=args.batch_size)
     plan, jobs = sweep.plan, with_lowrank(sweep.jobs, lowrank)
+    if plan is not None:
+        plan.check_model(model_id_of(args.model))  # a plan of the other built-in model: before it loads
     rank, world = _distributed(args.device)
     out = check_out_dir(args.out, args.overwrite)
     partial = out.parent / f".{out.name}.partial"
@@ -147,7 +150,7 @@ def main(argv=None) -> None:
     if loaded.summary()["max_positions"] and args.window > loaded.summary()["max_positions"]:
         raise UserError(f"--window {args.window} exceeds the model's {loaded.summary()['max_positions']} positions")
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
-    windows = make_windows(sequences, args.window)
+    windows = make_windows(sequences, args.window, bos_id(loaded.tokenizer))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
     settings["plan"] = plan.to_json() if plan is not None else None
     # every rank checks a resumed run's settings; rank 0 records new ones, and the others wait for it

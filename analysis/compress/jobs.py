@@ -28,8 +28,14 @@ class PolicyOptions:
 
 
 def make_policy(method: str, budget: int | None, sinks: int = 4, recent: int | None = None, seed: int = 0) -> Policy:
-    """Build the policy registered as ``method``; ``seed`` goes to the randomised ones only."""
+    """Build the policy registered as ``method`` (a name, a preset or a ``merge:`` point); ``seed`` goes to the
+    randomised ones only. A preset that carries its own sinks/recent split uses it instead of these."""
     cls = policy_class(method)
+    preset = getattr(cls, "preset", None)
+    if preset is not None and preset.sinks is not None:
+        sinks = preset.sinks
+    if preset is not None and preset.own_recent:
+        recent = preset.recent
     kwargs = {"budget": budget, "sinks": sinks, "recent": recent} | ({"seed": seed} if cls.seeded else {})
     return cls(**kwargs)
 

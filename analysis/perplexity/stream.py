@@ -8,6 +8,10 @@ documents are batch rows, several methods share a batch (each row under its own 
 killed run resumes per (method, document) from the partial directory. Positions are the original
 ones (0..T-1), so T is limited by the model's positions.
 
+Sliding-window layers (Gemma 2/3) keep the model's own sliding cache (``CompressedCache``): the
+budget holds only the full-attention layers, so on Gemma 3 a stream longer than the window is also
+bounded in the sliding layers by the model's design, whatever the method.
+
 Statistics: per document, the mean NLL over its T - 1 targets and its perplexity; per method, the
 perplexity of all targets pooled, and the running log-perplexity curve (mean NLL of targets 1..t)
 averaged over documents with its population standard deviation across documents (the spread).

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import METHODS, Job
+from analysis.compress import Job, in_registry_order
 from analysis.compress.lowrank import cache_bytes
 from analysis.perplexity.jobs import Batching, run_jobs
 from analysis.perplexity.windows import Windows, summarise
@@ -15,10 +15,9 @@ def jobs_settings(jobs: list[Job]) -> dict:
     """The settings a result records about its jobs: the options asked for, plan, methods, budgets."""
     options = jobs[0].options
     plan = next((job.plan for job in jobs if job.plan is not None), None)
-    methods = {job.method for job in jobs}
     return {"sinks": options.sinks, "recent": options.recent, "seed": options.seed,
             "plan": plan.name if plan is not None else None,
-            "methods": [m for m in METHODS if m in methods],
+            "methods": in_registry_order(job.method for job in jobs),
             "budgets": list(dict.fromkeys(job.budget for job in jobs if job.budget is not None))}
 
 

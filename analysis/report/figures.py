@@ -17,13 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from analysis.compress import MERGE_VS_EVICT, make_jobs, method_names
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs, method_names
 from analysis.compress.fig3 import replay
 from analysis.heads.allocate import greedy_plan
 from analysis.heads.profile import profile_sequences
 from analysis.io import write_json
 from analysis.lowrank.calibrate import calibrate, held_out
 from analysis.lowrank.compare import goal, pareto, parse_key_specs, plan_configs, run_compare
+from analysis.merges.space import ablation
+from analysis.merges.study import run_space
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.perplexity.table1 import check_finite, run_table, table_csv, table_markdown, window_count
@@ -34,9 +36,12 @@ from analysis.report.export import write_figure
 from analysis.report.fig3 import fig_fig3_replay
 from analysis.report.heads import fig_plan_heatmap, profile_figures
 from analysis.report.lowrank import fig_ppl_vs_bytes
+from analysis.report.merges import fig_space
+from analysis.report.retrieval import write_retrieval
 from analysis.report.save import save_study, write_stream
 from analysis.report.spectra import standard_figures
 from analysis.report.table1 import fig_table1
+from analysis.retrieval.grid import build_prompts, retrieval_settings, run_grid
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra import compute_spectra, summary_sentence
 from analysis.text.corpora import load_documents, token_sequences
@@ -62,6 +67,8 @@ class Sizes:
     heads_tokens: int = 1024
     lowrank_documents: int = 3  # calibration documents, and as many held-out ones evaluated
     lowrank_tokens: int = 256  # per document; also the window
+    retrieval_tokens: int = 1024  # the passkey grid: one length, depths 0/50/100, the smallest budget
+    retrieval_trials: int = 5
 
 
 FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table_tokens=1024, table_window=1024,
@@ -70,7 +77,8 @@ FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table
 
 QUICK = Sizes(spectra_sequences=2, spectra_tokens=512, table_documents=1, table_tokens=384, table_window=384,
               stream_documents=2, stream_tokens=768, perturb_sequences=2, fig2_future=200, sweep_tokens=256,
-              heads_documents=1, heads_tokens=256, lowrank_documents=1, lowrank_tokens=128)
+              heads_documents=1, heads_tokens=256, lowrank_documents=1, lowrank_tokens=128,
+              retrieval_tokens=256, retrieval_trials=1)
 
 
 @dataclass
@@ -220,6 +228,9 @@ def build_lowrank_bytes(run: FigureRun, out: Path) -> None:
 STREAM_METHODS = list(MERGE_VS_EVICT)
 
 
+STREAM_CAP = 8192  # full-size Fig. 4: the model's positions, at most this many tokens
+
+
 def _stream_tokens(run: FigureRun) -> int | None:
     return run.sizes.stream_tokens
 
@@ -228,7 +239,7 @@ def build_fig4_stream(run: FigureRun, out: Path) -> None:
 
     loaded = run.loaded()
     limit = loaded.summary()["max_positions"]
-    tokens = run.sizes.stream_tokens or limit
+    tokens = run.sizes.stream_tokens or min(limit or STREAM_CAP, STREAM_CAP)  # Gemma 3 has 32k positions
     check_stream_length(tokens, limit)
     sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), tokens,
                                 run.sizes.stream_documents)
@@ -262,6 +273,48 @@ def _table_units(run: FigureRun) -> int:
                                                                              run.sizes.table_window)
 
 
+RETRIEVAL_METHODS = ["full", *MERGE_VS_EVICT, "h2o", "streaming_llm"]
+
+
+def _retrieval_settings(run: FigureRun):
+    return retrieval_settings("passkey", "decode", [run.sizes.retrieval_tokens], [0, 50, 100], [min(run.budgets)],
+                              RETRIEVAL_METHODS, run.sizes.retrieval_trials)
+
+
+def build_retrieval(run: FigureRun, out: Path) -> None:
+    """A passkey grid in decode mode (analysis/retrieval): heatmap, accuracy vs budget, fates."""
+    settings = _retrieval_settings(run)
+    prompts = build_prompts(run.loaded().tokenizer, settings)
+    with ticking(run, "retrieval"):
+        result = run_grid(run.loaded(), settings, prompts,
+                          Batching(partial=run.partial("retrieval"), progress=run.advance))
+    write_retrieval(out, result, png=run.png)
+
+
+# The merge space's named points (the factorial and the cascade are experiments.merges'), each paired with its eviction.
+MERGE_FIGURE_VARIANTS = ["weightedkv", "weightedkv_similar", "keepkv_like", "d2o_like", "mergingpress_like",
+                         "asymkv_like", "cam"]
+
+
+def build_merge_space(run: FigureRun, out: Path) -> None:
+
+    s = run.sizes
+    with ticking(run, "merge_space"):
+        _, rows = run_space(run.loaded(), run.corpora, MERGE_FIGURE_VARIANTS, run.budgets, tokens=s.table_tokens,
+                            documents=s.table_documents, window=s.table_window, options=PolicyOptions(),
+                            batching=Batching(partial=run.partial("merge_space"), progress=run.advance), split="all")
+    result = {"model": run.loaded().model_id, "budgets": run.budgets, "corpora": run.corpora, "rows": rows,
+              "spread": "population std"}
+    write_json(out / "merges.json", result)
+    write_figure(fig_space(result), out, "space", png=run.png)
+
+
+def _merge_units(run: FigureRun) -> int:
+    jobs = len(set(MERGE_FIGURE_VARIANTS) | {ablation(v) for v in MERGE_FIGURE_VARIANTS}) * len(run.budgets)
+    return jobs * len(run.corpora) * run.sizes.table_documents * window_count(run.sizes.table_tokens,
+                                                                             run.sizes.table_window)
+
+
 # --- the registry: one entry per figure (how to build it, the settings it records, what it shows) ---------
 def _fig1_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpus": r.corpora[0], "sequences": r.sizes.spectra_sequences,
@@ -270,7 +323,8 @@ def _fig1_settings(r: FigureRun) -> dict:
 
 def _fig4_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.stream_documents,
-            "tokens": r.sizes.stream_tokens or "model positions", "budget": r.budgets[0], "methods": STREAM_METHODS}
+            "tokens": r.sizes.stream_tokens or f"model positions (at most {STREAM_CAP})", "budget": r.budgets[0],
+            "methods": STREAM_METHODS}
 
 
 def _fig2_settings(r: FigureRun) -> dict:
@@ -298,6 +352,10 @@ def _table1_settings(r: FigureRun) -> dict:
             "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}
 
 
+def _retrieval_figure_settings(r: FigureRun) -> dict:
+    return {"model": r.model, **_retrieval_settings(r).record()}
+
+
 FIGURES: dict[str, Figure] = {
     "fig1_spectra": Figure(build_fig1_spectra, _fig1_settings,
                            "Fig. 1: key vs value singular-value spectra (+ rank heatmaps, RoPE keys)"),
@@ -320,6 +378,13 @@ FIGURES: dict[str, Figure] = {
     "table1": Figure(build_table1, _table1_settings,
                      "Table I: perplexity of every method per corpus at each budget, per-document spread",
                      units=_table_units),
+    "retrieval": Figure(build_retrieval, _retrieval_figure_settings,
+                        "Retrieval: a passkey far back, found or lost under each method (decode mode), and where "
+                        "its tokens went (kept / merged / gone)",
+                        units=lambda r: len(_retrieval_settings(r).jobs) * 3 * r.sizes.retrieval_trials),
+    "merge_space": Figure(build_merge_space, lambda r: _table1_settings(r) | {"variants": MERGE_FIGURE_VARIANTS},
+                          "The merge space's named points, each paired with its own eviction: wins and mean "
+                          "perplexity difference per corpus and budget", units=_merge_units),
 }
 
 

@@ -1,6 +1,8 @@
 """Generate text from a prompt through a CompressedCache, and report what the cache kept.
 
 Plain data in and out, no streamlit: the Generate page calls it (through the dashboard's model lock).
+Sliding-window layers (Gemma 2/3) keep the model's own sliding cache; the reported occupancy shows
+them holding up to their window, the other layers their budget.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: i
         "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
         "seen": [layer.get_seq_length() for layer in cache.layers], "sinks": cache.policy.sinks,
         "recent": cache.policy.recent, "memory": cache.memory(),
-        "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
-                 for i in range(len(cache.layers))],
+        "kept": [_kept(cache, i) for i in range(len(cache.layers))],
     }
+
+
+def _kept(cache: CompressedCache, i: int) -> list[list[int]]:
+    """Positions layer ``i`` holds per KV head (row 0); a sliding layer holds its newest tokens."""
+    layer = cache.layers[i]
+    if getattr(layer, "state", None) is None:  # the model's own (sliding) cache layer: the last tokens it keeps
+        held, seen = layer.keys.shape[2], layer.get_seq_length()
+        return [list(range(seen - held, seen))] * layer.keys.shape[1]
+    return [[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
