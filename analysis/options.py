@@ -24,6 +24,18 @@ def parse_ints(text: str | None, name: str) -> list[int] | None:
 
 
 def parse_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
-    """'a, b,,c' -> ['a', 'b', 'c']; a list (a page's multiselect) is stripped the same way."""
+    """'a, b,,c' -> ['a', 'b', 'c']; a list (a page's multiselect) is stripped the same way.
+
+    A name with options, ``kind:key=value,key=value`` (a merge-space point), keeps its commas: an item
+    ``key=value`` that follows it is glued back onto it.
+    """
     parts = value.split(",") if isinstance(value, str) else value
-    return [p.strip() for p in parts if p.strip()]
+    names: list[str] = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if names and ":" in names[-1] and "=" in part and ":" not in part:
+            names[-1] += "," + part
+        else:
+            names.append(part)
+    return names

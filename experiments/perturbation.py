@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--steps", default="100,200,300", help="merge steps t (default: 100,200,300)")
         if methods is not None:
             p.add_argument("--methods", default=methods,
-                           help="comma list; 'full' adds the reference (default: %(default)s)")
+                           help="comma list; 'full' adds the reference; presets and merge:key=value,... points "
+                                "are method names too (default: %(default)s)")
         add_output_args(p)
     return parser
 

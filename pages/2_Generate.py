@@ -7,12 +7,13 @@ layer / KV head kept. One unpadded prompt per run (CompressedCache needs equal-l
 import streamlit as st
 
 from analysis.app.dashboard import cached_model, generate_text, user_errors
-from analysis.compress import METHODS, compresses
+from analysis.compress import compresses, method_names
 from analysis.errors import UserError
 from analysis.report.generate import fig_kept_positions, fig_occupancy
 from analysis.text.corpora import load_documents, token_sequences
 
 INSTRUCTION = "Write three sentences about why a language model caches keys and values."
+CHOICES = method_names(presets=True)  # the registered methods, then the merge-space presets
 
 
 @st.cache_data(show_spinner=False)
@@ -48,7 +49,7 @@ def main() -> None:
     st.caption("The embedded model continues the prompt twice: through a cache held to the budget by the chosen "
                "method, and with the full cache. Keys are cached post-RoPE at their original positions.")
     with st.sidebar:
-        method = st.selectbox("method", list(METHODS), index=list(METHODS).index("weightedkv"), key="method")
+        method = st.selectbox("method", CHOICES, index=CHOICES.index("weightedkv"), key="method")
         budget = st.slider("budget (slots per layer and KV head)", 16, 512, 64, key="budget")
         sinks = st.number_input("sinks", 0, 64, 4, key="sinks")
         recent = st.number_input("recent window", 0, 512, value=None, placeholder="budget/2 - sinks", key="recent")

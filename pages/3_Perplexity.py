@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import dashboard
-from analysis.compress import METHODS, compresses
+from analysis.compress import compresses, method_names
 from analysis.io import check_out_dir
 from analysis.perplexity.settings import sweep_settings
 from analysis.report.perplexity import fig_ppl_vs_budget, fig_running_log_ppl, table_rows
@@ -36,7 +36,7 @@ def quick_sweep(root: Path) -> None:
         tokens = st.number_input("tokens", 64, 8192, 512, step=64, key="tokens")
         window = st.number_input("window", 8, 2048, 256, step=8, key="window")
         budgets = st.text_input("budgets", "64,128", key="budgets")
-        methods = st.multiselect("methods", list(METHODS), default=QUICK_METHODS, key="methods")
+        methods = st.multiselect("methods", method_names(presets=True), default=QUICK_METHODS, key="methods")
         png = st.checkbox("PNG figures too (needs chromium)", key="png")
         name = st.text_input("run name", "", placeholder=f"ppl-{corpus}-{tokens}", key="name")
         start = st.form_submit_button("Run sweep")

@@ -2,8 +2,9 @@
 
 Opens a study directory under runs/ (``$KVLENS_RUNS`` overrides) holding ``perturbation.json`` (from
 ``python -m experiments.perturbation MODE``) or the starter Fig. 2 study, or runs a small study here
-on the embedded model and saves it there with the same files as the command. All logic lives in
-analysis/.
+on the embedded model and saves it there with the same files as the command. Below, the merge
+design space: a study directory holding ``merges.json`` (``python -m experiments.merges``) shown as
+the space figure, the selection and confirmation, and the cascade. All logic lives in analysis/.
 """
 
 import json
@@ -13,10 +14,11 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import dashboard, starter
-from analysis.compress import METHODS, compresses
+from analysis.compress import compresses, method_names
 from analysis.io import check_out_dir
 from analysis.perturbation.study import MODES, RESULTS, Settings, run_study
 from analysis.perturbation.texts import MIXED, study_sequences, study_source
+from analysis.report.merges import fig_cascade, fig_space
 from analysis.report.perturbation import fig_fig2, fig_head_heatmap, fig_ideal, fig_layer_deviation, fig_positions
 from analysis.report.save import save_study
 from analysis.text.corpora import CORPORA
@@ -47,7 +49,7 @@ def small_study(root: Path) -> None:
         t0 = st.number_input("t0 (fig2)", 8, 1024, 100, key="new_t0")
         future = st.number_input("future queries (fig2, ideal)", 1, 1024, 100, key="new_future")
         budgets = st.text_input("budgets (sweep, end2end)", "64", key="new_budgets")
-        methods = st.multiselect("methods (sweep, end2end)", list(METHODS),
+        methods = st.multiselect("methods (sweep, end2end)", method_names(compressing=True, presets=True),
                                  default=["weightedkv", "weightedkv_evict"], key="new_methods")
         layers = st.text_input("layers (empty: all)", "0,10,20,29", key="new_layers")
         name = st.text_input("run name", "", placeholder=f"perturb-{mode}", key="new_name")
@@ -108,6 +110,34 @@ def show(summary: dict) -> None:
                       for r in summary["results"]], key="rows", hide_index=True)
 
 
+MERGES = "merges.json"
+
+
+def merge_space(root: Path) -> None:
+    """The merge design space from a merge study directory under ``root``, if there is one."""
+    st.header("The merge design space")
+    found = sorted((p for p in root.iterdir() if (p / MERGES).is_file()), key=lambda p: p.stat().st_mtime,
+                   reverse=True) if root.is_dir() else []
+    if not found:
+        st.caption(f"No merge study in {root}/ yet: `python -m experiments.merges --out {root}/merges` "
+                "(see docs/results.md for a size that fits a laptop).")
+        return
+    name = st.selectbox("merge study", [p.name for p in found], key="merge_study")
+    path = root / name / MERGES
+    result = load_summary(str(path), path.stat().st_mtime)
+    st.plotly_chart(fig_space(result), key="merge_space")
+    if result.get("selection"):  # experiments.merges; the figures command's merge_space has no selection
+        st.caption(f"chosen on {', '.join(result['selection']['corpora'])}: "
+                   f"{', '.join(result['selection']['chosen'])}; confirmed on "
+                   f"{', '.join(result['confirmation']['corpora'])} (documents the choice never saw)")
+        st.dataframe(result["confirmation"]["results"], key="merge_confirm", hide_index=True)
+    if result.get("cascade"):
+        st.plotly_chart(fig_cascade(result["cascade"]), key="merge_cascade")
+        st.dataframe([{"variant": v, **{k: x[k] for k in ("mean_depth", "merged_share", "max_depth", "distance_mean",
+                                                            "distance_median")}, "gap_at": x["gap_at"]}
+                      for v, x in result["cascade"]["variants"].items()], key="merge_cascade_rows", hide_index=True)
+
+
 def main() -> None:
     st.title("Perturbation: merging vs evicting, head by head and end to end")
     root = dashboard.runs_root()
@@ -123,6 +153,7 @@ def main() -> None:
     name = st.selectbox("study", names, key="study")
     path = (paths[name] or dashboard.starter_dir("fig2")) / RESULTS
     show(load_summary(str(path), path.stat().st_mtime))
+    merge_space(root)
 
 
 with dashboard.user_errors():

@@ -183,7 +183,7 @@ def test_study_json_schema_and_exact_zeros(tiny_model, random_ids, tmp_path):
 
 @pytest.mark.parametrize("settings, message", [
     (dict(mode="bogus", tokens=40), "unknown mode"),
-    (dict(mode="sweep", tokens=40, methods=["nope"], budgets=[12]), "unknown method"),
+    (dict(mode="sweep", tokens=40, methods=["nope"], budgets=[12]), "unknown compression method"),
     (dict(mode="sweep", tokens=40, budgets=[8], sinks=4, recent=4), "leaves no room"),
     (dict(mode="end2end", tokens=40, budgets=[]), "at least one --budget"),
     (dict(mode="ideal", tokens=40, steps=[35], future=8), "--steps must lie in"),

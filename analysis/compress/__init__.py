@@ -13,7 +13,15 @@ from analysis.compress.full import Full
 from analysis.compress.h2o import H2O
 from analysis.compress.jobs import Job, PolicyOptions, make_jobs, make_policy
 from analysis.compress.random_policy import RandomPolicy
-from analysis.compress.registry import MERGE_VS_EVICT, METHODS, compresses, method_names
+from analysis.compress.registry import (
+                                        MERGE_VS_EVICT,
+                                        METHODS,
+                                        PRESETS,
+                                        compresses,
+                                        in_registry_order,
+                                        method_names,
+                                        policy_class,
+)
 from analysis.compress.rows import RowPolicies
 from analysis.compress.streaming_llm import StreamingLLM
 from analysis.compress.tova import TOVA
@@ -21,5 +29,5 @@ from analysis.compress.weightedkv import WeightedKV
 from analysis.compress.weightedkv_evict import WeightedKVEvict
 
 __all__ = ["CaM", "Full", "H2O", "Job", "LayerState", "MERGE_VS_EVICT", "METHODS", "Policy", "PolicyOptions",
-           "RandomPolicy", "RowPolicies", "StreamingLLM", "TOVA", "WeightedKV", "WeightedKVEvict", "compresses",
-           "make_jobs", "make_policy", "method_names"]
+           "PRESETS", "RandomPolicy", "RowPolicies", "StreamingLLM", "TOVA", "WeightedKV", "WeightedKVEvict",
+           "compresses", "in_registry_order", "make_jobs", "make_policy", "method_names", "policy_class"]

@@ -33,6 +33,7 @@ from analysis.errors import UserError
 from analysis.ops import FAR, group_mean, seen_counts
 
 STATS = ("acc", "count", "last")
+SLOT_STATS = (*STATS, "depth")  # per-slot statistics a state may keep; ``depth`` only when asked for
 
 
 @dataclass(eq=False)
@@ -63,6 +64,7 @@ class LayerState:
     tracked: Tensor | None = None  # (B, T) int64: the positions ``mixing``'s columns follow; None: all, 0..T-1
     max_valid: int = 0  # host-side upper bound on valid slots in any (row, head)
     pending: int = 0  # tokens appended since the last compression
+    depth: Tensor | None = None  # (B, H, C) float32: merged tokens a slot's value carries; kept if "depth" in stats
 
     @classmethod
     def empty(cls, like_keys: Tensor, like_values: Tensor, capacity: int = 0, stats=STATS, layer: int = 0,
@@ -81,7 +83,7 @@ class LayerState:
             keys=like_keys.new_zeros((B, H, capacity, D)),
             values=like_values.new_zeros((B, H, capacity, like_values.shape[-1])),
             positions=torch.full((B, H, capacity), -1, dtype=torch.long, device=device),
-            acc=stat, count=stat.clone(), last=stat.clone(),
+            acc=stat, count=stat.clone(), last=stat.clone(), depth=stat.clone() if "depth" in stats else None,
             step=torch.zeros((), dtype=torch.long, device=device),
             stats=tuple(stats), layer=layer, row_ids=row_ids,
             mixing=torch.zeros((B, H, capacity, columns), device=device) if columns else None,
@@ -138,8 +140,9 @@ class LayerState:
             t = getattr(self, name)
             if t is not None:
                 out[name] = t.gather(2, order[..., None].expand(*order.shape, t.shape[-1]))
-        for name in ("positions", "acc", "count", "last"):
-            out[name] = getattr(self, name).gather(2, order)
+        for name in ("positions", *SLOT_STATS):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name).gather(2, order)
         return out
 
     # --- writing ---------------------------------------------------------------------------
@@ -150,6 +153,8 @@ class LayerState:
         self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
         self.positions = pad(self.positions, -1)
         self.acc, self.count, self.last = pad(self.acc, 0), pad(self.count, 0), pad(self.last, 0)
+        if self.depth is not None:
+            self.depth = pad(self.depth, 0)
         if self.mixing is not None:
             self.mixing = pad(self.mixing, 0)
 
@@ -294,9 +299,22 @@ class Policy:
         return (pos >= self.sinks) & (pos < state.step - recent)
 
     def select(self, state: LayerState) -> Tensor:
-        """One victim per (B, H): the lowest-scoring candidate (ties: lowest slot). Returns (B, H) int64."""
-        victim = self._candidate_scores(state).argmin(dim=-1)  # (B, H) or (B, 1)
+        """One victim per (B, H): the lowest-scoring candidate, ties to the oldest position. Returns (B, H) int64.
+
+        Algorithm 1's argmin runs over positions, so among equal scores (float16 weights that underflow
+        to 0, say) the first position goes; slot order is not position order once slots are reused.
+        Static shapes, no host read: the minimum, then the oldest position holding it.
+        """
+        scores = self._candidate_scores(state)  # (B, H or 1, C)
+        positions = self._positions(state, scores)  # (B, H or 1, C), unique per (row, head) among held slots
+        tied = (scores == scores.min(dim=-1, keepdim=True).values) & (positions >= 0)
+        victim = torch.where(tied, positions, FAR).argmin(dim=-1)  # (B, H) or (B, 1)
         return victim.expand(state.keys.shape[0], state.keys.shape[1])
+
+    @staticmethod
+    def _positions(state: LayerState, scores: Tensor) -> Tensor:
+        """The positions the scores are over: head 0's for a per-layer decision (every head holds the same)."""
+        return state.positions if scores.shape[1] == state.positions.shape[1] else state.positions[:, :1]
 
     def _candidate_scores(self, state: LayerState) -> Tensor:
         """Scores (B, H, C), or (B, 1, C) if ``per_layer``, in float32, +inf on every slot that is no candidate."""
@@ -337,7 +355,12 @@ class Policy:
 
     def _compress_ranked(self, state: LayerState, over: Tensor, rounds: int) -> None:
         B, H = over.shape
-        order = self._candidate_scores(state).argsort(dim=-1, stable=True)[..., :rounds]  # (B, H or 1, rounds)
+        scores = self._candidate_scores(state)  # (B, H or 1, C)
+        # rank by score, ties by position: a stable sort by score of the slots already in position order
+        positions = self._positions(state, scores)
+        by_position = torch.where(positions >= 0, positions, FAR).argsort(dim=-1, stable=True)  # held, oldest first
+        ranked = scores.gather(-1, by_position).argsort(dim=-1, stable=True)  # (B, H or 1, C)
+        order = by_position.gather(-1, ranked)[..., :rounds]  # (B, H or 1, rounds)
         victims = order.expand(B, H, rounds)  # (B, H, rounds): victims in the order they go
         active = torch.arange(rounds, device=over.device) < over[..., None]  # (B, H, rounds)
         if self.merges:

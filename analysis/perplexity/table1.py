@@ -8,6 +8,8 @@ population standard deviation of the per-document perplexities (0 with one docum
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import statistics
 
@@ -17,7 +19,7 @@ from analysis.compress import Job, compresses
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.sweep import jobs_settings, run_sweep
 from analysis.perplexity.windows import Windows, make_windows, summarise
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 
 SEP = "/"  # corpus / document id in the combined sweep
 
@@ -28,7 +30,8 @@ def corpus_windows(tokenizer, corpora: list[str], tokens: int, documents: int, w
     parts = []
     for corpus in corpora:
         sequences = token_sequences(tokenizer, load_documents(corpus=corpus), tokens, documents)
-        parts.append(make_windows([(f"{corpus}{SEP}{doc}", ids) for doc, ids in sequences], window))
+        parts.append(make_windows([(f"{corpus}{SEP}{doc}", ids) for doc, ids in sequences], window,
+                                  bos_id(tokenizer)))
     return Windows(torch.cat([p.ids for p in parts]), sum((p.docs for p in parts), []),
                    sum((p.starts for p in parts), []), sum((p.scored_from for p in parts), []))
 
@@ -121,9 +124,10 @@ def table_markdown(table: dict) -> str:
 
 def table_csv(table: dict) -> str:
     header = ["corpus", "method", "budget", "ppl", "ppl_doc_mean", "ppl_doc_std", "documents", "tokens"]
-    rows = [",".join(header)]
-    rows += [",".join("" if e[h] is None else str(e[h]) for h in header) for e in table["entries"]]
-    return "\n".join(rows) + "\n"
+    buffer = io.StringIO()  # csv quotes a merge point's commas (merge:target=similar,cap=2)
+    csv.writer(buffer, lineterminator="\n").writerows(
+        [header] + [["" if e[h] is None else e[h] for h in header] for e in table["entries"]])
+    return buffer.getvalue()
 
 
 def check_finite(table: dict) -> None:

@@ -8,6 +8,8 @@ curves.safetensors, figures/) and a head profile.
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -32,8 +34,9 @@ def save_sweep(out: Path, summary: dict, tensors: dict[str, Tensor], overwrite: 
         write_json(tmp / "perplexity.json", summary)
         save_file(tensors, str(tmp / "nll.safetensors"))
         header = list(rows[0])
-        (tmp / "table.csv").write_text("\n".join(",".join(str(r[h]) for h in header)
-                                                 for r in [dict(zip(header, header))] + rows) + "\n")
+        buffer = io.StringIO()  # csv quotes a merge point's commas (merge:target=similar,cap=2)
+        csv.writer(buffer, lineterminator="\n").writerows([header] + [[r[h] for h in header] for r in rows])
+        (tmp / "table.csv").write_text(buffer.getvalue())
         md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
         (tmp / "table.md").write_text("\n".join(md) + "\n")

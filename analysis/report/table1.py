@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.compress import compresses
-from analysis.report.perplexity import COLOURS
+from analysis.report.perplexity import colour
 
 
 def fig_table1(table: dict) -> go.Figure:
@@ -23,7 +23,7 @@ def fig_table1(table: dict) -> go.Figure:
             mine = sorted((e for e in entries if e["method"] == method), key=lambda e: e["budget"])
             offset = 0.3 * (i - (len(methods) - 1) / 2) / max(len(methods) - 1, 1)
             fig.add_trace(go.Scatter(x=[budgets.index(e["budget"]) + offset for e in mine], y=[e["ppl"] for e in mine],
-                                     name=method, mode="lines+markers", line_color=COLOURS[method], legendgroup=method,
+                                     name=method, mode="lines+markers", line_color=colour(method), legendgroup=method,
                                      showlegend=col == 1, customdata=[e["budget"] for e in mine],
                                      hovertemplate=f"{method}, m=%{{customdata}}: %{{y:.2f}}<extra>{corpus}</extra>",
                                      error_y=dict(type="data", array=[e["ppl_doc_std"] for e in mine], thickness=1,

@@ -37,7 +37,7 @@ from torch import Tensor
 from analysis.compress import Job, RowPolicies
 from analysis.errors import UserError
 from analysis.ops import uncompressed_prefix
-from analysis.perplexity.decode import decode_into, default_chunk
+from analysis.perplexity.decode import decode_into, default_chunk, vocab_size
 from analysis.perplexity.jobs import Batching
 from analysis.retrieval.tasks import Prompt
 from analysis.runtime.cache import CompressedCache, CompressedLayer, Rows
@@ -184,7 +184,7 @@ def run_batch(model, units: list[Unit], mode: str, protect_from: int | None = No
         budgets = [u.job.budget for u in units]
     rows = Rows(ids=torch.tensor([u.row_id for u in units]), budgets=budgets)
     stop = protect_from if protect_from is not None else L
-    chunk = default_chunk(b)
+    chunk = default_chunk(b, vocab_size(model))
     correct = torch.zeros((b, L + A - 1), dtype=torch.bool)
     with CompressedCache(model, policy, rows=rows, track_mixing=tracked) as cache:
         if mode == "decode":  # the perplexity evaluator's feed: chunks while nothing overflows, then token by token

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from analysis.errors import UserError
-from analysis.text.corpora import token_sequences
+from analysis.text.corpora import bos_id, token_sequences
 
 TASKS = ("passkey", "needle")
 
@@ -90,6 +90,12 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def bos(tokenizer) -> list[int]:
+    """[the BOS id] where the tokenizer starts every text with one (Gemma needs it first), else []."""
+    found = bos_id(tokenizer)
+    return [] if found is None else [found]
+
+
 def blank_tokens(tokenizer) -> set[int]:
     """Ids of a lone space (how byte-level tokenizers start " 43918"): not part of the fact itself."""
     return {t for t in encode(tokenizer, " 0") if not tokenizer.decode([t]).strip()}
@@ -154,7 +160,7 @@ def _assemble(task: str, length: int, depth: int, trial: int, head: list[int], c
 def passkey_prompt(tokenizer, length: int, depth: int, trial: int, seed: int = 0) -> Prompt:
     """The passkey template at ``length`` tokens with a random 5-digit key at ``depth`` % of the filler."""
     key = str(trial_rng(seed, "passkey", length, trial).randint(10000, 99999))
-    head, question = encode(tokenizer, PASSKEY_TASK), encode(tokenizer, PASSKEY_QUESTION)
+    head, question = bos(tokenizer) + encode(tokenizer, PASSKEY_TASK), encode(tokenizer, PASSKEY_QUESTION)
     needle = [encode(tokenizer, t) for t in (" The pass key is", f" {key}", ". Remember it.", f" {key}",
                                              " is the pass key.")]
     room = length - len(head) - sum(map(len, needle)) - len(question)
@@ -171,7 +177,7 @@ def needle_prompt(tokenizer, haystack: tuple[str, list[int]], length: int, depth
                   seed: int = 0) -> Prompt:
     """A fact drawn from ``NEEDLES`` in the haystack (doc id, ids) cut to fit ``length`` tokens."""
     fact = NEEDLES[trial_rng(seed, "needle", length, trial).randrange(len(NEEDLES))]
-    head = encode(tokenizer, NEEDLE_TASK)
+    head = bos(tokenizer) + encode(tokenizer, NEEDLE_TASK)
     needle = [encode(tokenizer, " " + fact.cloze), encode(tokenizer, " " + fact.answer), encode(tokenizer, ".")]
     question = encode(tokenizer, needle_question(fact))
     room = length - len(head) - sum(map(len, needle)) - len(question)
@@ -208,4 +214,6 @@ def haystacks(tokenizer, docs, length: int, trials: int) -> list[tuple[str, list
         longest = max(len(encode(tokenizer, d.text[: length * 8])) for d in docs)
         raise UserError(f"--lengths {length}: the haystack text is too short (its longest document has "
                         f"{longest} tokens)") from None
+    first = bos(tokenizer)  # token_sequences starts each with the BOS: the prompt's head has it, not the haystack
+    found = [(doc, ids[len(first):] if first and ids[: len(first)] == first else ids) for doc, ids in found]
     return [found[t % len(found)] for t in range(trials)]
