@@ -194,11 +194,12 @@ def run_batch(model, units: list[Unit], mode: str, protect_from: int | None = No
                 open_budget(cache, L + A - stop)
             first = _step(model, cache, ids[:, fed - 1 : L], fed - 1)
         else:  # one forward ranked once, as generate() does
-            if protect_from is not None:
+            fed = 0
+            if protect_from is not None:  # the context in one forward, then the question uncompressed
                 _step(model, cache, ids[:, :stop], 0)
                 open_budget(cache, L + A - stop)
-            first = _step(model, cache, ids[:, stop if protect_from is not None else 0 : L],
-                          stop if protect_from is not None else 0)
+                fed = stop
+            first = _step(model, cache, ids[:, fed:L], fed)
         fates = answer_fates(cache, tracked)
         if on_prompt is not None:
             on_prompt(cache, tracked)
