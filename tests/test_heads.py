@@ -256,7 +256,7 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
     other = json.loads(other.save(tmp_path / "other.json").read_text()) | {"profile": plan_file["profile"]}
     (tmp_path / "other.json").write_text(json.dumps(other))
     assert_refused(heads_command("evaluate", "--plan", str(tmp_path / "other.json"), "--corpus", "web", *common),
-                   "made for gemma3-270m", evaluation)
+                   "made for model 'gemma3-270m'", evaluation)
     assert_refused(heads_command("evaluate", "--plan", str(out / "plan.json"), "--baselines", "uniform,zig", *common),
                    "unknown baseline 'zig'", evaluation)
 
