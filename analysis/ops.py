@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -57,6 +58,44 @@ def attention_scores(queries: Tensor, keys: Tensor, scaling: float | None = None
     """
     product = queries @ keys.transpose(-1, -2)
     return product / math.sqrt(queries.shape[-1]) if scaling is None else product * scaling
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How a layer turns q·k into weights, as the model's attention call is told (``scaling``, ``softcap``,
+    ``sliding_window`` keyword arguments): what a recomputation from captured q/k/v must apply.
+
+    ``scaling`` None: 1/sqrt(D) (the study convention of ``attention_scores``); ``softcap`` c:
+    scores -> c tanh(scores / c) (Gemma 2), after scaling, before the mask; ``window`` W: query p sees
+    key k iff p - W < k <= p (transformers' sliding-window mask), None: full causal attention.
+    """
+
+    scaling: float | None = None
+    softcap: float | None = None
+    window: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "AttentionSpec":
+        d = d or {}
+        return cls(d.get("scaling"), d.get("softcap"), d.get("window"))
+
+    def to_dict(self) -> dict:
+        return {"scaling": self.scaling, "softcap": self.softcap, "window": self.window}
+
+
+def attention_logits(queries: Tensor, keys: Tensor, spec: AttentionSpec | None = None) -> Tensor:
+    """``attention_scores`` with the layer's own scaling and soft-cap (``spec``; None: 1/sqrt(D), no cap)."""
+    scores = attention_scores(queries, keys, spec.scaling if spec is not None else None)
+    if spec is not None and spec.softcap:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    return scores
+
+
+def visible(query_positions: Tensor, key_positions: Tensor, window: int | None = None) -> Tensor:
+    """(Q, L) bool: key position k is visible to query position p iff k <= p (and p - W < k with a window)."""
+    q, k = query_positions[:, None], key_positions[None, :]
+    allowed = k <= q
+    return allowed if window is None else allowed & (k > q - window)
 
 
 def masked_softmax(scores: Tensor, allowed: Tensor | None, dtype: torch.dtype | None = None) -> Tensor:
@@ -118,12 +157,17 @@ def uniform(*keys) -> Tensor:
     A counter-based hash: the draw for (seed, window, layer, head, step, slot) does not depend on
     which other rows share the batch, on the batch size or on the device, so randomised methods give
     each window the same result however it is batched. Every intermediate stays below 2**62.
+
+    Python-int keys are folded on the host until the first tensor key, and enter later as scalar
+    operands: no tensor is made on the host and nothing moves between devices (no sync per step).
     """
-    h = torch.zeros((), dtype=torch.long)
+    h = 0  # a Python int until the first tensor key, then a tensor on that key's device
     for key in keys:
-        key = torch.as_tensor(key, dtype=torch.long)
-        h = h.to(key.device)
+        if isinstance(key, Tensor) and key.dtype != torch.long:
+            key = key.long()
+        key = key & 0x7FFFFFFF
         for _ in range(2):
-            h = ((h ^ (key & 0x7FFFFFFF)) * 1540483477 + 0x2545F491) % 2147483647
+            h = ((h ^ key) * 1540483477 + 0x2545F491) % 2147483647
             h = h ^ (h >> 13)
+    h = h if isinstance(h, Tensor) else torch.tensor(h)  # only int keys: no device to be on
     return h.float() / 2147483647.0

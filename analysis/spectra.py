@@ -19,6 +19,10 @@ Normalisations (what each number and figure uses):
   sequence, averaged over sequences. Scale-free, in [1, d].
 - ``keys_lower_rank_than_values``: share of (layer, KV head) pairs whose key ``rank_90_mean`` is
   strictly below the value ``rank_90_mean`` of the same pair.
+
+Sliding-window layers (Gemma 2/3) are included like any other: spectra describe the keys and
+values the capture recorded (all T tokens, rotated with the layer's own RoPE base), not what a
+sliding cache holds at one time; nothing here compresses.
 """
 
 from __future__ import annotations

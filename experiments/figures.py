@@ -1,4 +1,6 @@
-"""Regenerate every figure of the toolkit on the embedded default, into one directory.
+"""Regenerate every figure of the toolkit on the embedded default (or on --model gemma3-270m, or any
+model --model takes), into one directory. The model is part of each figure's settings: a directory made
+with one model is remade, not kept, for another.
 
     python -m experiments.figures --out figures/            # full size (over an hour on 2 CPU cores:
                                                             # table1 took 32 min, fig4_stream 12 min)
@@ -15,8 +17,12 @@ Figures (names for --only; the list is analysis.report.figures.FIGURES):
   merge_vs_evict     teacher-forced output error per layer and KV head, merge minus evict, first budget
   heads              head profile on the first corpus (sensitivity, merge minus evict, key rank) and the
                      greedy per-head plan at the first budget per head on average
+  lowrank_bytes      low-rank keys vs token compression at equal cache bytes (1/2, 1/4, 1/8), Pareto front;
+                     basis calibrated on the first documents, perplexity on the next ones (first corpus)
   table1             Table I, perplexity of every method on each corpus at each budget, per-document spread
                      (table.md, table.csv, table.json and a figure)
+  retrieval          a passkey grid (depths 0/50/100, decode mode) at the smallest budget: full, weightedkv,
+                     weightedkv_evict, h2o, streaming_llm; heatmap, accuracy vs budget, fates (experiments.retrieval)
   merge_space        the merge space's named points (weightedkv, weightedkv_similar, keepkv_like, d2o_like,
                      mergingpress_like, asymkv_like, cam), each paired with its own eviction, as table1's sizes
                      (merges.json, space.html); the full space is python -m experiments.merges
@@ -24,10 +30,12 @@ Figures (names for --only; the list is analysis.report.figures.FIGURES):
 Sizes                full (default)                                    --quick
   fig1_spectra       10 sequences x 1024 tokens                        2 x 512
   fig2_perturbation  8 sequences, t0 = 100 + 800 steps                 2, 100 + 200
-  fig4_stream        4 documents x 8192 tokens (the model's positions) 2 x 768
+  fig4_stream        4 documents x 8192 tokens (or the model's fewer)  2 x 768
   merge_vs_evict     8 sequences x 1024 tokens                         2 x 256
   heads              4 documents x 1024 tokens                         1 x 256
+  lowrank_bytes      3 + 3 documents x 256 tokens, window 256          1 + 1 x 128
   table1             4 documents x 1024 tokens per corpus, window 1024 1 x 384, window 384 (one window each)
+  retrieval          5 trials x 3 depths x 1024 tokens                 1 x 3 x 256
   merge_space        as table1 (9 methods instead of 8)
 --sequences N replaces the number of sequences/documents of every figure.
 

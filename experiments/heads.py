@@ -11,7 +11,8 @@ rank; see analysis/heads.py) and figures; plan writes DIR/plan.json (the JSON Co
 evaluate writes DIR/evaluation.json with the plan and its baselines (uniform, per-layer, random, and
 the controls uniform-evict, budgets-merge, budgets-evict; analysis/head_plans.py) at the plan's
 total memory, per corpus, with per-document perplexity. Evaluation documents that come
-from the profiled documents are refused.
+from the profiled documents are refused, and so is a plan file with no ``profile`` block (nothing to
+check against) unless --no-profile-check, which evaluation.json records as ``profile_check: false``.
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ from tqdm.auto import tqdm
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.allocate import baseline, greedy_plan, parse_total
-from analysis.heads.evaluate import comparison, evaluate_plans, evaluation_options, evaluation_sequences
+from analysis.heads.evaluate import (
+    comparison,
+    evaluate_plans,
+    evaluation_options,
+    evaluation_sequences,
+    profiled_ids,
+)
 from analysis.heads.profile import check_methods, profile_sequences, summary_lines
 from analysis.io import atomic_dir, check_out_dir, write_json
+from analysis.models.loading import compressed_layers, model_id_of
 from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure
 from analysis.report.heads import fig_evaluation, fig_plan_heatmap
 from analysis.report.save import save_profile
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
     add_model_args,
     add_output_args,
@@ -92,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                         "budgets-evict (default: uniform,layer,random)")
     e.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
     e.add_argument("--batch-size", type=int, default=32, help="windows decoded together (default: 32)")
+    e.add_argument("--no-profile-check", action="store_true",
+                   help="evaluate a plan file that has no 'profile' block (its profiled documents are unknown, so "
+                        "overlap with the evaluation text is not checked; recorded as profile_check: false)")
     e.add_argument("--no-png", action="store_true", help="write figures as HTML only")
     add_output_args(e)
     return parser
@@ -111,7 +122,8 @@ def profile(args) -> None:
     docs = load_documents(**source)[args.skip:]
     loaded = load_model_from_args(args)
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
-    bar = tqdm(total=2 * loaded.summary()["num_layers"], unit="layer", desc="profile", disable=args.quiet)
+    layers = compressed_layers(loaded.model.config)  # sliding-window layers are not compressed, not profiled
+    bar = tqdm(total=2 * len(layers), unit="layer", desc="profile", disable=args.quiet)
     result = profile_sequences(loaded, sequences, source, methods, budgets, args.sinks, args.recent_window,
                                skip=args.skip, capture_progress=not args.quiet, progress=bar.update)
     bar.close()
@@ -157,8 +169,9 @@ def evaluate(args) -> None:
 
 
     plan_ = Plan.load(args.plan)
+    plan_.check_model(model_id_of(args.model))
     raw = json.loads(Path(args.plan).read_text())
-    profile_ids = (raw.get("profile") or {}).get("text_ids", [])
+    profile_ids, profile_check = profiled_ids(raw, args.plan, allow_missing=args.no_profile_check)
     names = evaluation_options(plan_, args.baselines, args.tokens, args.window)
     check_out_dir(args.out, args.overwrite)
     source = text_source(args)
@@ -170,7 +183,7 @@ def evaluate(args) -> None:
     texts = []
     for src in sources:  # every split is checked before any evaluation runs
         seqs = evaluation_sequences(loaded.tokenizer, src, args.tokens, args.documents, args.skip, profile_ids)
-        texts.append((src, make_windows(seqs, args.window)))
+        texts.append((src, make_windows(seqs, args.window, bos_id(loaded.tokenizer))))
     bar = tqdm(total=sum(len(w.docs) for _, w in texts) * len(plans), unit="run-window", desc="evaluate",
                disable=args.quiet)
     results = []
@@ -180,6 +193,7 @@ def evaluate(args) -> None:
     bar.close()
     summary = {"model": loaded.model_id, "plan_file": str(args.plan), "plan": plan_.name, "window": args.window,
                "tokens": args.tokens, "documents": args.documents, "skip": args.skip, "profile_text_ids": profile_ids,
+               "profile_check": profile_check,
                "results": results, "comparison": comparison(results)}
     with atomic_dir(args.out, args.overwrite) as tmp:
         write_json(tmp / "evaluation.json", summary)

@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
+from analysis.models.loading import model_id_of, resolve_dtype
 from analysis.perplexity.jobs import Batching
-from analysis.perplexity.settings import sweep_settings
+from analysis.perplexity.settings import bytes_budget, lowrank_options, sweep_settings, with_lowrank
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
     add_output_args,
     command_parser,
@@ -69,10 +70,34 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-(layer, KV head) budgets from a plan JSON file, instead of --budget")
     parser.add_argument("--total-budget", type=int, default=None, metavar="SLOTS",
                         help="refuse a --plan holding more slots than this in all")
+    low = parser.add_argument_group("low-rank keys and equal bytes (python -m experiments.lowrank calibrate)")
+    low.add_argument("--key-basis", default=None, metavar="DIR", help="a basis directory: keys held in low rank")
+    low.add_argument("--key-rank", type=int, default=None, metavar="R", help="key rank r in 1..head_dim")
+    low.add_argument("--key-energy", type=float, default=None, metavar="E",
+                     help="instead of --key-rank: per head, the smallest rank reaching energy E in (0, 1]")
+    low.add_argument("--value-rank", type=int, default=None, metavar="R", help="also hold values in rank R")
+    low.add_argument("--bytes", type=float, default=None, metavar="B",
+                     help="equal bytes: cache bytes per (layer, KV head) instead of --budget; m = B / (2 d dtype) "
+                          "slots, B / ((r + d) dtype) with rank-r keys")
     parser.add_argument("--device-map", default=None, help="'auto': spread the layers over the devices (accelerate)")
     parser.add_argument("--no-png", action="store_true", help="write figures as HTML only")
     add_output_args(parser)
     return parser
+
+
+def equal_bytes(args):
+    """The low-rank options as a ``LowRank`` (None without --key-basis); with --bytes and a basis, --budget
+    becomes the slots the bytes buy (without a basis that waits for the model's head dimension)."""
+    lowrank = lowrank_options(args.key_basis, args.key_rank, args.key_energy, args.value_rank)
+    if args.bytes is not None:
+        if args.plan:
+            raise UserError("--bytes replaces --budget; a --plan gives its own budgets")
+        if args.bytes <= 0:
+            raise UserError(f"--bytes must be positive, got {args.bytes:g}")
+        if lowrank is not None:
+            args.budget = str(bytes_budget(args.bytes, lowrank.basis.head_dim, resolve_dtype(args.dtype).itemsize,
+                                           lowrank, args.sinks))
+    return lowrank
 
 
 def _distributed(device: str) -> tuple[int, int]:
@@ -95,13 +120,16 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.stream:
 
-        return main_stream(args)
+        return main_stream(args, equal_bytes(args))
     args.tokens = 4096 if args.tokens is None else args.tokens
     args.documents = 1 if args.documents is None else args.documents
+    lowrank = equal_bytes(args)
     sweep = sweep_settings(args.methods, args.budget, args.tokens, args.window, sinks=args.sinks, recent=args.recent,
                            seed=args.seed, plan_file=args.plan, total_budget=args.total_budget,
                            batch_size=args.batch_size)
-    plan, jobs = sweep.plan, sweep.jobs
+    plan, jobs = sweep.plan, with_lowrank(sweep.jobs, lowrank)
+    if plan is not None:
+        plan.check_model(model_id_of(args.model))  # a plan of the other built-in model: before it loads
     rank, world = _distributed(args.device)
     out = check_out_dir(args.out, args.overwrite)
     partial = out.parent / f".{out.name}.partial"
@@ -110,12 +138,19 @@ def main(argv=None) -> None:
 
     docs = load_documents(**text_source(args))
     loaded = load_model_from_args(args, device_map=args.device_map)
+    if lowrank is not None:
+        lowrank.basis.check(loaded.model)
+    if args.bytes is not None and lowrank is None:  # the head dimension is known now
+        args.budget = str(bytes_budget(args.bytes, loaded.summary()["head_dim"], resolve_dtype(args.dtype).itemsize,
+                                       None, args.sinks))
+        jobs = sweep_settings(args.methods, args.budget, args.tokens, args.window, sinks=args.sinks,
+                              recent=args.recent, seed=args.seed, batch_size=args.batch_size).jobs
     if plan is not None:
         plan.check(loaded.model.config)
     if loaded.summary()["max_positions"] and args.window > loaded.summary()["max_positions"]:
         raise UserError(f"--window {args.window} exceeds the model's {loaded.summary()['max_positions']} positions")
     sequences = token_sequences(loaded.tokenizer, docs, args.tokens, args.documents)
-    windows = make_windows(sequences, args.window)
+    windows = make_windows(sequences, args.window, bos_id(loaded.tokenizer))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
     settings["plan"] = plan.to_json() if plan is not None else None
     # every rank checks a resumed run's settings; rank 0 records new ones, and the others wait for it

@@ -13,8 +13,16 @@ from tqdm.auto import tqdm
 from analysis.compress import PolicyOptions, make_jobs
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
+from analysis.models.loading import resolve_dtype
 from analysis.perplexity.jobs import Batching
-from analysis.perplexity.settings import STREAM_METHODS, check_batch_size, parse_methods, plan_and_budgets
+from analysis.perplexity.settings import (
+    STREAM_METHODS,
+    bytes_budget,
+    check_batch_size,
+    parse_methods,
+    plan_and_budgets,
+    with_lowrank,
+)
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.report.save import save_stream
 from analysis.text.corpora import load_documents, token_sequences
@@ -23,7 +31,8 @@ from experiments.common import load_model_from_args, text_source
 STREAM_DOCUMENTS = 4
 
 
-def main_stream(args) -> None:
+def main_stream(args, lowrank=None) -> None:
+    """``lowrank``: the --key-basis options (``experiments.perplexity.equal_bytes``), None for full keys."""
 
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -45,6 +54,11 @@ def main_stream(args) -> None:
 
     docs = load_documents(**text_source(args))
     loaded = load_model_from_args(args, device_map=args.device_map)
+    if lowrank is not None:
+        lowrank.basis.check(loaded.model)
+    if args.bytes is not None and lowrank is None:  # the head dimension is known now
+        budgets = [bytes_budget(args.bytes, loaded.summary()["head_dim"], resolve_dtype(args.dtype).itemsize,
+                                None, args.sinks)]
     if plan is not None:
         plan.check(loaded.model.config)
     max_positions = loaded.summary()["max_positions"]
@@ -53,7 +67,7 @@ def main_stream(args) -> None:
     tokens = args.tokens if args.tokens is not None else max_positions
     check_stream_length(tokens, max_positions)
 
-    jobs = make_jobs(methods, budgets, options, plan, window=tokens)  # and against the stream's length
+    jobs = with_lowrank(make_jobs(methods, budgets, options, plan, window=tokens), lowrank)  # and the stream's length
     sequences = token_sequences(loaded.tokenizer, docs, tokens, documents)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
     settings |= {"tokens": tokens, "documents": documents, "methods": methods,

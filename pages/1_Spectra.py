@@ -12,6 +12,7 @@ import streamlit as st
 
 from analysis.app.dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture
 from analysis.errors import UserError
+from analysis.report.lowrank import compare_table, fig_energy_lost, fig_ppl_vs_bytes, fig_rank_cost
 from analysis.report.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys
 from analysis.runtime.runs import load_run
 from analysis.spectra import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence
@@ -108,6 +109,34 @@ def main() -> None:
         if layer is None or head is None:
             st.caption(f"RoPE figure: pick a layer and a KV head; showing layer {rl}, head {rh}.")
         st.plotly_chart(fig_rope_keys(result, rl, rh), key="fig_rope_keys")
+    compression(result)
+
+
+def _results(name: str) -> list[Path]:
+    root = runs_root()
+    return sorted(p for p in root.iterdir() if (p / name).is_file()) if root.is_dir() else []
+
+
+def compression(result: SpectraResult) -> None:
+    """From spectra to compression: what rank r costs each head, and perplexity against cache bytes."""
+    st.header("From spectra to compression: low-rank keys")
+    rank = st.slider("rank r", 1, result.head_dim, min(8, result.head_dim), key="lowrank_rank")
+    if {"key_pre_rope", "value"} & set(result.kinds):
+        st.plotly_chart(fig_energy_lost(result, rank), key="fig_energy_lost")
+    costs = _results("cost.json")
+    if costs:
+        path = st.selectbox("rank-cost run", costs, format_func=lambda p: p.name, key="cost_run")
+        st.plotly_chart(fig_rank_cost(json.loads((path / "cost.json").read_text())), key="fig_rank_cost")
+    compares = _results("compare.json")
+    if not compares:
+        st.info("No comparison yet. Make one: `python -m experiments.lowrank calibrate --corpus books --documents 4 "
+                f"--out {runs_root()}/basis`, then `python -m experiments.lowrank compare --basis {runs_root()}/basis "
+                f"--corpus books --out {runs_root()}/lowrank` (and `cost` for the per-head view).")
+        return
+    path = st.selectbox("comparison run", compares, format_func=lambda p: p.name, key="compare_run")
+    compare = json.loads((path / "compare.json").read_text())
+    st.plotly_chart(fig_ppl_vs_bytes(compare), key="fig_ppl_vs_bytes")
+    st.dataframe(compare_table(compare), hide_index=True)
 
 
 try:

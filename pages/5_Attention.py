@@ -10,7 +10,7 @@ import streamlit as st
 from analysis.app import dashboard
 from analysis.compress import make_policy, method_names
 from analysis.errors import UserError
-from analysis.models.loading import EMBEDDED_NAME
+from analysis.models.loading import builtin_name
 from analysis.report.attention import fig_attention_map, fig_average_attention, fig_mixing, fig_replay_kept
 from analysis.runtime.replay import attention_window, average_attention, merge_preview
 from analysis.runtime.runs import list_runs, load_run
@@ -54,13 +54,21 @@ def main() -> None:
                "number. WeightedKV removes the candidate with the lowest ā (sinks and the recent window are "
                "protected), drops its key and merges its value into its right neighbour, weighted by ā.")
     capture = choose_run()
-    model = "default" if capture.meta.get("model") in (EMBEDDED_NAME, "default") else capture.meta["model"]
+    model = builtin_name(capture.meta.get("model", "default")) or capture.meta["model"]
     token_ids = capture.meta["token_ids"][0]
     tokens = token_texts(model, tuple(token_ids))
     kv_heads = capture.get(capture.layers[0], "value").shape[1]
 
+    sliding = capture.meta.get("sliding_layers") or []
+    layers = [l for l in capture.layers if l not in sliding]  # CompressedCache does not compress sliding layers
+    if sliding:
+        st.caption(f"Layers {', '.join(map(str, sliding))} use a sliding window: the compressed cache leaves them to "
+                   "the model's own sliding cache, so only the other layers can be shown here.")
+    if not layers:
+        st.info("Every captured layer of this run uses a sliding window: nothing here is compressed.")
+        return
     c1, c2, c3 = st.columns(3)
-    layer = c1.selectbox("layer", capture.layers, index=len(capture.layers) // 2, key="layer")
+    layer = c1.selectbox("layer", layers, index=len(layers) // 2, key="layer")
     head = c2.selectbox("KV head", list(range(kv_heads)), key="head")
     budget = c3.number_input("budget m (slots per KV head)", 8, 128, 32, step=8, key="budget",
                              help="Sets the protected split (4 sinks + m/2 - 4 recent) and the replay's cache size.")

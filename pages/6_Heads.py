@@ -18,7 +18,7 @@ from analysis.heads.evaluate import evaluate_plans, evaluation_options, evaluati
 from analysis.heads.profile import measures
 from analysis.perplexity.windows import make_windows
 from analysis.report.heads import fig_evaluation, fig_heatmap, fig_plan_heatmap, fig_scatter, table_rows
-from analysis.text.corpora import CORPORA
+from analysis.text.corpora import CORPORA, bos_id
 
 STARTS = ("greedy", "uniform", "layer", "random", "uniform-evict", "budgets-merge", "budgets-evict")
 
@@ -62,7 +62,7 @@ def evaluate(plan: Plan, profile: dict, corpus: str, tokens: int, window: int, d
     plan.check(loaded.model.config)
     baselines = evaluation_options(plan, baselines, tokens, window)  # the command's checks and messages
     seqs = evaluation_sequences(loaded.tokenizer, {"corpus": corpus}, tokens, documents, skip, profile["text_ids"])
-    windows = make_windows(seqs, window)
+    windows = make_windows(seqs, window, bos_id(loaded.tokenizer))
     plans = [baseline(name, plan, cap=window - 1) for name in baselines] + [plan]
     with dashboard.model_lock(), dashboard.progress("evaluating") as bar:  # the evaluator switches the attention
         progress = starter.counter(len(plans) * len(windows.docs), bar)

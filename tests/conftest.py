@@ -28,6 +28,13 @@ from transformers.models.gemma3 import Gemma3TextConfig
 
 from analysis.models.loading import load_model
 
+# Under pytest-xdist (./run.sh test runs 2 workers) the cores are shared out between the workers, and
+# the commands tests start in subprocesses inherit the same share, so no one oversubscribes the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 VOCAB = 101
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
 # Families whose attention normalises keys before RoPE (a ``k_norm`` module), each in its own layout:

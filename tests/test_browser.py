@@ -2,7 +2,7 @@
 
 Every page is opened on an empty runs folder (so it must show the starter set), checked for
 exception boxes and rendered plots, and screenshotted; the main forms are used with tiny sizes: a
-capture, a quick perplexity sweep, a generation, the Attention page's step slider.
+capture, a quick perplexity sweep, a generation, the Attention page's step slider, a 1-trial retrieval grid.
 
 Screenshots: runs/browser-screenshots/ (printed; runs/ is git-ignored). The starter set lives in the
 user cache (``$KVLENS_STARTER`` overrides), so only the first run on a machine computes it.
@@ -213,3 +213,14 @@ def test_every_page_first_open_and_main_forms(server, page):
 
     # Heads: the starter profile on first open: scatter, heatmap and the plan's budgets.
     open_page(page, f"{url}/Heads", "heads", 3, "Which heads to compress")
+
+    # Retrieval: the starter passkey grid on first open (heatmap, budget, fates); then a 1-trial grid.
+    open_page(page, f"{url}/Retrieval", "retrieval", 3, "Retrieval under a compressed cache")
+    form = page.locator('[data-testid="stSidebar"]')
+    form.get_by_label("lengths (tokens)", exact=True).fill("96")
+    form.get_by_label("depths (%)", exact=True).fill("50")
+    form.get_by_label("budgets", exact=True).fill("48")
+    form.get_by_label("run name", exact=True).fill("browser-retrieval")
+    submit(page, "Run grid", 3)
+    check(page, "retrieval-after-grid", 3)
+    assert (runs / "browser-retrieval" / "retrieval.json").is_file()

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from transformers import AttentionInterface, Gemma3ForCausalLM, Gemma3TextConfig
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-import analysis.runtime.kernel as attention
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.runtime.cache import CompressedCache, restore
@@ -108,14 +107,14 @@ def test_long_prompt_is_compressed_in_one_pass_and_memory_given_back(llama, rand
     assert state.capacity == BUDGET + 1 and int(state.n_valid().max()) == BUDGET
 
 
-# --- the per-step path: in place, static, no host synchronisation --------------------------------------
+# --- the per-step path: in place and static (no host synchronisation: tests/test_no_sync.py) -----------
 def decode(model, cache, ids, t):
     with torch.no_grad():
         model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((ids.shape[0], 1), t), use_cache=True)
 
 
 @pytest.mark.parametrize("method", ["weightedkv", "cam", "h2o", "tova", "random", "streaming_llm"])
-def test_decode_steps_are_in_place_static_and_never_sync(llama, random_ids, method, monkeypatch):
+def test_decode_steps_are_in_place_and_static(llama, random_ids, method):
     ids = random_ids(2, 40, seed=6)
     with CompressedCache(llama, method, BUDGET, sinks=SINKS) as cache:
         with torch.no_grad():
@@ -124,35 +123,8 @@ def test_decode_steps_are_in_place_static_and_never_sync(llama, random_ids, meth
         state = cache.layers[2].state
         pointers = (state.keys.data_ptr(), state.values.data_ptr(), state.positions.data_ptr())
         shapes = (state.keys.shape, state.acc.shape)
-
-        # record host reads made inside kvlens's attention call, which includes observe + compress
-
-
-        inside, calls = [False], []
-
-        def watched(*args, **kwargs):
-            inside[0] = True
-            try:
-                return attention.kvlens_attention(*args, **kwargs)
-            finally:
-                inside[0] = False
-
-        for name in ("item", "tolist", "__bool__", "nonzero"):
-            real = getattr(torch.Tensor, name)
-
-            def spy(self, *args, _real=real, _name=name, **kwargs):
-                if inside[0]:
-                    calls.append(_name)
-                return _real(self, *args, **kwargs)
-
-            monkeypatch.setattr(torch.Tensor, name, spy)
-        AttentionInterface.register(attention.NAME, watched)
-        try:
-            for t in range(21, 30):
-                decode(llama, cache, ids, t)
-        finally:
-            attention.register()
-        assert calls == [], f"{method}: {sorted(set(calls))} inside kvlens's attention/compression step"
+        for t in range(21, 30):
+            decode(llama, cache, ids, t)
         assert (state.keys.data_ptr(), state.values.data_ptr(), state.positions.data_ptr()) == pointers
         assert (state.keys.shape, state.acc.shape) == shapes
 

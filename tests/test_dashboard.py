@@ -12,11 +12,16 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis.app import dashboard, starter
+from analysis.compress import Job
 from analysis.models.loading import LoadedModel
 from analysis.perturbation.study import Settings, run_study
+from analysis.report.retrieval import save_retrieval
 from analysis.report.save import save_study
+from analysis.retrieval.run import Unit, run_units
+from analysis.retrieval.summary import by_fate, cells
 from analysis.runtime.capture import capture_sequences
 from analysis.runtime.runs import load_run, save_run
+from tests.test_retrieval import tiny_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -298,3 +303,35 @@ def test_starter_set_up_is_idempotent(tmp_path, monkeypatch):
         (folder / name).write_text("{}")
     monkeypatch.setattr(starter, "load_model", lambda *a, **k: pytest.fail("loaded a model"))  # the name it calls
     assert starter.main(["--quiet"]) == 0
+
+
+def write_retrieval_result(root: Path, tiny_model) -> Path:
+    """A retrieval result of the tiny llama (hand-made prompts), saved as the command saves one."""
+    units = [Unit(Job.of(m, 16), tiny_prompt(t, d)) for m in ("full", "weightedkv") for t in range(2) for d in (0, 50)]
+    records = run_units(tiny_model("llama"), units, "decode")
+    trials = [dict(r, task="passkey", mode="decode", said="x y") for r in records]
+    settings = {"task": "passkey", "mode": "decode", "lengths": [48], "depths": [0, 50], "budgets": [16],
+                "methods": ["full", "weightedkv"], "trials": 2, "seed": 0, "sinks": 4, "recent": None,
+                "protect_question": False}
+    examples = [{"length": 48, "depth": d, "trial": 0, "answer": "x", "before": "a <b>", "needle": "NEEDLE",
+                 "after": "c", "question": "q?"} for d in (0, 50)]
+    result = {"settings": settings, "model": "tiny-llama", "rows": cells(trials, "passkey", "decode"),
+              "by_fate": by_fate(trials), "trials": trials, "examples": examples}
+    return save_retrieval(root / "retrieval", result, png=False)
+
+
+def test_retrieval_page(runs, tiny_model):
+    write_retrieval_result(runs, tiny_model)
+    at = app("pages/7_Retrieval.py").run()
+    assert not at.exception and not at.error
+    assert at.selectbox(key="result").value == "retrieval"
+    assert [t.split(" — ")[0] for t in titles(at)] == ["Retrieval accuracy by length and depth",
+                                                        "Retrieval against budget",
+                                                        "Where the fact went, answered right vs wrong"]
+    pooled = at.dataframe[0].value
+    assert list(pooled["method"]) == ["full", "weightedkv"] and list(pooled["correct"].str[-2:]) == ["/4", "/4"]
+    answers = at.dataframe[2].value
+    assert list(answers["method"]) == ["full", "weightedkv"] and list(answers["answered"]) == ["x y", "x y"]
+    assert any("<mark><b>NEEDLE</b></mark>" in m.value and "a &lt;b&gt;" in m.value for m in at.markdown)
+    at.selectbox(key="example").set_value(1).run()
+    assert not at.exception and "depth 50%" in at.selectbox(key="example").format_func(1)

@@ -10,7 +10,6 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from analysis.app import starter
 from analysis.compress import Job
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
-from analysis.heads.allocate import baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
-from analysis.heads.evaluate import check_split, evaluate_plans
+from analysis.heads.allocate import BASELINES, baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
+from analysis.heads.evaluate import check_split, evaluate_plans, profiled_ids
 from analysis.heads.profile import (
     attention_stats,
     error_column,
@@ -31,6 +30,7 @@ from analysis.heads.profile import (
     profile_summary,
     summary_lines,
 )
+from analysis.models.loading import LoadedModel
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.runtime.capture import record
@@ -70,7 +70,23 @@ def test_plans_never_exceed_the_total_and_give_every_head_its_floor(total):
     assert plans[0].total_slots == total  # the greedy plan spends everything it may
     assert plans[0].merge is not None and len(plans[0].merge) == 6
     layer = plans[2].budgets
-    assert all(len(set(row)) == 1 for row in layer) and layer[0][0] >= layer[-1][0]  # pyramid: per layer only
+    assert all(max(row) - min(row) <= 1 for row in layer) and layer[0][0] >= layer[-1][0]  # pyramid, per layer
+    assert [p.total_slots for p in plans] == [total] * 4  # every one at exactly the requested memory
+
+
+@pytest.mark.parametrize("total", [731, 18 * 40 + 17, 18 * 40])
+def test_every_baseline_is_at_exactly_the_plans_memory(total):
+    """731 slots over 18 heads: uniform used to give 18 x 40 = 720. The remainder is spread one slot per head."""
+    plan = greedy_plan(fake_profile(), total)
+    assert plan.total_slots == total
+    for name in BASELINES:
+        other = baseline(name, plan, cap=255)
+        assert other.total_slots == total, name
+    uniform = baseline("uniform", plan).budgets
+    flat = [b for row in uniform for b in row]
+    assert set(flat) <= {total // 18, total // 18 + 1} and flat.count(total // 18 + 1) == total % 18
+    extras = [row.count(total // 18 + 1) for row in uniform] if total % 18 else [0]
+    assert max(extras) - min(extras) <= 1  # spread over the layers, not piled on the first ones
 
 
 def test_greedy_follows_the_error_curves():
@@ -162,6 +178,16 @@ def test_attention_statistics_by_hand():
         assert stats[key][0].item() == pytest.approx(total / 12, rel=1e-4), key
 
 
+def test_a_plan_without_a_profile_block_is_refused_unless_overridden():
+    assert profiled_ids({"profile": {"text_ids": ["books/a"]}}, "p.json") == (["books/a"], True)
+    for data in ({}, {"profile": None}, {"profile": {"dir": "x"}}, {"profile": {"text_ids": "books/a"}}):
+        with pytest.raises(UserError, match="p.json has no 'profile' block.*--no-profile-check"):
+            profiled_ids(data, "p.json")
+        assert profiled_ids(data, "p.json", allow_missing=True) == ([], False)
+    # a block is checked even with the override: the override only admits a plan that has none
+    assert profiled_ids({"profile": {"text_ids": ["books/a"]}}, "p.json", allow_missing=True) == (["books/a"], True)
+
+
 def test_overlapping_documents_are_refused():
     check_split(["books/a", "books/b#1"], ["books/c", "web/a"])
     with pytest.raises(UserError, match="overlaps the profiling text"):
@@ -176,7 +202,7 @@ def test_uniform_plan_reproduces_the_uniform_evaluation_exactly(tiny_model, rand
     model = tiny_model("llama")
     ids = random_ids(2, 40, seed=9)
     windows = make_windows([("d0", ids[0].tolist()), ("d1", ids[1].tolist())], 24)
-    loaded = SimpleNamespace(model=model, model_id="tiny", device=torch.device("cpu"))
+    loaded = LoadedModel(model=model, tokenizer=None, model_id="tiny", device=torch.device("cpu"), dtype=torch.float32)
     source = {"corpus": "tiny"}
     summary, _ = run_sweep(loaded, windows, [Job.of("weightedkv", 12)], source=source, tokens=40, documents=2)
     plain = summary["results"][0]
@@ -221,9 +247,16 @@ def test_commands_refuse_bad_input_without_writing(tmp_path):
     (tmp_path / "seen.json").write_text(json.dumps(plan_file))
     done = heads_command("evaluate", "--plan", str(tmp_path / "seen.json"), "--corpus", "books", *common)
     assert_refused(done, "evaluation text overlaps the profiling text", evaluation)
-    small = Plan([[16] * 3] * 3, name="short").save(tmp_path / "short.json")
+    small = Plan([[16] * 3] * 3, name="short").save(tmp_path / "short.json")  # no profile block
     assert_refused(heads_command("evaluate", "--plan", str(small), "--corpus", "web", *common),
+                   "has no 'profile' block", evaluation)
+    assert_refused(heads_command("evaluate", "--plan", str(small), "--corpus", "web", "--no-profile-check", *common),
                    "3 layers x 3 KV heads, but the model has 30 x 3", evaluation)
+    other = Plan([[16]] * 18, name="gemma-shaped", model="gemma3-270m")  # a plan made for the other model
+    other = json.loads(other.save(tmp_path / "other.json").read_text()) | {"profile": plan_file["profile"]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert_refused(heads_command("evaluate", "--plan", str(tmp_path / "other.json"), "--corpus", "web", *common),
+                   "made for gemma3-270m", evaluation)
     assert_refused(heads_command("evaluate", "--plan", str(out / "plan.json"), "--baselines", "uniform,zig", *common),
                    "unknown baseline 'zig'", evaluation)
 

@@ -193,7 +193,7 @@ def test_dashboard_page(tiny_run, monkeypatch):
     at = AppTest.from_file(str(ROOT / "pages" / "1_Spectra.py"), default_timeout=60).run()
     assert not at.exception and not at.error
     assert "dimensions for 90% energy" in at.success[0].value
-    assert len(at.get("plotly_chart")) == 3
+    assert len(at.get("plotly_chart")) == 4  # key vs value, rank heatmaps, RoPE, energy lost at rank r
     at.selectbox(key="layer").set_value(2).run()
     at.selectbox(key="head").set_value(1).run()
     at.selectbox(key="kind").set_value("query_post_rope").run()

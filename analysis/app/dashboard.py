@@ -92,11 +92,18 @@ def sweep_embedded(corpus: str, tokens: int, window: int, methods: list[str], bu
         return starter.sweep(cached_model(), corpus, tokens, window, methods, budgets, on_progress=bar)
 
 
+def retrieval_embedded(settings, docs=None) -> dict:
+    """A retrieval grid on the embedded model, with a progress bar, under the model lock."""
+    with model_lock(), progress("retrieval") as bar:  # the cache hooks the shared model and switches its attention
+        return starter.retrieval(cached_model(), settings, docs, on_progress=bar)
+
+
 FIRST_OPEN = {  # what the progress bar says while a page's first open computes its starter part
     "capture": "capturing 256 tokens of Austen",
     "sweep": "a small perplexity sweep on Austen",
     "fig2": "a Fig. 2 study on two sequences",
     "profile": "profiling the heads on 256 Austen tokens",
+    "retrieval": "a small passkey grid",
 }
 
 

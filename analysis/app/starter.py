@@ -2,10 +2,10 @@
 
 On the embedded model: a 256-token Austen capture with the attention maps of its last 64 queries
 (home, Spectra and Attention pages), a small perplexity sweep (Perplexity page), a Fig. 2
-perturbation study on one Austen and one Python-docs sequence (Perturbation page) and a head
-profile of 256 Austen tokens (Heads page). Each is computed once into ``$KVLENS_STARTER`` (default
-``~/.cache/kvlens/starter``), by set-up or by the first page that needs it, and read from disk
-afterwards.
+perturbation study on one Austen and one Python-docs sequence (Perturbation page), a head
+profile of 256 Austen tokens (Heads page) and a small passkey grid (Retrieval page). Each is
+computed once into ``$KVLENS_STARTER`` (default ``~/.cache/kvlens/starter``), by set-up or by the
+first page that needs it, and read from disk afterwards.
 
     python -m analysis.app.starter [--quiet]    # compute whatever is missing (./run.sh setup runs this)
 """
@@ -27,7 +27,9 @@ from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.perturbation.study import Settings, run_study
 from analysis.perturbation.texts import study_sequences, study_source
+from analysis.report.retrieval import save_retrieval
 from analysis.report.save import save_profile, save_study, save_sweep
+from analysis.retrieval.grid import build_prompts, grid_units, retrieval_settings, run_grid
 from analysis.runtime.capture_text import capture_documents
 from analysis.runtime.runs import save_run
 from analysis.text.corpora import austen_first, token_sequences
@@ -45,6 +47,11 @@ FIG2 = dict(sequences=2, t0=100, future=100)  # one sequence of t0 + future toke
 PROFILE = dict(corpus="books", tokens=256, budgets=[32, 64, 128])
 
 
+# 3 depths x 3 compressing methods x 1 trial at 256 tokens: about 40 s on 2 quiet cores
+RETRIEVAL = dict(task="passkey", mode="decode", lengths=[256], depths=[0, 50, 100], budget=[32],
+                 methods=["full", "weightedkv", "weightedkv_evict", "streaming_llm"], trials=1)
+
+
 LABEL = "starter: Austen, 256 tokens (embedded model)"
 
 
@@ -52,6 +59,9 @@ FIG2_LABEL = "starter: Fig. 2 on Austen + Python docs, t0 = 100, 100 steps (embe
 
 
 PROFILE_LABEL = "starter: heads of 256 Austen tokens (embedded model)"
+
+
+RETRIEVAL_LABEL = "starter: passkey at 256 tokens, budget 32 (embedded model)"
 
 
 def root() -> Path:
@@ -72,6 +82,10 @@ def fig2_dir() -> Path:
 
 def profile_dir() -> Path:
     return root() / "heads-{corpus}-{tokens}".format(**PROFILE)
+
+
+def retrieval_dir() -> Path:
+    return root() / "retrieval-{task}-{lengths[0]}-m{budget[0]}".format(**RETRIEVAL)
 
 
 def counter(total: int, on_progress=None):
@@ -155,12 +169,29 @@ def make_profile(loaded, on_progress=None) -> Path:
     return out
 
 
+def retrieval(loaded, settings, docs=None, on_progress=None) -> dict:
+    """A retrieval grid (``analysis.retrieval.grid``) with ``loaded``; ``on_progress(fraction)`` per batch."""
+    prompts = build_prompts(loaded.tokenizer, settings, docs)
+    progress = counter(len(grid_units(settings, prompts)), on_progress)
+    return run_grid(loaded, settings, prompts, Batching(progress=progress))
+
+
+def make_retrieval(loaded, on_progress=None) -> Path:
+    """The starter passkey grid, computed unless it is already on disk."""
+    out = retrieval_dir()
+    if not (out / "retrieval.json").is_file():
+        save_retrieval(out, retrieval(loaded, retrieval_settings(**RETRIEVAL), on_progress=on_progress),
+                       overwrite=True, png=False)
+    return out
+
+
 # (name, directory, the file that marks it done, maker); set-up and the pages go through this table
 PARTS = {
     "capture": ("starter capture", capture_dir, "meta.json", make_capture),
     "sweep": ("starter perplexity sweep", sweep_dir, "perplexity.json", make_sweep),
     "fig2": ("starter Fig. 2 study", fig2_dir, "perturbation.json", make_fig2),
     "profile": ("starter head profile", profile_dir, "profile.json", make_profile),
+    "retrieval": ("starter passkey grid", retrieval_dir, "retrieval.json", make_retrieval),
 }
 
 

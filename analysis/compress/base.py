@@ -61,16 +61,23 @@ class LayerState:
     merge_mask: Tensor | None = None  # (1 or B, H) bool: heads whose WeightedKV victim is merged
     recent: Tensor | None = None  # (1, H, 1) int64 per-head recent window; None: the policy's own
     mixing: Tensor | None = None  # (B, H, C, T) float32: original tokens each slot's value mixes
+    tracked: Tensor | None = None  # (B, T) int64: the positions ``mixing``'s columns follow; None: all, 0..T-1
     max_valid: int = 0  # host-side upper bound on valid slots in any (row, head)
     pending: int = 0  # tokens appended since the last compression
     depth: Tensor | None = None  # (B, H, C) float32: merged tokens a slot's value carries; kept if "depth" in stats
 
     @classmethod
     def empty(cls, like_keys: Tensor, like_values: Tensor, capacity: int = 0, stats=STATS, layer: int = 0,
-              row_ids: Tensor | None = None, track_mixing: int = 0) -> "LayerState":
-        """A state with ``capacity`` free slots shaped like ``like_keys`` / ``like_values`` (B, H, ·, D)."""
+              row_ids: Tensor | None = None, track_mixing: int | Tensor = 0) -> "LayerState":
+        """A state with ``capacity`` free slots shaped like ``like_keys`` / ``like_values`` (B, H, ·, D).
+
+        ``track_mixing``: an int T > 0 records every position's weight in each slot (T grows with the
+        tokens seen); a (B, T) tensor of positions records only those (memory independent of length).
+        """
         B, H, _, D = like_keys.shape
         device = like_keys.device
+        tracked = track_mixing.to(device=device, dtype=torch.long) if isinstance(track_mixing, Tensor) else None
+        columns = tracked.shape[-1] if tracked is not None else int(track_mixing)
         stat = torch.zeros((B, H, capacity), dtype=torch.float32, device=device)
         return cls(
             keys=like_keys.new_zeros((B, H, capacity, D)),
@@ -79,7 +86,8 @@ class LayerState:
             acc=stat, count=stat.clone(), last=stat.clone(), depth=stat.clone() if "depth" in stats else None,
             step=torch.zeros((), dtype=torch.long, device=device),
             stats=tuple(stats), layer=layer, row_ids=row_ids,
-            mixing=torch.zeros((B, H, capacity, track_mixing), device=device) if track_mixing else None,
+            mixing=torch.zeros((B, H, capacity, columns), device=device) if columns else None,
+            tracked=tracked if columns else None,
         )
 
     def clone(self) -> "LayerState":
@@ -185,6 +193,11 @@ class LayerState:
     def _track(self, slots: Tensor, positions: Tensor) -> None:
         """Each new slot's mixture is its own token: a one-hot row at its position."""
         B, H, q = slots.shape
+        if self.tracked is not None:  # only the followed positions: (B, q, T) matches, one column each
+            hit = (positions[:, :, None] == self.tracked[:, None, :]).float()
+            T = hit.shape[-1]
+            self.mixing.scatter_(2, slots[..., None].expand(B, H, q, T), hit[:, None].expand(B, H, q, T))
+            return
         need = self.seen + q
         if need > self.mixing.shape[-1]:
             self.mixing = torch.cat([self.mixing,
@@ -286,9 +299,22 @@ class Policy:
         return (pos >= self.sinks) & (pos < state.step - recent)
 
     def select(self, state: LayerState) -> Tensor:
-        """One victim per (B, H): the lowest-scoring candidate (ties: lowest slot). Returns (B, H) int64."""
-        victim = self._candidate_scores(state).argmin(dim=-1)  # (B, H) or (B, 1)
+        """One victim per (B, H): the lowest-scoring candidate, ties to the oldest position. Returns (B, H) int64.
+
+        Algorithm 1's argmin runs over positions, so among equal scores (float16 weights that underflow
+        to 0, say) the first position goes; slot order is not position order once slots are reused.
+        Static shapes, no host read: the minimum, then the oldest position holding it.
+        """
+        scores = self._candidate_scores(state)  # (B, H or 1, C)
+        positions = self._positions(state, scores)  # (B, H or 1, C), unique per (row, head) among held slots
+        tied = (scores == scores.min(dim=-1, keepdim=True).values) & (positions >= 0)
+        victim = torch.where(tied, positions, FAR).argmin(dim=-1)  # (B, H) or (B, 1)
         return victim.expand(state.keys.shape[0], state.keys.shape[1])
+
+    @staticmethod
+    def _positions(state: LayerState, scores: Tensor) -> Tensor:
+        """The positions the scores are over: head 0's for a per-layer decision (every head holds the same)."""
+        return state.positions if scores.shape[1] == state.positions.shape[1] else state.positions[:, :1]
 
     def _candidate_scores(self, state: LayerState) -> Tensor:
         """Scores (B, H, C), or (B, 1, C) if ``per_layer``, in float32, +inf on every slot that is no candidate."""
@@ -329,7 +355,12 @@ class Policy:
 
     def _compress_ranked(self, state: LayerState, over: Tensor, rounds: int) -> None:
         B, H = over.shape
-        order = self._candidate_scores(state).argsort(dim=-1, stable=True)[..., :rounds]  # (B, H or 1, rounds)
+        scores = self._candidate_scores(state)  # (B, H or 1, C)
+        # rank by score, ties by position: a stable sort by score of the slots already in position order
+        positions = self._positions(state, scores)
+        by_position = torch.where(positions >= 0, positions, FAR).argsort(dim=-1, stable=True)  # held, oldest first
+        ranked = scores.gather(-1, by_position).argsort(dim=-1, stable=True)  # (B, H or 1, C)
+        order = by_position.gather(-1, ranked)[..., :rounds]  # (B, H or 1, rounds)
         victims = order.expand(B, H, rounds)  # (B, H, rounds): victims in the order they go
         active = torch.arange(rounds, device=over.device) < over[..., None]  # (B, H, rounds)
         if self.merges:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from analysis.compress.base import Policy
+from analysis.compress.lowrank import LowRank
 from analysis.compress.plans import Plan
 from analysis.compress.registry import policy_class
 from analysis.errors import UserError
@@ -43,12 +44,14 @@ def make_policy(method: str, budget: int | None, sinks: int = 4, recent: int | N
 class Job:
     """One configured run: a policy at one budget, or under a per-(layer, KV head) ``plan``.
 
-    ``options`` are what the user asked for (``recent=None`` stays None), recorded with results.
+    ``options`` are what the user asked for (``recent=None`` stays None), recorded with results;
+    ``lowrank`` holds keys (and/or values) as low-rank coefficients (``analysis.compress.lowrank``).
     """
 
     policy: Policy
     plan: Plan | None = None
     options: PolicyOptions = field(default_factory=PolicyOptions)
+    lowrank: LowRank | None = None
 
     @classmethod
     def of(cls, method: str, budget: int | None = None, options: PolicyOptions | None = None,
@@ -76,9 +79,10 @@ class Job:
 
     @property
     def key(self) -> str:
+        channels = f"+{self.lowrank.tag}" if self.lowrank is not None else ""
         if self.plan is not None:
-            return f"{self.method}@{self.plan.name}"
-        return f"{self.method}@{self.budget or 'full'}"
+            return f"{self.method}@{self.plan.name}{channels}"
+        return f"{self.method}@{self.budget or 'full'}{channels}"
 
     def label_budget(self, window: int) -> int:
         """The budget a table shows: a plan's mean slots per head, the window for the reference."""

@@ -8,6 +8,10 @@
 ``recent: null`` gives every head the default split of its own budget (``budget // 2 - sinks``), so
 a uniform plan is exactly the uniform cache. Memory is counted in slots: ``total_slots`` is the sum
 of the budgets (what a ragged store would hold).
+
+On a model with sliding-window layers (Gemma 2/3), ``"sliding_layers"`` lists them: ``CompressedCache``
+leaves them to the model's own sliding cache, so their rows (the window, for information) are not
+budgets and are left out of ``total_slots``, ``max_budget`` and ``min_budget``.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from analysis.errors import UserError
+from analysis.models.loading import builtin_name
+from analysis.models.loading import sliding_layers as model_sliding_layers
 
 
 @dataclass
@@ -29,6 +35,7 @@ class Plan:
     merge: list[list[bool]] | None = None
     name: str = "plan"
     model: str | None = None
+    sliding_layers: list[int] = field(default_factory=list)  # not compressed: their rows are no budgets
 
     def __post_init__(self) -> None:
         shape = {len(row) for row in self.budgets}
@@ -54,16 +61,21 @@ class Plan:
         return len(self.budgets[0])
 
     @property
+    def compressed_budgets(self) -> list[list[int]]:
+        """The rows of the layers ``CompressedCache`` compresses (all but ``sliding_layers``)."""
+        return [row for i, row in enumerate(self.budgets) if i not in self.sliding_layers]
+
+    @property
     def total_slots(self) -> int:
-        return sum(map(sum, self.budgets))
+        return sum(map(sum, self.compressed_budgets))
 
     @property
     def max_budget(self) -> int:
-        return max(map(max, self.budgets))
+        return max(map(max, self.compressed_budgets))
 
     @property
     def min_budget(self) -> int:
-        return min(map(min, self.budgets))
+        return min(map(min, self.compressed_budgets))
 
     def head_recent(self, budget: int) -> int:
         return self.recent if self.recent is not None else max(budget // 2 - self.sinks, 0)
@@ -84,8 +96,21 @@ class Plan:
         layers = config.num_hidden_layers
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         if (self.num_layers, self.num_kv_heads) != (layers, heads):
-            raise UserError(f"plan {self.name!r} is {self.num_layers} layers x {self.num_kv_heads} KV heads, "
+            made = f" (made for {self.model})" if self.model else ""
+            raise UserError(f"plan {self.name!r}{made} is {self.num_layers} layers x {self.num_kv_heads} KV heads, "
                             f"but the model has {layers} x {heads}: it was made for another model")
+        sliding = sorted(model_sliding_layers(config))
+        if sorted(self.sliding_layers) != sliding:
+            raise UserError(f"plan {self.name!r} has sliding-window layers {sorted(self.sliding_layers)}, the model "
+                            f"{sliding}: it was made for another model")
+
+    def check_model(self, model_id: str) -> None:
+        """One-line error when the plan records another built-in model than ``model_id`` (checked before the
+        model loads; any other model is checked by shape in ``check``)."""
+        ours, theirs = builtin_name(model_id), builtin_name(self.model or "")
+        if ours and theirs and ours != theirs:
+            raise UserError(f"plan {self.name!r} was made for model {self.model!r}, not {model_id!r}: "
+                            "make a plan for this model (heads profile, then heads plan)")
 
     def check_policy(self, policy) -> None:
         if policy.per_layer and any(len(set(row)) > 1 for row in self.budgets):
@@ -123,12 +148,15 @@ class Plan:
             raise UserError(f"plan file {where} is not valid JSON ({err})") from None
         if not isinstance(data, dict) or "budgets" not in data:
             raise UserError(f"plan file {where} has no 'budgets' (a list of per-head budgets per layer)")
-        known = {"budgets", "sinks", "recent", "merge", "name", "model"}
+        known = {"budgets", "sinks", "recent", "merge", "name", "model", "sliding_layers"}
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self) -> dict:
-        return asdict(self) | {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
-                               "total_slots": self.total_slots}
+        data = asdict(self)
+        if not self.sliding_layers:  # files of models without sliding layers stay as they were
+            del data["sliding_layers"]
+        return data | {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                       "total_slots": self.total_slots}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (a temp file renamed into place)."""

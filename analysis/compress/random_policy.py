@@ -13,9 +13,13 @@ from analysis.ops import uniform
 
 
 def row_ids(state: LayerState) -> Tensor:
-    """(B, 1, 1) window ids that seed each row's draws (the row index when none were given)."""
-    ids = state.row_ids if state.row_ids is not None else torch.arange(state.keys.shape[0])
-    return ids.to(state.positions.device)[:, None, None]
+    """(B, 1, 1) window ids that seed each row's draws (the row index when none were given).
+
+    The cache puts ``row_ids`` on the state's device once; nothing is copied here per step.
+    """
+    if state.row_ids is None:
+        return torch.arange(state.keys.shape[0], device=state.positions.device)[:, None, None]
+    return state.row_ids[:, None, None]
 
 
 @dataclass

@@ -15,7 +15,13 @@ budget it got, and evicts otherwise.
 Baselines at the same total: ``uniform_plan`` (every head the same), ``layer_plan`` (pyramid-like,
 linear from 1.5x the mean at layer 0 to 0.5x at the last layer, equal across a layer's heads) and
 ``random_plan`` (random positive weights per head, seeded). Every plan's total is at most the
-request and every head gets at least the floor.
+request (exactly the request unless caps get in the way: a remainder is spread one slot per head, so
+an integer ``--total-budget`` that does not divide still gives every baseline the plan's total)
+and every head gets at least the floor.
+
+On a model with sliding-window layers (Gemma 2/3) the profile covers the other layers only (those
+``CompressedCache`` compresses); every plan shares the total among those layers' heads, and the
+sliding layers' rows hold the window, outside the total (``Plan.sliding_layers``).
 
 Controls that separate the plan's two choices: ``uniform-evict`` (uniform budgets, every head evicts:
 the uniform baseline with the other method), and ``budgets-merge`` / ``budgets-evict`` (the plan's own
@@ -79,9 +85,33 @@ def head_curves(profile: dict) -> tuple[list[list[list[tuple[int, float]]]], dic
 
 def _shape(profile: dict, num_layers: int | None) -> tuple[int, int]:
     L = num_layers or profile.get("num_layers") or len(profile["layers"])
-    if len(profile["layers"]) != L:
-        raise UserError(f"the profile covers {len(profile['layers'])} of {L} layers: a plan needs every layer profiled")
-    return L, profile["num_kv_heads"]
+    sliding = profile.get("sliding_layers") or []
+    if len(profile["layers"]) + len(sliding) != L:
+        raise UserError(f"the profile covers {len(profile['layers'])} of {L} layers: a plan needs every layer profiled"
+                        + (f" but the {len(sliding)} sliding-window ones" if sliding else ""))
+    return len(profile["layers"]), profile["num_kv_heads"]
+
+
+def with_sliding(plan: Plan, sliding: list[int], window: int | None) -> Plan:
+    """``plan`` over the compressed layers only, with the sliding layers' rows (the window) put back in place."""
+    if not sliding:
+        return plan
+    rows, merges = iter(plan.budgets), iter(plan.merge or [])
+    H = plan.num_kv_heads
+    L = plan.num_layers + len(sliding)
+    held = window or plan.max_budget  # what the model's own sliding cache holds; not a budget
+    budgets = [[held] * H if i in sliding else next(rows) for i in range(L)]
+    merge = None if plan.merge is None else [[False] * H if i in sliding else next(merges) for i in range(L)]
+    return Plan(budgets, plan.sinks, plan.recent, merge=merge, name=plan.name, model=plan.model,
+                sliding_layers=sorted(sliding))
+
+
+def _compressed_only(plan: Plan) -> Plan:
+    """The rows of ``plan``'s compressed layers, as a plan of its own."""
+    keep = [i for i in range(plan.num_layers) if i not in plan.sliding_layers]
+    merge = None if plan.merge is None else [plan.merge[i] for i in keep]
+    return Plan([plan.budgets[i] for i in keep], plan.sinks, plan.recent, merge=merge, name=plan.name,
+                model=plan.model)
 
 
 def greedy_plan(profile: dict, total: int, sinks: int = 4, recent: int | None = None, max_budget: int | None = None,
@@ -109,11 +139,26 @@ def greedy_plan(profile: dict, total: int, sinks: int = 4, recent: int | None = 
             heapq.heappush(heap, (-(_predict(pts[l][h], b) - _predict(pts[l][h], b + 1)), l, h))
     merge = [[_predict(_points(grids[MERGE], profile, l, h), budgets[l][h])
               <= _predict(_points(grids[EVICT], profile, l, h), budgets[l][h]) for h in range(H)] for l in range(L)]
-    return Plan(budgets, sinks, recent, merge=merge, name=name, model=model)
+    return with_sliding(Plan(budgets, sinks, recent, merge=merge, name=name, model=model),
+                        profile.get("sliding_layers") or [], profile.get("sliding_window"))
 
 
 def _points(grid: dict, profile: dict, l: int, h: int) -> list[tuple[int, float]]:
     return [(b, grid[b][l][h]) for b in profile["budgets"]] + [(profile["tokens"], 0.0)]
+
+
+def _spread(flat: list[int], extra: int, cap: int) -> list[int]:
+    """Add ``extra`` slots one per head, to heads spread evenly over the flat (layer, head) order, below ``cap``."""
+    out = list(flat)
+    while extra > 0:
+        room = [i for i, b in enumerate(out) if b < cap]
+        if not room:
+            break
+        take = min(extra, len(room))
+        for k in range(take):  # evenly spaced among the heads with room: layer 0's first head first
+            out[room[k * len(room) // take]] += 1
+        extra -= take
+    return out
 
 
 def _fit(weights: list[float], total: int, floor: int, cap: int) -> list[int]:
@@ -132,24 +177,38 @@ def _fit(weights: list[float], total: int, floor: int, cap: int) -> list[int]:
         if out[i] < cap:
             out[i] += 1
             left -= 1
-    return out
+    return _spread(out, left, cap)  # what caps still held back: evenly over the heads with room
+
+
+def _rows(flat: list[int], num_kv_heads: int) -> list[list[int]]:
+    return [flat[i:i + num_kv_heads] for i in range(0, len(flat), num_kv_heads)]
 
 
 def uniform_plan(num_layers: int, num_kv_heads: int, total: int, sinks: int = 4, recent: int | None = None,
                  model: str | None = None) -> Plan:
-    check_total(total, num_layers * num_kv_heads, floor_of(sinks, recent))
-    return Plan.uniform(num_layers, num_kv_heads, total // (num_layers * num_kv_heads), sinks, recent,
-                        name="uniform", model=model)
+    """Every head ``total // heads`` slots, and the remainder one each to heads spread evenly: exactly ``total``."""
+    n = num_layers * num_kv_heads
+    check_total(total, n, floor_of(sinks, recent))
+    if total % n == 0:
+        return Plan.uniform(num_layers, num_kv_heads, total // n, sinks, recent, name="uniform", model=model)
+    flat = _spread([total // n] * n, total % n, total)
+    return Plan(_rows(flat, num_kv_heads), sinks, recent, name="uniform", model=model)
 
 
 def layer_plan(num_layers: int, num_kv_heads: int, total: int, sinks: int = 4, recent: int | None = None,
                cap: int | None = None, model: str | None = None) -> Plan:
-    """Pyramid-like: layer l's heads all get ~ mean x (1.5 - l / (L - 1)); early layers more."""
+    """Pyramid-like: layer l's heads all get ~ mean x (1.5 - l / (L - 1)); early layers more.
+
+    A layer's heads are equal but for the remainder of ``total`` over the heads, spread one slot each.
+    """
     floor = floor_of(sinks, recent)
     check_total(total, num_layers * num_kv_heads, floor)
+    cap = cap or total
     weights = [1.5 - (l / (num_layers - 1) if num_layers > 1 else 0.5) for l in range(num_layers)]
-    per_layer = _fit(weights, total // num_kv_heads, floor, cap or total)
-    return Plan([[b] * num_kv_heads for b in per_layer], sinks, recent, name="layer", model=model)
+    per_layer = _fit(weights, total // num_kv_heads, floor, cap)
+    flat = [b for b in per_layer for _ in range(num_kv_heads)]
+    flat = _spread(flat, total - sum(flat), cap)
+    return Plan(_rows(flat, num_kv_heads), sinks, recent, name="layer", model=model)
 
 
 def random_plan(num_layers: int, num_kv_heads: int, total: int, sinks: int = 4, recent: int | None = None,
@@ -158,12 +217,14 @@ def random_plan(num_layers: int, num_kv_heads: int, total: int, sinks: int = 4, 
     rng = random.Random(seed)
     n = num_layers * num_kv_heads
     flat = _fit([rng.uniform(0.5, 1.5) for _ in range(n)], total, floor_of(sinks, recent), cap or total)
-    budgets = [flat[l * num_kv_heads:(l + 1) * num_kv_heads] for l in range(num_layers)]
-    return Plan(budgets, sinks, recent, name="random", model=model)
+    return Plan(_rows(flat, num_kv_heads), sinks, recent, name="random", model=model)
 
 
 def baseline(name: str, like: Plan, total: int | None = None, cap: int | None = None, seed: int = 0) -> Plan:
     """The baseline ``name`` shaped like ``like`` at its total memory (or ``total``)."""
+    if like.sliding_layers:  # shared among the compressed layers only; the sliding rows as in ``like``
+        window = like.budgets[like.sliding_layers[0]][0]
+        return with_sliding(baseline(name, _compressed_only(like), total, cap, seed), like.sliding_layers, window)
     total = like.total_slots if total is None else total
     args = (like.num_layers, like.num_kv_heads, total, like.sinks, like.recent)
     if name == "uniform":

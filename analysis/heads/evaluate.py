@@ -46,6 +46,23 @@ def check_split(profile_ids, evaluation_ids) -> None:
                         "pick other documents (--skip N) or another corpus")
 
 
+def profiled_ids(plan_data: dict, where: str, allow_missing: bool = False) -> tuple[list[str], bool]:
+    """The profiled text ids a plan file records, and whether the overlap check can run.
+
+    A plan without a ``profile`` block (or one with no ``text_ids`` list) cannot be checked against
+    its evaluation text: refused unless ``allow_missing`` (``--no-profile-check``), then (``[]``, False).
+    """
+    block = plan_data.get("profile")
+    ids = block.get("text_ids") if isinstance(block, dict) else None
+    if isinstance(ids, list) and all(isinstance(t, str) for t in ids):
+        return ids, True
+    if not allow_missing:
+        raise UserError(f"plan file {where} has no 'profile' block with the profiled text_ids, so the evaluation "
+                        "text cannot be checked against it: use a plan from `experiments.heads plan`, or pass "
+                        "--no-profile-check")
+    return [], False
+
+
 def evaluation_sequences(tokenizer, source: dict, tokens: int, documents: int, skip: int = 0,
                          profile_ids=()) -> list[tuple[str, list[int]]]:
     """``documents`` sequences of ``tokens`` from ``source`` after skipping its first ``skip`` documents."""
@@ -62,15 +79,23 @@ def evaluation_sequences(tokenizer, source: dict, tokens: int, documents: int, s
 
 def evaluate_plans(loaded, windows, plans: list, source: dict, tokens: int, documents: int,
                    batch_size: int = 32, progress=None, seed: int = 0) -> list[dict]:
-    """One evaluation.json row per plan: plan name, total slots, corpus, ppl and per-document ppl."""
+    """One evaluation.json row per plan: plan name, total slots, corpus, ppl and per-document ppl.
 
-    rows = []
+    The plans run side by side, a (plan, window) per batch row (``analysis.perplexity.jobs``): one
+    decode serves them all, each row under its own per-head budgets and merge flags.
+    """
+    names = [plan.name for plan in plans]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"plans to compare need distinct names: {', '.join(map(repr, twice))} given twice "
+                        "(name the plan otherwise, e.g. `experiments.heads plan --name`)")
     for plan in plans:
         plan.check(loaded.model.config)
-        jobs = [Job.of(METHOD, options=PolicyOptions(seed=seed), plan=plan)]
-        summary, _ = run_sweep(loaded, windows, jobs, source=source, tokens=tokens, documents=documents,
-                               batching=Batching(batch_size=batch_size, progress=progress))
-        r = summary["results"][0]
+    jobs = [Job.of(METHOD, options=PolicyOptions(seed=seed), plan=plan) for plan in plans]
+    summary, _ = run_sweep(loaded, windows, jobs, source=source, tokens=tokens, documents=documents,
+                           batching=Batching(batch_size=batch_size, progress=progress))
+    rows = []
+    for plan, r in zip(plans, summary["results"]):
         rows.append({"plan": plan.name, "total_slots": plan.total_slots, "corpus": source.get("corpus", "text"),
                      "source": source, "ppl": r["ppl"], "per_document_ppl": r["per_document_ppl"],
                      "tokens": r["tokens"], "seconds": r["seconds"], "mean_budget": r["budget"]})

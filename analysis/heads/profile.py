@@ -22,7 +22,10 @@ values), one row per (layer, KV head):
   loses much attention fidelity whatever its budget; ``rank`` 1 is the most sensitive head.
 
 Attention statistics are computed layer by layer and sequence by sequence, never T x T for all
-layers at once.
+layers at once. Every recomputation uses the layer's own attention (``Capture.attention``: Gemma's
+``query_pre_attn_scalar``, soft-capping, windows). Sliding-window layers (Gemma 2/3) are not
+profiled: ``CompressedCache`` leaves them to the model's own sliding cache, so no budget applies
+there; the profile lists them as ``sliding_layers``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from torch import Tensor
 
 from analysis.compress import MERGE_VS_EVICT, PolicyOptions, compresses, make_jobs, method_names
 from analysis.errors import UserError
-from analysis.ops import attention_scores, masked_softmax, query_groups
+from analysis.models.loading import compressed_layers
+from analysis.ops import AttentionSpec, attention_logits, masked_softmax, query_groups
 from analysis.perturbation.teacher_forced import teacher_forced_capture
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra import compute_spectra
@@ -94,8 +98,9 @@ def head_errors(capture, methods, budgets, sinks: int = 4, layers=None, progress
 
 @torch.inference_mode()
 def attention_stats(queries: Tensor, keys: Tensor, sinks: int = 4, recent_window: int = 60,
-                    from_query: int | None = None) -> dict[str, Tensor]:
-    """Per KV head (H,) statistics of causal attention. queries (B, Hq, T, D), keys (B, H, T, D) post-RoPE."""
+                    from_query: int | None = None, spec: AttentionSpec | None = None) -> dict[str, Tensor]:
+    """Per KV head (H,) statistics of causal attention. queries (B, Hq, T, D), keys (B, H, T, D) post-RoPE;
+    ``spec``: the layer's scaling, soft-cap and window, as the model attends (None: 1/sqrt(D), full causal)."""
     B, Hq, T, D = queries.shape
     H = keys.shape[1]
     start = sinks + recent_window if from_query is None else from_query
@@ -109,8 +114,9 @@ def attention_stats(queries: Tensor, keys: Tensor, sinks: int = 4, recent_window
     totals = {k: torch.zeros(H, dtype=torch.float64) for k in ATTENTION_COLUMNS}
     for b in range(B):  # one sequence at a time: (Hq, Q, T) floats
         q = query_groups(queries[b, :, start:].float(), H, dim=0)  # (H, G, Q, D): group of KV head h
-        scores = attention_scores(q, keys[b].float()[:, None])  # (H, G, Q, T)
-        p = masked_softmax(scores, dist >= 0)  # (H, G, Q, T): no weight on the future
+        scores = attention_logits(q, keys[b].float()[:, None], spec)  # (H, G, Q, T)
+        seen = (dist >= 0) if spec is None or spec.window is None else (dist >= 0) & (dist < spec.window)
+        p = masked_softmax(scores, seen)  # (H, G, Q, T): no weight on the future (nor outside a window)
         logp = torch.where(p > 0, p.log(), torch.zeros_like(p))
         per = {"entropy": -(p * logp).sum(-1), "sink_share": (p * sink).sum(-1),
                "recent_share": (p * recent).sum(-1), "distance": (p * dist.clamp_min(0)).sum(-1)}
@@ -143,14 +149,20 @@ def profile_capture(capture, methods=DEFAULT_METHODS, budgets=DEFAULT_BUDGETS, s
         if m not in methods:
             raise UserError(f"a head profile needs method {m!r} (merge-minus-evict compares {MERGE} and {EVICT})")
     budgets = sorted({int(b) for b in budgets})
-    layers = capture.layers if layers is None else list(layers)
+    sliding = [int(l) for l in capture.meta.get("sliding_layers", [])]
+    if layers is None:
+        layers = [l for l in capture.layers if l not in sliding]
+    elif any(l in sliding for l in layers):
+        raise UserError(f"layer(s) {[l for l in layers if l in sliding]} use a sliding window, which CompressedCache "
+                        "does not compress: a head profile covers the other layers")
+    layers = list(layers)
     errors = head_errors(capture, methods, budgets, sinks, layers, progress)
     spectra = compute_spectra(capture, kinds=tuple(SPECTRA_COLUMNS), layers=layers)
     ranks = {kind: spectra.matrix(kind, "rank_90_mean") for kind in SPECTRA_COLUMNS}  # rows follow layers
     stats = []
     for layer in layers:
         stats.append(attention_stats(capture.get(layer, "query_post_rope"), capture.get(layer, "key_post_rope"),
-                                     sinks, recent_window))
+                                     sinks, recent_window, spec=capture.attention(layer)))
         if progress is not None:
             progress(1)
     best = {b: torch.minimum(errors[MERGE, b], errors[EVICT, b]) for b in budgets}  # (L, H)
@@ -171,7 +183,9 @@ def profile_capture(capture, methods=DEFAULT_METHODS, budgets=DEFAULT_BUDGETS, s
     T = capture.get(layers[0], "key_post_rope").shape[2]
     return {"model": capture.meta.get("model"),
             "num_layers": capture.meta.get("config", {}).get("num_layers", len(layers)),
-            "layers": [int(l) for l in layers], "num_kv_heads": H, "tokens": T,
+            "layers": [int(l) for l in layers], "sliding_layers": sliding,
+            "sliding_window": next((capture.attention(l).window for l in sliding if l in capture.layers), None),
+            "num_kv_heads": H, "tokens": T,
             "sequences": capture.get(layers[0], "key_post_rope").shape[0],
             "text_ids": list(capture.meta.get("text_ids", [])),
             "methods": methods, "budgets": budgets, "sinks": sinks, "recent_window": recent_window,
@@ -207,8 +221,11 @@ def profile_sequences(loaded, sequences, source: dict, methods=DEFAULT_METHODS, 
     """Capture ``sequences`` with ``loaded`` and profile them: what the command, the figure and the starter
     write as profile.json (``profile_capture`` plus the model, the text source and ``summary``)."""
 
-    capture = capture_sequences(loaded, sequences, progress=capture_progress)
+    config = loaded.model.config
+    capture = capture_sequences(loaded, sequences, layers=compressed_layers(config), progress=capture_progress)
     result = profile_capture(capture, methods, budgets, sinks, recent_window, progress=progress)
+    if result["sliding_layers"]:  # not captured: the window from the config
+        result["sliding_window"] = getattr(config.get_text_config(), "sliding_window", None)
     return result | {"model": loaded.model_id, "source": source, "skip": skip, "summary": profile_summary(result)}
 
 

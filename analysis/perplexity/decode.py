@@ -11,6 +11,10 @@ Protocol (the paper leaves details open; these are our choices, stated once here
 - randomised methods draw per window (seeded by the seed and the window's index), so a window's
   result does not depend on the batch it runs in.
 
+Sliding-window layers (Gemma 2/3) keep the model's own sliding cache: the budget applies to the
+full-attention layers only (``analysis.runtime.cache``). Logits are T x vocabulary floats: prefill
+chunks are sized by the vocabulary (``default_chunk``), Gemma's 262k one included.
+
 Speed: while a window's cache is below the budget no method has anything to do, so those tokens go
 through the model in chunks (identical attention and statistics, fewer forwards); after that, one
 token per forward. Windows are batch rows, and so are a sweep's (method, budget) jobs when there are
@@ -32,8 +36,16 @@ def _nll(logits: Tensor, targets: Tensor) -> Tensor:
     return -logp.gather(-1, targets[..., None])[..., 0]
 
 
-def default_chunk(rows: int) -> int:
-    return max(8, 4096 // rows)  # bounds the (rows, chunk, vocab) logits of a prefill chunk
+LOGIT_FLOATS = 4096 * 49152  # float32 logits a prefill chunk may hold (~800 MB): 4,096 token-rows of a 49k vocabulary
+
+
+def default_chunk(rows: int, vocab: int | None = None) -> int:
+    """Tokens per prefill chunk: bounds the (rows, chunk, vocab) logits (Gemma's 262k vocabulary: 5x fewer)."""
+    return max(8, LOGIT_FLOATS // (rows * (vocab or 49152)))
+
+
+def vocab_size(model) -> int | None:
+    return getattr(model.config.get_text_config(), "vocab_size", None)
 
 
 @torch.inference_mode()
@@ -43,40 +55,57 @@ def window_nll(model, ids: Tensor, job: Job, chunk: int | None = None, window_id
     Token t's prediction sees tokens <= t through a cache compressed to the job's budget slots per
     layer (or to its plan's per-head budgets). ``window_ids`` (b,) seed randomised methods per window.
     """
-    return decode_rows(model, ids, job.policy, job.uncompressed(ids.shape[1]), chunk, window_ids, plan=job.plan)
+    return decode_rows(model, ids, job.policy, job.uncompressed(ids.shape[1]), chunk, window_ids, plan=job.plan,
+                       lowrank=job.lowrank)
 
 
 def decode_rows(model, ids: Tensor, policy: Policy, uncompressed: int, chunk: int | None = None,
                 window_ids: list[int] | None = None, plan=None, row_budgets: list[int] | None = None,
-                track_mixing: int = 0, inspect=None) -> Tensor:
+                lowrank=None, track_mixing: int = 0, inspect=None, row_plans: list | None = None) -> Tensor:
     """Teacher-forced NLL (b, W-1) of ``ids`` (b, W) through one CompressedCache under ``policy``.
 
-    The first ``uncompressed`` tokens (where no row can overflow its budget) go in chunks.
-    ``track_mixing`` is the cache's option; ``inspect(cache)`` is called once at the end, before it closes.
+    The first ``uncompressed`` tokens (where no row can overflow its budget) go in chunks. Rows may
+    each have their own budget (``row_budgets``) or per-head plan (``row_plans``). ``track_mixing`` is
+    the cache's option; ``inspect(cache)`` is called once at the end, before it closes.
     """
     b, W = ids.shape
     device = next(model.parameters()).device
     row_ids = torch.tensor(window_ids if window_ids is not None else range(b))
-    rows = Rows(ids=row_ids, budgets=row_budgets)
-    with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows,
+    rows = Rows(ids=row_ids, budgets=row_budgets, plans=row_plans)
+    with torch.inference_mode(), CompressedCache(model, policy, plan=plan, rows=rows, lowrank=lowrank,
                                                  track_mixing=track_mixing) as cache:
-        nll = _decode(model, ids.to(device), cache, uncompressed, chunk or default_chunk(b)).cpu()
+        chunk = chunk or default_chunk(b, vocab_size(model))
+        nll = decode_into(model, ids.to(device), cache, uncompressed, chunk).cpu()
         if inspect is not None:
             inspect(cache)
         return nll
 
 
-def _decode(model, ids: Tensor, cache, uncompressed: int, chunk: int) -> Tensor:
+def decode_into(model, ids: Tensor, cache, uncompressed: int, chunk: int, start: int = 0,
+                correct: Tensor | None = None) -> Tensor:
+    """Feed ``ids`` (b, W)[:, start:W-1] through ``cache``, which already holds positions < ``start``.
+
+    Tokens before ``uncompressed`` go in chunks of ``chunk``, the rest one per forward. Returns the
+    NLL (b, W-1) of every next token (columns before ``start`` are not filled); ``correct`` (b, W-1)
+    bool, if given, is set where the target was the argmax (greedy decoding would have produced it).
+    A study that must look at the cache between two parts of a sequence (a retrieval prompt before its
+    answer) calls this twice, the second time with ``start``.
+    """
     b, W = ids.shape
     device = ids.device
     nll = torch.empty((b, W - 1), device=device)
-    for start in range(0, uncompressed, chunk):
-        stop = min(start + chunk, uncompressed)
-        positions = torch.arange(start, stop, device=device).expand(b, -1)  # (b, q)
-        logits = model(ids[:, start:stop], past_key_values=cache, position_ids=positions, use_cache=True).logits
-        nll[:, start:stop] = _nll(logits, ids[:, start + 1 : stop + 1])
-    for t in range(uncompressed, W - 1):
+
+    def score(logits: Tensor, lo: int, hi: int) -> None:
+        targets = ids[:, lo + 1 : hi + 1]
+        nll[:, lo:hi] = _nll(logits, targets)
+        if correct is not None:
+            correct[:, lo:hi] = (logits.argmax(-1) == targets).to(correct.device)
+
+    for lo in range(start, uncompressed, chunk):
+        hi = min(lo + chunk, uncompressed)
+        positions = torch.arange(lo, hi, device=device).expand(b, -1)  # (b, q)
+        score(model(ids[:, lo:hi], past_key_values=cache, position_ids=positions, use_cache=True).logits, lo, hi)
+    for t in range(max(start, uncompressed), W - 1):
         positions = torch.full((b, 1), t, device=device)
-        logits = model(ids[:, t : t + 1], past_key_values=cache, position_ids=positions, use_cache=True).logits
-        nll[:, t] = _nll(logits, ids[:, t + 1 : t + 2])[:, 0]
+        score(model(ids[:, t : t + 1], past_key_values=cache, position_ids=positions, use_cache=True).logits, t, t + 1)
     return nll

@@ -4,7 +4,8 @@ Work is cut into units, one (job, window) each, stored in the partial directory 
 batch finishes (``{method}-{budget}/{window}.pt``), so a killed run resumes whatever the batch size,
 and processes of a ``torchrun`` share the windows (rank r takes windows r, r + n, ...). Units of
 jobs with the same budget share a batch, each row under its own policy (``RowPolicies``): a sweep
-over one document's few windows then runs its methods side by side, not one after another.
+over one document's few windows then runs its methods side by side, not one after another. So do
+jobs under per-head plans (a head study's plan and its baselines), each row under its own plan.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from analysis.compress import Job, RowPolicies
 from analysis.errors import UserError
-from analysis.perplexity.decode import decode_rows, default_chunk
+from analysis.perplexity.decode import decode_rows, default_chunk, vocab_size
 from analysis.perplexity.windows import Windows, summarise
 
 
@@ -58,12 +59,21 @@ def _save(path: Path, nll: Tensor, seconds: float) -> None:
     tmp.replace(path)
 
 
+def _group(job: Job) -> tuple:
+    """Which jobs may share a batch: one budget's jobs; plans with the same sinks and recent; the reference alone."""
+    if not job.compresses:
+        return ("job", job.key)
+    channels = (job.lowrank.tag, id(job.lowrank.basis)) if job.lowrank is not None else None  # one per cache
+    if job.plan is not None:
+        return ("plans", job.plan.sinks, job.plan.recent, channels)
+    return ("budget", job.budget, channels)
+
+
 def _batches(units: list[tuple[Job, int]], batch_size: int) -> list[list[tuple[Job, int]]]:
-    """Pack units into batches: same budget together (same chunked prefill); plans and the reference alone."""
+    """Pack units into batches by ``_group``, each row under its own job (``RowPolicies``)."""
     groups: dict[tuple, list] = {}
     for job, w in units:
-        shareable = job.plan is None and job.compresses
-        groups.setdefault(("budget", job.budget) if shareable else ("job", job.key), []).append((job, w))
+        groups.setdefault(_group(job), []).append((job, w))
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
@@ -72,14 +82,18 @@ def _decode_batch(model, windows: Windows, batch: list[tuple[Job, int]]) -> Tens
     window_ids = [w for _, w in batch]
     first = batch[0][0]
     jobs = list({job.key: job for job, _ in batch}.values())
-    chunk = default_chunk(len(batch))
+    chunk = default_chunk(len(batch), vocab_size(model))
+    uncompressed = min(job.uncompressed(windows.size) for job in jobs)  # no row overflows while chunked
     if len(jobs) == 1:
-        return decode_rows(model, ids, first.policy, first.uncompressed(windows.size), chunk, window_ids,
-                           plan=first.plan)
+        return decode_rows(model, ids, first.policy, uncompressed, chunk, window_ids, plan=first.plan,
+                           lowrank=first.lowrank)
     keys = [j.key for j in jobs]
     rows = RowPolicies(policies=[j.policy for j in jobs], rows=[keys.index(job.key) for job, _ in batch])
-    return decode_rows(model, ids, rows, first.uncompressed(windows.size), chunk, window_ids,
-                       row_budgets=[job.budget for job, _ in batch])
+    if first.plan is not None:  # a plan per row (head studies: a plan and its baselines side by side)
+        return decode_rows(model, ids, rows, uncompressed, chunk, window_ids, row_plans=[job.plan for job, _ in batch],
+                           lowrank=first.lowrank)
+    return decode_rows(model, ids, rows, uncompressed, chunk, window_ids, row_budgets=[job.budget for job, _ in batch],
+                       lowrank=first.lowrank)
 
 
 def run_jobs(model, windows: Windows, jobs: list[Job],

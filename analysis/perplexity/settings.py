@@ -4,9 +4,10 @@ Perplexity page both build them here, so a form field fails with the same one li
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from analysis.compress import MERGE_VS_EVICT, Job, PolicyOptions, make_jobs, method_names
+from analysis.compress.lowrank import LowRank, slot_bytes, slots_for_bytes
 from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.options import parse_ints, parse_names
@@ -59,3 +60,28 @@ def sweep_settings(methods: str | list[str] | None, budget: str | list[int] | No
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def lowrank_options(key_basis: str | None, key_rank: int | None = None, key_energy: float | None = None,
+                    value_rank: int | None = None) -> LowRank | None:
+    """--key-basis DIR with --key-rank R (or --key-energy E) and/or --value-rank R: the cache's ``LowRank``."""
+    if key_basis is not None and key_rank is None and key_energy is None and value_rank is None:
+        raise UserError("--key-basis needs --key-rank R, --key-energy E or --value-rank R")
+    return LowRank.of(key_basis, key_rank, key_energy, value_rank)
+
+
+def with_lowrank(jobs: list[Job], lowrank: LowRank | None) -> list[Job]:
+    """Every job with its keys (and values) held in low rank; the jobs unchanged when ``lowrank`` is None."""
+    return jobs if lowrank is None else [replace(job, lowrank=lowrank) for job in jobs]
+
+
+def bytes_budget(budget_bytes: float, head_dim: int, element_size: int, lowrank: LowRank | None = None,
+                 sinks: int = 4) -> int:
+    """--bytes B per (layer, KV head) -> slots m: B / (2 d dtype) with full keys, B / ((r + d) dtype) with rank r
+    (per-head ranks: their mean), values likewise."""
+    widths = [None, None]
+    if lowrank is not None:
+        for i, kind in enumerate(("key_pre_rope", "value")):
+            ranks = lowrank.ranks(kind)
+            widths[i] = None if ranks is None else float(ranks.float().mean())
+    return slots_for_bytes(budget_bytes, slot_bytes(head_dim, element_size, *widths), sinks)

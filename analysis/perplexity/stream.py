@@ -8,6 +8,10 @@ documents are batch rows, several methods share a batch (each row under its own 
 killed run resumes per (method, document) from the partial directory. Positions are the original
 ones (0..T-1), so T is limited by the model's positions.
 
+Sliding-window layers (Gemma 2/3) keep the model's own sliding cache (``CompressedCache``): the
+budget holds only the full-attention layers, so on Gemma 3 a stream longer than the window is also
+bounded in the sliding layers by the model's design, whatever the method.
+
 Statistics: per document, the mean NLL over its T - 1 targets and its perplexity; per method, the
 perplexity of all targets pooled, and the running log-perplexity curve (mean NLL of targets 1..t)
 averaged over documents with its population standard deviation across documents (the spread).
@@ -24,7 +28,7 @@ from analysis.compress import Job
 from analysis.errors import UserError
 from analysis.ops import running_mean
 from analysis.perplexity.jobs import Batching, run_jobs
-from analysis.perplexity.sweep import jobs_settings
+from analysis.perplexity.sweep import job_bytes, jobs_settings
 from analysis.perplexity.windows import Windows
 
 POINTS = 400  # points kept of each running curve
@@ -99,6 +103,10 @@ def run_stream(loaded, sequences: list[tuple[str, list[int]]], jobs: list[Job], 
                "methods": settings["methods"], "budgets": settings["budgets"],
                "spread": "population standard deviation across documents"}
     summary |= summarise_stream(windows, jobs, nll, seconds)
-    tensors = {f"{r['method']}@{r['budget']}": nll[job.key].to(torch.float32).contiguous()
+    size = next(loaded.model.parameters()).element_size()
+    for r, job in zip(summary["results"], jobs):
+        r["bytes"] = job_bytes(job, loaded.summary(), windows.size, size)
+    suffix = lambda job: f"+{job.lowrank.tag}" if job.lowrank else ""  # noqa: E731
+    tensors = {f"{r['method']}@{r['budget']}{suffix(job)}": nll[job.key].to(torch.float32).contiguous()
                for r, job in zip(summary["results"], jobs)}
     return summary, tensors

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from analysis.compress import Job, in_registry_order
+from analysis.compress.lowrank import cache_bytes
 from analysis.perplexity.jobs import Batching, run_jobs
 from analysis.perplexity.windows import Windows, summarise
 
@@ -18,6 +19,16 @@ def jobs_settings(jobs: list[Job]) -> dict:
             "plan": plan.name if plan is not None else None,
             "methods": in_registry_order(job.method for job in jobs),
             "budgets": list(dict.fromkeys(job.budget for job in jobs if job.budget is not None))}
+
+
+def job_bytes(job: Job, summary: dict, window: int, element_size: int) -> int:
+    """Logical bytes of one sequence's cache under ``job`` at the end of a window (as ``CompressedCache.memory``)."""
+    L, H = summary["num_layers"], summary["num_kv_heads"]
+    if job.plan is not None:
+        held = torch.tensor(job.plan.budgets).clamp(max=window)  # (L, H)
+    else:
+        held = torch.full((L, H), min(job.budget or window, window))
+    return cache_bytes(held, summary["head_dim"], element_size, job.lowrank)
 
 
 def run_sweep(loaded, windows: Windows, jobs: list[Job], *, source: dict, tokens: int, documents: int,
@@ -36,7 +47,11 @@ def run_sweep(loaded, windows: Windows, jobs: list[Job], *, source: dict, tokens
         result = summarise(windows, nll[job.key], job.method, job.label_budget(windows.size), seconds[job.key])
         if job.plan is not None:
             result |= {"plan": job.plan.name, "total_slots": job.plan.total_slots}
-        tensors[f"{job.method}@{result['budget']}"] = result.pop("nll").to(torch.float32).contiguous()
+        result["bytes"] = job_bytes(job, loaded.summary(), windows.size, next(loaded.model.parameters()).element_size())
+        if job.lowrank is not None:
+            result |= {"lowrank": job.lowrank.tag} | job.lowrank.describe()
+        name = f"{job.method}@{result['budget']}" + (f"+{job.lowrank.tag}" if job.lowrank else "")
+        tensors[name] = result.pop("nll").to(torch.float32).contiguous()
         results.append(result | {"corpus": corpus})
     settings = jobs_settings(jobs)
     summary = {

@@ -19,7 +19,7 @@ from analysis.compress import Job, compresses
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.sweep import jobs_settings, run_sweep
 from analysis.perplexity.windows import Windows, make_windows, summarise
-from analysis.text.corpora import load_documents, token_sequences
+from analysis.text.corpora import bos_id, load_documents, token_sequences
 
 SEP = "/"  # corpus / document id in the combined sweep
 
@@ -30,7 +30,8 @@ def corpus_windows(tokenizer, corpora: list[str], tokens: int, documents: int, w
     parts = []
     for corpus in corpora:
         sequences = token_sequences(tokenizer, load_documents(corpus=corpus), tokens, documents)
-        parts.append(make_windows([(f"{corpus}{SEP}{doc}", ids) for doc, ids in sequences], window))
+        parts.append(make_windows([(f"{corpus}{SEP}{doc}", ids) for doc, ids in sequences], window,
+                                  bos_id(tokenizer)))
     return Windows(torch.cat([p.ids for p in parts]), sum((p.docs for p in parts), []),
                    sum((p.starts for p in parts), []), sum((p.scored_from for p in parts), []))
 

@@ -29,11 +29,13 @@ class Windows:
         return self.ids.shape[1]
 
 
-def make_windows(sequences: list[tuple[str, list[int]]], window: int) -> Windows:
+def make_windows(sequences: list[tuple[str, list[int]]], window: int, bos: int | None = None) -> Windows:
     """Cut each (doc id, token ids) sequence into half-overlapping windows of ``window`` tokens.
 
     When ``len - window`` is not a multiple of the stride, a last window ends at the document's
-    end and scores only the targets after the previous window's last one.
+    end and scores only the targets after the previous window's last one. ``bos`` (the tokenizer's
+    BOS id, ``analysis.text.corpora.bos_id``; Gemma needs it first): every later window's first
+    token, never a scored target, is replaced by it, so each window starts as the model expects.
     """
     if window < 4 or window % 2:
         raise UserError(f"--window must be an even number of at least 4 tokens, got {window}")
@@ -49,7 +51,8 @@ def make_windows(sequences: list[tuple[str, list[int]]], window: int) -> Windows
             first.append(len(ids) - window)
             marks.append(covered - (len(ids) - window))
         for start, mark in zip(first, marks):
-            rows.append(ids[start : start + window])
+            row = ids[start : start + window]
+            rows.append(row if bos is None or start == 0 else [bos] + row[1:])
             docs.append(doc)
             starts.append(start)
             scored.append(mark)

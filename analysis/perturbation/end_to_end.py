@@ -9,6 +9,10 @@ NLL of the true next token, and per layer the relative deviation of the attentio
 ``||o - o_ref|| / ||o_ref||``. Logits and attention outputs are read with forward hooks on the
 output embedding and on the attention modules (public API): nothing in the decoding loop changes.
 
+Sliding-window layers (Gemma 2/3) keep the model's own sliding cache in every row (``CompressedCache``):
+only the full-attention layers are compressed, but every layer's deviation is reported, since the
+sliding layers see the changed hidden states of the compressed ones.
+
 ``full`` (and any budget >= the sequence) is its own never-compressing row, so its KL is the
 numerical noise of the batched decode (0 on CPU).
 """

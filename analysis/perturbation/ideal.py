@@ -4,7 +4,8 @@ At step t the uncompressed cache of tokens 0..t-1 (``analysis.perturbation.one_s
 WeightedKV's victim j (lowest average attention, the policy's own ``select``); its key goes and its
 value is folded into the right neighbour n in four ways:
 
-- ``ideal``: the exact ṽ that leaves the merging query's output unchanged. With e_i = exp(q·k_i/√d)
+- ``ideal``: the exact ṽ that leaves the merging query's output unchanged. With e_i = exp(s_i), s_i the
+  layer's own score of key i (q·k_i/√d unless the model scales or soft-caps otherwise),
   and o that query's full output, ṽ = (e_j / e_n)(v_j - o) + v_n (the paper's formula, rewritten).
   It depends on the query: for GQA each query head gets its own ṽ (the best case for the ideal).
 - ``convex_query``: the paper's approximation, ṽ = (e_j v_j + e_n v_n) / (e_j + e_n), with the
@@ -24,15 +25,19 @@ from torch import Tensor
 
 from analysis.compress import WeightedKV
 from analysis.compress.weightedkv import right_neighbour
-from analysis.ops import attention_scores, group_mean, masked_softmax, relative_error
+from analysis.ops import AttentionSpec, attention_logits, group_mean, masked_softmax, relative_error, visible
 from analysis.perturbation.one_step import state_at
 
 VARIANTS = ("ideal", "convex_query", "weightedkv", "evict")
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
-    """q (B, Hq, Q, D), k/v (B, Hq, L, ·), allowed (B, Hq, Q, L) -> outputs (B, Hq, Q, Dv), scores."""
-    scores = attention_scores(q, k, q.shape[-1] ** -0.5)  # multiplied by D**-0.5, as the kernel does
+def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Q, D), k/v (B, Hq, L, ·), allowed (B, Hq, Q, L) -> outputs (B, Hq, Q, Dv), scores.
+
+    Scores multiplied by the layer's scaling (D**-0.5 unless the model says otherwise), as the kernel
+    does, then soft-capped where the layer is."""
+    scaled = AttentionSpec(spec.scaling or q.shape[-1] ** -0.5, spec.softcap, spec.window)
+    scores = attention_logits(q, k, scaled)
     return masked_softmax(scores, allowed) @ v, scores
 
 
@@ -53,8 +58,9 @@ def ideal_errors(capture, layer: int, t: int, future: int, sinks: int = 4, recen
     v = grab("value")[:, :, : t + future].repeat_interleave(G, 1)  # (1, Hq, L, Dv)
     L = k.shape[2]
     pos = torch.arange(L)
-    causal = (pos[None, :] <= (t - 1 + torch.arange(future + 1))[:, None])[None, None].expand(1, Hq, -1, -1)
-    o_full, scores = _attend(q, k, v, causal)
+    spec = capture.attention(layer)  # the layer's scaling, soft-cap and window
+    causal = visible(t - 1 + torch.arange(future + 1), pos, spec.window)[None, None].expand(1, Hq, -1, -1)
+    o_full, scores = _attend(q, k, v, causal, spec)
     j = victim.repeat_interleave(G, 1)[..., None]  # (1, Hq, 1)
     n = neighbour.repeat_interleave(G, 1)[..., None]
     dropped = causal & (pos[None, None, None, :] != j[..., None])  # (1, Hq, Q, L): the victim's key is gone
@@ -72,7 +78,7 @@ def ideal_errors(capture, layer: int, t: int, future: int, sinks: int = 4, recen
     out = {}
     for name, new in candidates.items():
         values = v.scatter(2, n[..., None].expand(-1, -1, 1, v.shape[-1]), new)
-        o, _ = _attend(q, k, values, dropped)
+        o, _ = _attend(q, k, values, dropped, spec)
         out[name] = relative_error(o, o_full)[0]  # (Hq, F+1)
     return out
 

@@ -8,7 +8,8 @@ and over the full cache [tokens 0..s]; we report the relative L2 error of the at
 the cosine similarity of the attention weights.
 
 The queries are the captured ones (teacher forcing at this layer): the perturbation is measured at
-one layer, not propagated through later layers or generated tokens.
+one layer, not propagated through later layers or generated tokens. Attention is the layer's own
+(``Capture.attention``: scaling, soft-cap and window as the model applies them).
 
 Attention-weight comparison (the paper does not say how it compares distributions of different
 lengths): ``attn_cosine`` compares the compressed run's weights with the full run's weights
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from analysis.compress import LayerState, make_policy
 from analysis.errors import UserError
-from analysis.ops import attention_scores, masked_softmax, query_groups, relative_error
+from analysis.ops import AttentionSpec, attention_logits, masked_softmax, query_groups, relative_error, visible
 from analysis.runtime.capture import Capture
 
 PAIR = ("weightedkv", "weightedkv_evict")  # same victim (same score): merge vs evict
@@ -33,13 +34,15 @@ PAIR = ("weightedkv", "weightedkv_evict")  # same victim (same score): merge vs 
 METRICS = ("rel_error", "attn_cosine", "attn_cosine_padded")
 
 
-def causal_attention(queries: Tensor, keys: Tensor) -> Tensor:
-    """Softmax(q k^T / sqrt(d)) with a causal mask: (B, Hq, T, D) x (B, H, T, D) -> (B, Hq, T, T)."""
+def causal_attention(queries: Tensor, keys: Tensor, spec: AttentionSpec | None = None) -> Tensor:
+    """Softmax(q k^T scaled, soft-capped) with a causal (or sliding-window) mask, as ``spec`` says (None:
+    1/sqrt(d), full causal): (B, Hq, T, D) x (B, H, T, D) -> (B, Hq, T, T)."""
     B, Hq, T, _ = queries.shape
     H = keys.shape[1]
     q = query_groups(queries.float(), H)  # (B, H, G, T, D): GQA group of each KV head
-    scores = attention_scores(q, keys.float()[:, :, None])  # (B, H, G, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=keys.device).tril()
+    scores = attention_logits(q, keys.float()[:, :, None], spec)  # (B, H, G, T, T)
+    pos = torch.arange(T, device=keys.device)
+    causal = visible(pos, pos, spec.window if spec is not None else None)  # (T, T)
     return masked_softmax(scores, causal).reshape(B, Hq, T, T)
 
 
@@ -47,8 +50,8 @@ def state_at(capture: Capture, layer: int, t: int, row: int = 0) -> LayerState:
     """The uncompressed LayerState of sequence ``row`` after its first ``t`` tokens.
 
     Built exactly as ``CompressedCache`` builds it in a prefill: ``append`` the post-RoPE keys and
-    values of tokens 0..t-1, then ``observe`` the causal attention of those t queries (scale
-    1/sqrt(head_dim), recomputed from the captured post-RoPE queries and keys).
+    values of tokens 0..t-1, then ``observe`` the causal attention of those t queries (the layer's own
+    scaling, soft-cap and window, recomputed from the captured post-RoPE queries and keys).
     """
     keys = capture.get(layer, "key_post_rope")
     T = keys.shape[2]
@@ -59,22 +62,24 @@ def state_at(capture: Capture, layer: int, t: int, row: int = 0) -> LayerState:
     queries = capture.get(layer, "query_post_rope")[row : row + 1, :, :t]  # (1, Hq, t, D)
     state = LayerState.empty(keys, values)
     state.append(keys, values, torch.arange(t, device=keys.device))
-    state.observe(causal_attention(queries, keys))
+    state.observe(causal_attention(queries, keys, capture.attention(layer)))
     return state
 
 
-def _attend(q: Tensor, keys: Tensor, values: Tensor, past: int) -> tuple[Tensor, Tensor]:
-    """q (B, H, G, F, D) over [``past`` always-visible slots + F causal future slots].
+def _attend(q: Tensor, keys: Tensor, values: Tensor, positions: Tensor, t: int,
+            spec: AttentionSpec | None = None) -> tuple[Tensor, Tensor]:
+    """q (B, H, G, F, D) of positions t..t+F-1 over slots at ``positions`` (B, H, L): the past, then F future.
 
+    Causal (a slot is visible iff its position <= the query's), within ``spec``'s window if any.
     Returns weights (B, H, G, F, L) and outputs (B, H, G, F, Dv), L = past + F, in float32.
     """
     F = q.shape[-2]
-    L = keys.shape[2]
-    step = torch.arange(F, device=q.device)
-    visible = torch.ones(F, L, dtype=torch.bool, device=q.device)  # (F, L)
-    visible[:, past:] = step[None, :] <= step[:, None]  # future slot i visible to query f iff i <= f
-    scores = attention_scores(q.float(), keys.float()[:, :, None])  # (B, H, G, F, L)
-    weights = masked_softmax(scores, visible)
+    query_pos = t + torch.arange(F, device=q.device)  # (F,)
+    allowed = positions[:, :, None, :] <= query_pos[:, None]  # (B, H, F, L)
+    if spec is not None and spec.window is not None:
+        allowed = allowed & (positions[:, :, None, :] > query_pos[:, None] - spec.window)
+    scores = attention_logits(q.float(), keys.float()[:, :, None], spec)  # (B, H, G, F, L)
+    weights = masked_softmax(scores, allowed[:, :, None])
     return weights, weights @ values.float()[:, :, None]  # (B, H, G, F, Dv)
 
 
@@ -85,18 +90,21 @@ def _summary(values: Tensor) -> dict:
 
 
 def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tensor,
-                  methods=PAIR, sinks: int = 4, recent: int | None = None) -> dict:
+                  methods=PAIR, sinks: int = 4, recent: int | None = None, spec: AttentionSpec | None = None) -> dict:
     """One compression step of each method on ``state`` (t slots), scored on F future queries.
 
     queries (B, Hq, F, D): the queries of tokens t..t+F-1; keys/values (B, H, F, D): their true
     keys/values. ``state`` must be uncompressed (the full reference is ``state`` + the future).
+    ``spec``: the layer's scaling, soft-cap and window (None: 1/sqrt(D), full causal).
     Returns ``{method: {"victim": (B, H), "rel_error" | "attn_cosine" | "attn_cosine_padded":
     (B, Hq, F)}}`` tensors.
     """
     B, Hq, F, D = queries.shape
     H, t = state.keys.shape[1], state.capacity
     q = query_groups(queries, H)  # (B, H, G, F, D): query head h uses KV head h // G
-    w_full, o_full = _attend(q, torch.cat([state.keys, keys], 2), torch.cat([state.values, values], 2), t)
+    future = (t + torch.arange(F, device=keys.device)).expand(B, H, F)  # (B, H, F): positions t..t+F-1
+    w_full, o_full = _attend(q, torch.cat([state.keys, keys], 2), torch.cat([state.values, values], 2),
+                             torch.cat([state.positions, future], 2), t, spec)
     out, victims = {}, {}
     for method in methods:
         small = state.clone()  # merges write into values in place
@@ -107,7 +115,8 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
         small.remove(victim, everywhere)
         small = small.ordered()  # the t - 1 surviving slots, oldest first
         victims[method] = victim
-        w, o = _attend(q, torch.cat([small.keys, keys], 2), torch.cat([small.values, values], 2), t - 1)
+        w, o = _attend(q, torch.cat([small.keys, keys], 2), torch.cat([small.values, values], 2),
+                       torch.cat([small.positions, future], 2), t, spec)
         err = relative_error(o, o_full)  # (B, H, G, F)
         # surviving past slots' indices in the full cache (positions are sorted), then the future
         idx = torch.searchsorted(state.positions, small.positions)  # (B, H, t-1)
@@ -133,7 +142,7 @@ def _run(capture, layer, t, future, row, methods, sinks, recent) -> dict:
         capture.get(layer, "query_post_rope")[row : row + 1, :, fut],  # (1, Hq, F, D)
         capture.get(layer, "key_post_rope")[row : row + 1, :, fut],  # (1, H, F, D)
         capture.get(layer, "value")[row : row + 1, :, fut],  # (1, H, F, Dv)
-        methods, sinks, recent)
+        methods, sinks, recent, capture.attention(layer))
 
 
 def perturb(capture: Capture, layer: int, t: int, methods=PAIR, future: int = 64, sinks: int = 4,

@@ -1,6 +1,10 @@
 """Run a perturbation study (fig2, sweep, end2end, ideal) over sequences and save it: used by the
 command ``python -m experiments.perturbation`` and the dashboard page.
 
+Sliding-window layers (Gemma 2/3) are left to the model's own sliding cache by ``CompressedCache``, so
+fig2, sweep and ideal study only the layers it compresses (default: all of those); end2end decodes
+the whole model through the cache and reports every layer's attention deviation.
+
 Every study goes one sequence at a time (capture it, measure it, keep only the small results), then
 summarises as mean ± std over sequences (``analysis.perturbation.summary.summary_rows``). Output directory:
 ``perturbation.json`` (settings + result rows), ``perturbation.csv`` (the rows, curves left out),
@@ -19,6 +23,7 @@ import torch
 
 from analysis.compress import Job, PolicyOptions, WeightedKV, compresses, make_jobs, policy_class
 from analysis.errors import UserError
+from analysis.models.loading import compressed_layers
 from analysis.options import parse_ints, parse_names
 from analysis.perturbation.end_to_end import end_to_end
 from analysis.perturbation.ideal import ideal_sequence
@@ -116,7 +121,10 @@ def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings
 
     config = loaded.summary()
     settings.check_model(config)
-    layers = settings.layers or list(range(config["num_layers"]))
+    # Sliding-window layers (Gemma 2/3) are not compressed by CompressedCache: the per-layer studies leave
+    # them out (asked for by number: one-line error); end2end runs the whole model, every layer as it is.
+    layers = (settings.layers or list(range(config["num_layers"])) if settings.mode == "end2end"
+              else compressed_layers(loaded.model.config, settings.layers))
     per_seq: dict = {}
     for text_id, ids in sequences:
         if settings.mode == "end2end":

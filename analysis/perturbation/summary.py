@@ -54,7 +54,7 @@ def teacher_forced_sequence(capture, layers: list[int],
     for layer in layers:
         result = teacher_forced_layer(capture.get(layer, "query_post_rope")[:1],
                                       capture.get(layer, "key_post_rope")[:1], capture.get(layer, "value")[:1],
-                                      jobs, layer)
+                                      jobs, layer, capture.attention(layer))
         curves.append(result.error[:, 0])  # (J, H, T)
         means.append(result.mean_after_fill()[:, 0])  # (J, H)
         labels = result.jobs

@@ -14,6 +14,11 @@ is one pass over the tokens for all jobs, vectorised over rows and heads. The un
 reference is replayed by the same code: jobs that never compress (``full``, or a budget >= the
 sequence length) share its rows and capacity, so their error is exactly 0. Memory is one layer's
 state at a time: never T x T attention for every layer.
+
+Attention is the layer's own (``AttentionSpec``, from the capture: ``Capture.attention(layer)``):
+its scaling (Gemma's ``query_pre_attn_scalar``), soft-cap and window, so the replay of the full cache
+equals the model's attention output. Layers the model runs with a sliding window are not compressed
+by ``CompressedCache``; the studies leave them out (``analysis.perturbation.layers``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 from torch import Tensor
 
 from analysis.compress import Job, LayerState, RowPolicies, StreamingLLM
-from analysis.ops import group_mean, relative_error
+from analysis.ops import AttentionSpec, group_mean, relative_error
 from analysis.runtime.kernel import slot_attention
 
 
@@ -46,7 +51,7 @@ class TeacherForcedErrors:
 
 
 def _replay(queries: Tensor, keys: Tensor, values: Tensor, policy, rows: list[int], budgets: list[int],
-            layer: int, capacity: int) -> tuple[Tensor, LayerState]:
+            layer: int, capacity: int, spec: AttentionSpec) -> tuple[Tensor, LayerState]:
     """Outputs (R*B, Hq, T, Dv) and final state of R = len(rows) jobs x B sequences; row r*B + b."""
     B, Hq, T, D = queries.shape
     R = len(rows)
@@ -59,7 +64,10 @@ def _replay(queries: Tensor, keys: Tensor, values: Tensor, policy, rows: list[in
     for t in range(T):
         state.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
         held = (state.positions >= 0)[:, :, None, :]  # (R*B, H, 1, C): the newest token sees every held slot
-        o, w = slot_attention(q[:, :, t : t + 1], state.keys, state.values, held)  # (R*B, Hq, 1, Dv)
+        if spec.window is not None:  # ... that lies inside its window
+            held = held & (state.positions > t - spec.window)[:, :, None, :]
+        o, w = slot_attention(q[:, :, t : t + 1], state.keys, state.values, held, spec.scaling,
+                              softcap=spec.softcap)  # (R*B, Hq, 1, Dv)
         state.observe(w)
         policy.compress(state)
         out[:, :, t] = o[:, :, 0].float()
@@ -67,9 +75,24 @@ def _replay(queries: Tensor, keys: Tensor, values: Tensor, policy, rows: list[in
 
 
 @torch.inference_mode()
+def full_replay(queries: Tensor, keys: Tensor, values: Tensor, spec: AttentionSpec | None = None,
+                layer: int = 0) -> Tensor:
+    """(B, Hq, T, Dv) float32: the uncompressed reference the sweep compares with, token by token through a
+    ``LayerState`` (equal to the model's attention output at that layer: tested on Gemma 2/3)."""
+    T = queries.shape[2]
+    reference = StreamingLLM(T + 1, sinks=0, recent=0)  # never reaches its budget
+    B = queries.shape[0]
+    out, _ = _replay(queries, keys, values, RowPolicies(policies=[reference], rows=[0] * B), [0], [T + 1], layer,
+                     T + 1, spec or AttentionSpec())
+    return out
+
+
+@torch.inference_mode()
 def teacher_forced_layer(queries: Tensor, keys: Tensor, values: Tensor, jobs: list[Job],
-                         layer: int = 0) -> TeacherForcedErrors:
-    """Teacher-forced errors of every job at one layer. queries (B, Hq, T, D), keys/values (B, H, T, D)."""
+                         layer: int = 0, spec: AttentionSpec | None = None) -> TeacherForcedErrors:
+    """Teacher-forced errors of every job at one layer. queries (B, Hq, T, D), keys/values (B, H, T, D);
+    ``spec``: the layer's scaling, soft-cap and window (None: 1/sqrt(D), none, full causal)."""
+    spec = spec or AttentionSpec()
     B, Hq, T, _ = queries.shape
     H = keys.shape[1]
     never = [i for i, job in enumerate(jobs) if not job.compresses or job.budget >= T]
@@ -78,7 +101,7 @@ def teacher_forced_layer(queries: Tensor, keys: Tensor, values: Tensor, jobs: li
     reference = StreamingLLM(T + 1, sinks=0, recent=0)  # never reaches its budget
     ref_rows = [0] + never
     ref, _ = _replay(queries, keys, values, RowPolicies(policies=[reference], rows=[0] * (len(ref_rows) * B)), ref_rows,
-                     [T + 1] * len(ref_rows), layer, T + 1)
+                     [T + 1] * len(ref_rows), layer, T + 1, spec)
     ref = ref.view(len(ref_rows), B, Hq, T, -1)
     full = ref[0]  # (B, Hq, T, Dv)
     outputs = {i: ref[1 + n] for n, i in enumerate(never)}
@@ -87,7 +110,8 @@ def teacher_forced_layer(queries: Tensor, keys: Tensor, values: Tensor, jobs: li
         policies = [jobs[i].policy for i in squeeze]
         rows = RowPolicies(policies=policies, rows=[j for j in range(len(squeeze)) for _ in range(B)])  # job-major rows
         budgets = [jobs[i].budget for i in squeeze]
-        got, state = _replay(queries, keys, values, rows, list(range(len(squeeze))), budgets, layer, max(budgets) + 1)
+        got, state = _replay(queries, keys, values, rows, list(range(len(squeeze))), budgets, layer,
+                             max(budgets) + 1, spec)
         got = got.view(len(squeeze), B, Hq, T, -1)
         outputs |= {i: got[n] for n, i in enumerate(squeeze)}
     error = torch.stack([relative_error(outputs[i], full) for i in range(len(jobs))])  # (J, B, Hq, T)
@@ -103,7 +127,7 @@ def teacher_forced_capture(capture, jobs: list[Job], layers=None, progress=None)
     for layer in layers:
         results[layer] = teacher_forced_layer(capture.get(layer, "query_post_rope"),
                                               capture.get(layer, "key_post_rope"), capture.get(layer, "value"),
-                                              jobs, layer)
+                                              jobs, layer, capture.attention(layer))
         if progress is not None:
             progress(1)
     return results

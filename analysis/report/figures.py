@@ -22,20 +22,26 @@ from analysis.compress.fig3 import replay
 from analysis.heads.allocate import greedy_plan
 from analysis.heads.profile import profile_sequences
 from analysis.io import write_json
+from analysis.lowrank.calibrate import calibrate, held_out
+from analysis.lowrank.compare import goal, pareto, parse_key_specs, plan_configs, run_compare
 from analysis.merges.space import ablation
 from analysis.merges.study import run_space
 from analysis.perplexity.jobs import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.perplexity.table1 import check_finite, run_table, table_csv, table_markdown, window_count
+from analysis.perplexity.windows import make_windows
 from analysis.perturbation.study import Settings, run_study
 from analysis.perturbation.texts import study_sequences, study_source
 from analysis.report.export import write_figure
 from analysis.report.fig3 import fig_fig3_replay
 from analysis.report.heads import fig_plan_heatmap, profile_figures
+from analysis.report.lowrank import fig_ppl_vs_bytes
 from analysis.report.merges import fig_space
+from analysis.report.retrieval import write_retrieval
 from analysis.report.save import save_study, write_stream
 from analysis.report.spectra import standard_figures
 from analysis.report.table1 import fig_table1
+from analysis.retrieval.grid import build_prompts, retrieval_settings, run_grid
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra import compute_spectra, summary_sentence
 from analysis.text.corpora import load_documents, token_sequences
@@ -59,6 +65,10 @@ class Sizes:
     sweep_tokens: int = 1024
     heads_documents: int = 4  # books documents profiled per head
     heads_tokens: int = 1024
+    lowrank_documents: int = 3  # calibration documents, and as many held-out ones evaluated
+    lowrank_tokens: int = 256  # per document; also the window
+    retrieval_tokens: int = 1024  # the passkey grid: one length, depths 0/50/100, the smallest budget
+    retrieval_trials: int = 5
 
 
 FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table_tokens=1024, table_window=1024,
@@ -67,7 +77,8 @@ FULL = Sizes(spectra_sequences=10, spectra_tokens=1024, table_documents=4, table
 
 QUICK = Sizes(spectra_sequences=2, spectra_tokens=512, table_documents=1, table_tokens=384, table_window=384,
               stream_documents=2, stream_tokens=768, perturb_sequences=2, fig2_future=200, sweep_tokens=256,
-              heads_documents=1, heads_tokens=256)
+              heads_documents=1, heads_tokens=256, lowrank_documents=1, lowrank_tokens=128,
+              retrieval_tokens=256, retrieval_trials=1)
 
 
 @dataclass
@@ -186,7 +197,38 @@ def build_heads(run: FigureRun, out: Path) -> None:
     run.advance(1)
 
 
+LOWRANK = {"fractions": [0.5, 0.25, 0.125], "methods": ["streaming_llm", "h2o", "tova"], "merge": ["weightedkv"],
+           "combine": ["weightedkv", "tova"], "key_ranks": "0.95,0.99"}
+
+
+def build_lowrank_bytes(run: FigureRun, out: Path) -> None:
+    """Low-rank keys vs token compression at equal bytes: basis on the first documents, evaluated on the next."""
+    loaded, s = run.loaded(), run.sizes
+    docs = load_documents(corpus=run.corpora[0])
+    basis = calibrate(loaded, docs, {"corpus": run.corpora[0]}, s.lowrank_tokens, s.lowrank_documents, progress=False)
+    basis.save(out / "basis")
+    windows = make_windows(token_sequences(loaded.tokenizer, held_out(basis, docs), s.lowrank_tokens,
+                                           s.lowrank_documents), s.lowrank_tokens)
+    configs = plan_configs(LOWRANK["fractions"], basis.head_dim, windows.size,
+                           element_size=next(loaded.model.parameters()).element_size(),
+                           token_methods=LOWRANK["methods"], merge_methods=LOWRANK["merge"],
+                           combine_methods=LOWRANK["combine"], key_specs=parse_key_specs(LOWRANK["key_ranks"], basis))
+    with ticking(run, "lowrank_bytes"):
+        rows = run_compare(loaded, windows, basis, configs, fractions=LOWRANK["fractions"],
+                           batching=Batching(partial=run.partial("lowrank_bytes")))
+    compare = {"model": loaded.model_id, "calibration": basis.calibration,
+               "documents": list(dict.fromkeys(windows.docs)), "tokens": s.lowrank_tokens, "window": windows.size,
+               "fractions": LOWRANK["fractions"], "rows": rows, "pareto": pareto(rows),
+               "goal": [goal(rows, f) for f in LOWRANK["fractions"]]}
+    write_json(out / "compare.json", compare)
+    write_figure(fig_ppl_vs_bytes(compare), out, "ppl_vs_bytes", png=run.png)
+    run.advance(1)
+
+
 STREAM_METHODS = list(MERGE_VS_EVICT)
+
+
+STREAM_CAP = 8192  # full-size Fig. 4: the model's positions, at most this many tokens
 
 
 def _stream_tokens(run: FigureRun) -> int | None:
@@ -197,7 +239,7 @@ def build_fig4_stream(run: FigureRun, out: Path) -> None:
 
     loaded = run.loaded()
     limit = loaded.summary()["max_positions"]
-    tokens = run.sizes.stream_tokens or limit
+    tokens = run.sizes.stream_tokens or min(limit or STREAM_CAP, STREAM_CAP)  # Gemma 3 has 32k positions
     check_stream_length(tokens, limit)
     sequences = token_sequences(loaded.tokenizer, load_documents(corpus=run.corpora[0]), tokens,
                                 run.sizes.stream_documents)
@@ -229,6 +271,24 @@ def _table_units(run: FigureRun) -> int:
     jobs = 1 + (len(TABLE_METHODS) - 1) * len(run.budgets)
     return jobs * len(run.corpora) * run.sizes.table_documents * window_count(run.sizes.table_tokens,
                                                                              run.sizes.table_window)
+
+
+RETRIEVAL_METHODS = ["full", *MERGE_VS_EVICT, "h2o", "streaming_llm"]
+
+
+def _retrieval_settings(run: FigureRun):
+    return retrieval_settings("passkey", "decode", [run.sizes.retrieval_tokens], [0, 50, 100], [min(run.budgets)],
+                              RETRIEVAL_METHODS, run.sizes.retrieval_trials)
+
+
+def build_retrieval(run: FigureRun, out: Path) -> None:
+    """A passkey grid in decode mode (analysis/retrieval): heatmap, accuracy vs budget, fates."""
+    settings = _retrieval_settings(run)
+    prompts = build_prompts(run.loaded().tokenizer, settings)
+    with ticking(run, "retrieval"):
+        result = run_grid(run.loaded(), settings, prompts,
+                          Batching(partial=run.partial("retrieval"), progress=run.advance))
+    write_retrieval(out, result, png=run.png)
 
 
 # The merge space's named points (the factorial and the cascade are experiments.merges'), each paired with its eviction.
@@ -263,7 +323,8 @@ def _fig1_settings(r: FigureRun) -> dict:
 
 def _fig4_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.stream_documents,
-            "tokens": r.sizes.stream_tokens or "model positions", "budget": r.budgets[0], "methods": STREAM_METHODS}
+            "tokens": r.sizes.stream_tokens or f"model positions (at most {STREAM_CAP})", "budget": r.budgets[0],
+            "methods": STREAM_METHODS}
 
 
 def _fig2_settings(r: FigureRun) -> dict:
@@ -281,9 +342,18 @@ def _heads_settings(r: FigureRun) -> dict:
             "tokens": r.sizes.heads_tokens, "plan": f"greedy {min(r.budgets)}x"}
 
 
+def _lowrank_settings(r: FigureRun) -> dict:
+    return {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.lowrank_documents,
+            "tokens": r.sizes.lowrank_tokens} | LOWRANK
+
+
 def _table1_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpora": r.corpora, "budgets": r.budgets, "documents": r.sizes.table_documents,
             "tokens": r.sizes.table_tokens, "window": r.sizes.table_window}
+
+
+def _retrieval_figure_settings(r: FigureRun) -> dict:
+    return {"model": r.model, **_retrieval_settings(r).record()}
 
 
 FIGURES: dict[str, Figure] = {
@@ -303,9 +373,15 @@ FIGURES: dict[str, Figure] = {
     "heads": Figure(build_heads, _heads_settings,
                     "Which heads to compress: head profile (sensitivity, merge minus evict, key rank) and a greedy "
                     "budget plan"),
+    "lowrank_bytes": Figure(build_lowrank_bytes, _lowrank_settings,
+                            "Low-rank keys vs token compression: perplexity against cache bytes, Pareto front"),
     "table1": Figure(build_table1, _table1_settings,
                      "Table I: perplexity of every method per corpus at each budget, per-document spread",
                      units=_table_units),
+    "retrieval": Figure(build_retrieval, _retrieval_figure_settings,
+                        "Retrieval: a passkey far back, found or lost under each method (decode mode), and where "
+                        "its tokens went (kept / merged / gone)",
+                        units=lambda r: len(_retrieval_settings(r).jobs) * 3 * r.sizes.retrieval_trials),
     "merge_space": Figure(build_merge_space, lambda r: _table1_settings(r) | {"variants": MERGE_FIGURE_VARIANTS},
                           "The merge space's named points, each paired with its own eviction: wins and mean "
                           "perplexity difference per corpus and budget", units=_merge_units),

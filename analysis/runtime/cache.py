@@ -36,9 +36,11 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from analysis.compress import LayerState, Policy, PolicyOptions, make_policy
+from analysis.compress.lowrank import LowRank
 from analysis.errors import UserError
-from analysis.models.loading import attention_modules
+from analysis.models.loading import attention_modules, sliding_layers
 from analysis.runtime import kernel as attention
+from analysis.runtime.channels import LayerCodec
 
 _OPEN: "WeakKeyDictionary[nn.Module, dict]" = WeakKeyDictionary()  # model -> hooks, previous impl, open caches
 
@@ -48,12 +50,15 @@ class CompressedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, policy: Policy, layer_idx: int, budgets: list[int] | None = None,
-                 merge: list[bool] | None = None, recent: list[int] | None = None,
-                 row_ids: Tensor | None = None, row_budgets: Tensor | None = None, track_mixing: int = 0):
+    def __init__(self, policy: Policy, layer_idx: int, budgets: list | None = None,
+                 merge: list | None = None, recent: list | None = None,
+                 row_ids: Tensor | None = None, row_budgets: Tensor | None = None, track_mixing: int = 0,
+                 codec: LayerCodec | None = None):
         super().__init__()
+        self.codec = codec  # keys/values held as low-rank coefficients (analysis.runtime.channels)
         self.policy, self.layer_idx = policy, layer_idx
-        self.budgets, self.merge, self.recent = budgets, merge, recent  # per KV head, from a plan
+        # per KV head, from a plan: (H) lists for every row, or (B, H) lists of nested ints for a plan per row
+        self.budgets, self.merge, self.recent = _per_row(budgets), _per_row(merge), _per_row(recent)
         self.row_ids, self.row_budgets, self.track_mixing = row_ids, row_budgets, track_mixing
         self.state: LayerState | None = None
         self.pending = False  # appended tokens whose attention has not been seen yet
@@ -61,18 +66,21 @@ class CompressedLayer(DynamicLayer):
     def _start(self, key_states: Tensor, value_states: Tensor) -> None:
         self.lazy_initialization(key_states, value_states)
         device = key_states.device
+        # once per layer, host to device: the per-step path then never copies or reads them back
+        row_ids = self.row_ids.to(device) if self.row_ids is not None else None
         state = LayerState.empty(key_states, value_states, 0, stats=self.policy.stats, layer=self.layer_idx,
-                                 row_ids=self.row_ids, track_mixing=self.track_mixing)
-        if self.row_budgets is not None:  # (B, 1): one budget per row (a sweep's jobs side by side)
+                                 row_ids=row_ids, track_mixing=self.track_mixing)
+        if self.row_budgets is not None:  # (B, 1) on the host: one budget per row (a sweep's jobs side by side)
             state.budget = self.row_budgets.to(device).expand(-1, key_states.shape[1])
+            state.budget_range = (int(self.row_budgets.min()), int(self.row_budgets.max()))
         elif self.budgets is not None:
-            state.budget = torch.tensor(self.budgets, device=device)[None, :]  # (1, H)
-        if state.budget is not None:
-            state.budget_range = (int(state.budget.min()), int(state.budget.max()))
+            state.budget = torch.tensor(self.budgets, device=device)  # (1 or B, H)
+            flat = [b for row in self.budgets for b in row]
+            state.budget_range = (min(flat), max(flat))  # known on the host: no device read
         if self.merge is not None:
-            state.merge_mask = torch.tensor(self.merge, device=device)[None, :]  # (1, H)
+            state.merge_mask = torch.tensor(self.merge, device=device)  # (1 or B, H)
         if self.recent is not None:
-            state.recent = torch.tensor(self.recent, device=device)[None, :, None]  # (1, H, 1)
+            state.recent = torch.tensor(self.recent, device=device)[..., None]  # (1 or B, H, 1)
         high = state.budget_range[1] if state.budget_range else self.policy.budget
         if self.policy.compresses and high:
             state._grow(high + 1)  # the overflowing step attends over budget + 1 slots
@@ -82,12 +90,17 @@ class CompressedLayer(DynamicLayer):
         if self.pending:
             raise RuntimeError("the attention of the previous step never reached the cache: was the model's "
                                "attention implementation changed after the CompressedCache was built?")
+        if self.codec is not None:  # the slots hold coefficients; attention gets reconstructed post-RoPE keys
+            seen = self.state.seen if self.state is not None else 0
+            key_states, value_states = self.codec.encode(key_states, value_states, seen)
         if self.state is None:
             self._start(key_states, value_states)
         self.state.append(key_states, value_states)
         # the reference keeps dense, ordered slots that any attention implementation reads correctly
         self.pending = self.policy.compresses
         self.keys, self.values = self.state.keys, self.state.values
+        if self.codec is not None:
+            return self.codec.decode(self.keys, self.values, self.state.positions)
         return self.keys, self.values
 
     def after_attention(self, weights: Tensor | None) -> None:
@@ -182,20 +195,54 @@ def restore(model: nn.Module) -> None:
         _close(model)
 
 
-def _sliding_layers(config) -> set[int]:
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(config, "layer_types", None) or []
-    return ({i for i, kind in enumerate(types) if kind == "sliding_attention"}
-            if getattr(config, "sliding_window", None) else set())
+def _held(layer) -> int:
+    """Tokens a layer of the model's own cache holds (a sliding layer: its window, not every token seen)."""
+    keys = getattr(layer, "keys", None)
+    return int(keys.shape[-2]) if isinstance(keys, Tensor) and keys.dim() == 4 else layer.get_seq_length()
+
+
+def _per_row(values: list | None) -> list[list] | None:
+    """A plan row (H,) as the (1, H) it broadcasts to; (B, H) lists (a plan per batch row) as they are."""
+    if values is None:
+        return None
+    return [list(r) for r in values] if values and isinstance(values[0], (list, tuple)) else [list(values)]
 
 
 @dataclass(frozen=True)
 class Rows:
     """What tells a batch's rows apart: ``ids`` (B,) seed each row's random draws (its window index),
-    ``budgets`` (B,) give each row its own budget (a sweep's jobs side by side, ``RowPolicies``)."""
+    ``budgets`` (B,) give each row its own budget (a sweep's jobs side by side, ``RowPolicies``),
+    ``plans`` (B,) give each row its own per-head plan (a head study's plans side by side)."""
 
     ids: Tensor | None = None
     budgets: list[int] | None = None
+    plans: list | None = None
+
+
+def _row_plans(plan, rows: Rows) -> list | None:
+    """The plans to check and to lay out: ``[plan]`` for every row, or one per row (``rows.plans``)."""
+    if rows.plans is None:
+        return None if plan is None else [plan]
+    if plan is not None or rows.budgets is not None:
+        raise UserError("give a plan for every row (plan=) or one per row (Rows.plans), not with per-row budgets")
+    if not rows.plans:
+        raise UserError("Rows.plans is empty: give one plan per batch row")
+    if len({(p.sinks, p.recent) for p in rows.plans}) > 1:
+        raise UserError("plans packed as rows must share sinks and recent (each row's policy takes them)")
+    return list(rows.plans)
+
+
+def _plan_rows(plans: list | None, shared: bool, layer: int) -> tuple:
+    """Layer ``layer``'s (budgets, merge, recent) per KV head: (H) lists for a shared plan, (B, H) for one per row."""
+    if plans is None:
+        return None, None, None
+    if shared:
+        plan = plans[0]
+        return plan.budgets[layer], plan.merge_row(layer), plan.recent_row(layer)
+    heads = plans[0].num_kv_heads
+    merge = ([p.merge_row(layer) or [True] * heads for p in plans]  # no merge flags: every head merges
+             if any(p.merge is not None for p in plans) else None)
+    return [p.budgets[layer] for p in plans], merge, [p.recent_row(layer) for p in plans]
 
 
 class CompressedCache(Cache):
@@ -203,36 +250,54 @@ class CompressedCache(Cache):
 
     ``method``: a registered name (built with ``**options``: ``sinks``, ``recent``, ``seed``) or a
     configured ``Policy``; ``plan``: an ``analysis.compress.plans.Plan`` giving each (layer, KV head)
-    its budget and, optionally, merge-or-evict; ``rows``: per-row seeds and budgets (``Rows``);
+    its budget and, optionally, merge-or-evict; ``rows``: per-row seeds, budgets or plans (``Rows``);
     ``track_mixing`` > 0 records which original tokens each slot's value mixes (for display).
+    ``key_basis`` (a basis directory or ``analysis.compress.lowrank.Basis``) with ``key_rank`` R (or
+    ``key_energy``) holds every key as R coefficients of its pre-RoPE projection; ``lowrank`` (a
+    ``LowRank``) also sets low-rank values. Composes with every method: the policy sees slots as before.
     """
 
     def __init__(self, model: nn.Module, method: str | Policy = "weightedkv", budget: int | None = 256, *,
-                 plan=None, rows: Rows | None = None, track_mixing: int = 0, **options):
+                 plan=None, rows: Rows | None = None, track_mixing: int = 0, key_basis=None,
+                 key_rank: int | None = None, key_energy: float | None = None, lowrank: LowRank | None = None,
+                 **options):
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if plan is not None:
-            plan.check(config)
-        self.policy = self._policy(method, budget, plan, options)
-        if plan is not None:
-            plan.check_policy(self.policy)
+        if key_basis is not None or key_rank is not None or key_energy is not None:
+            if lowrank is not None:
+                raise UserError("give key_basis/key_rank or lowrank, not both")
+            lowrank = LowRank.of(key_basis, key_rank, key_energy)
+        if lowrank is not None:
+            lowrank.basis.check(model)
+        self.lowrank = lowrank
         rows = rows or Rows()
-        sliding = _sliding_layers(config)
+        plans = _row_plans(plan, rows)
+        for one in plans or ():
+            one.check(config)
+        self.policy = self._policy(method, budget, max(plans, key=lambda p: p.max_budget) if plans else None, options)
+        for one in plans or ():
+            one.check_policy(self.policy)
+        sliding = sliding_layers(config)
         row_budgets = torch.tensor(rows.budgets)[:, None] if rows.budgets is not None else None
         layers = []
         for i in range(config.num_hidden_layers):
             if i in sliding:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=config.sliding_window))
                 continue
-            layers.append(CompressedLayer(
-                self.policy, i, budgets=plan.budgets[i] if plan else None, merge=plan.merge_row(i) if plan else None,
-                recent=plan.recent_row(i) if plan else None, row_ids=rows.ids, row_budgets=row_budgets,
-                track_mixing=track_mixing))
+            layers.append(CompressedLayer(self.policy, i, *_plan_rows(plans, rows.plans is None, i), row_ids=rows.ids,
+                                          row_budgets=row_budgets, track_mixing=track_mixing,
+                                          codec=self._codec(model, i)))
         super().__init__(layers=layers)
         self._model = model
         if self.policy.compresses:  # the reference needs no hook or switch: see CompressedLayer.update
             _open(model)
             self._release = weakref.finalize(self, _close, model)  # also when the cache is dropped
             self._release.atexit = False  # not during interpreter shutdown
+
+    def _codec(self, model: nn.Module, layer: int) -> LayerCodec | None:
+        if self.lowrank is None:
+            return None
+        codec = LayerCodec(model, layer, self.lowrank)
+        return codec if codec.active else None
 
     @staticmethod
     def _policy(method: str | Policy, budget: int | None, plan, options: dict) -> Policy:
@@ -267,7 +332,7 @@ class CompressedCache(Cache):
     def occupancy(self) -> list[int]:
         """Tokens held per layer (the most any (row, head) holds)."""
         held = dict((i, int(state.n_valid().max())) for i, state in self._compressed())
-        return [held.get(i, layer.get_seq_length() if not isinstance(layer, CompressedLayer) else 0)
+        return [held.get(i, _held(layer) if not isinstance(layer, CompressedLayer) else 0)
                 for i, layer in enumerate(self.layers)]
 
     def kept_positions(self, layer: int) -> Tensor:
@@ -279,13 +344,26 @@ class CompressedCache(Cache):
         return state.positions.gather(2, key.argsort(dim=-1))
 
     def memory(self) -> dict:
-        """Cache memory two ways: logical (the budgets, what a ragged store would hold) and physical."""
-        logical = physical = 0
-        for _, state in self._compressed():
-            per_slot = (state.keys.shape[-1] + state.values.shape[-1]) * state.keys.element_size()
+        """The compressed layers' cache in bytes, two ways, and in slots.
+
+        ``logical_bytes``: what a ragged store holds, per (row, KV head) min(budget, tokens seen) slots
+        of (key width + value width) x element size, a low-rank head's widths being its ranks.
+        ``physical_bytes``: the tensors' real sizes (capacity slots, zero-padded ranks); ``basis_bytes``:
+        the projection matrices, shared by every row; ``slots``: the held slots summed over rows and heads.
+        """
+        logical = physical = slots = basis = 0
+        for i, state in self._compressed():
+            H = state.positions.shape[1]
+            codec = self.layers[i].codec
+            if codec is not None:
+                key_width, value_width = codec.widths(state.keys.shape[-1], state.values.shape[-1])
+                basis += codec.basis_bytes()
+            else:
+                key_width, value_width = (torch.full((H,), t.shape[-1]) for t in (state.keys, state.values))
             budget = state.budget if state.budget is not None else torch.tensor(self.policy.budget or state.capacity)
-            held = torch.minimum(budget.expand(state.positions.shape[:2]), torch.tensor(state.seen))
-            logical += int(held.sum()) * per_slot
+            held = torch.minimum(budget.expand(state.positions.shape[:2]), torch.tensor(state.seen)).cpu()  # (B, H)
+            logical += int((held * (key_width + value_width)[None, :]).sum()) * state.keys.element_size()
+            slots += int(held.sum())
             physical += (state.keys.numel() * state.keys.element_size()
                          + state.values.numel() * state.values.element_size())
-        return {"logical_bytes": logical, "physical_bytes": physical}
+        return {"logical_bytes": logical, "physical_bytes": physical, "basis_bytes": basis, "slots": slots}

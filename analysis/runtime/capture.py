@@ -12,6 +12,11 @@ attention hands over anything else is refused with a one-line error naming the m
 layers (Gemma 2/3, Mistral-style) are recorded as the model runs them: keys outside a query's window
 receive 0 attention and are not counted as seen by it.
 
+Each layer's attention arithmetic, as the model's attention call is told it (``scaling``, ``softcap``,
+``sliding_window``: the arguments the kvlens kernel takes too), is kept in ``meta["attention"]``;
+``Capture.attention(layer)`` gives it to every study that recomputes attention from the captured
+q/k/v, so Gemma's ``query_pre_attn_scalar``, soft-capping and windows are applied there too.
+
 Memory is layers x heads x T x d: a T x T map is kept only for ``maps_window`` query positions.
 Recording works in a prefill and in every ``generate()`` step (tokens are appended along T).
 """
@@ -34,8 +39,9 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from analysis.errors import UserError
 from analysis.models.layouts import Geometry, check_attention_inputs, module_names, pre_rope_hooks, refuse
-from analysis.models.loading import LoadedModel, attention_modules, config_summary
-from analysis.ops import group_mean, seen_counts
+from analysis.models.loading import LoadedModel, attention_modules, config_summary, sliding_layers
+from analysis.ops import AttentionSpec, group_mean, seen_counts
+from analysis.runtime.channels import Rotary
 
 KINDS = ("query_post_rope", "key_pre_rope", "key_post_rope", "value")
 
@@ -77,6 +83,11 @@ class Capture:
             raise UserError(f"this capture has no {name!r} (it has {', '.join(self.kinds)})")
         return self.tensors[key]
 
+    def attention(self, layer: int) -> AttentionSpec:
+        """The layer's scaling, soft-cap and window as the model applied them (captures made before
+        these were recorded: 1/sqrt(D), no cap, full causal attention)."""
+        return AttentionSpec.from_dict((self.meta.get("attention") or {}).get(str(layer)))
+
 
 @dataclass
 class _LayerRecord:
@@ -93,6 +104,7 @@ class _LayerRecord:
     maps: list[Tensor] = field(default_factory=list)
     seen: int = 0  # query tokens recorded so far
     calls: int = 0  # attention calls recorded so far
+    spec: AttentionSpec | None = None  # scaling, soft-cap, window the model's attention call was given
 
     def keep(self, name: str, tensor: Tensor) -> None:
         if name in self.kinds:
@@ -146,6 +158,7 @@ def _capture_attention(module, query, key, value, attention_mask, **kwargs):
     output, weights = eager(module, query, key, value, attention_mask, **kwargs)
     q = query.shape[2]
     record.calls += 1
+    record.spec = AttentionSpec(kwargs.get("scaling"), kwargs.get("softcap"), window)
     record.keep("query_post_rope", query)
     record.keep("key_post_rope", key[:, :, -q:])
     record.keep("value", value[:, :, -q:])
@@ -246,7 +259,8 @@ class _Recorder:
         first = next(iter(self.records.values()))
         meta = dict(meta or {})
         meta.update(layers=sorted(self.records), kinds=list(first.kinds), tokens=first.seen,
-                    dtype=str(first.dtype).removeprefix("torch."), maps_window=first.maps_window)
+                    dtype=str(first.dtype).removeprefix("torch."), maps_window=first.maps_window,
+                    attention={str(i): (rec.spec or AttentionSpec()).to_dict() for i, rec in self.records.items()})
         return Capture(tensors, meta)
 
 
@@ -284,6 +298,7 @@ def capture_sequences(
         "kind": "capture",
         "model": loaded.model_id,
         "config": loaded.summary(),
+        "sliding_layers": sorted(sliding_layers(loaded.model.config)),  # not compressed by CompressedCache
         "text_ids": [text_id for text_id, _ in sequences],
         "token_ids": [list(ids) for _, ids in sequences],
         "positions": list(range(lengths.pop())),
@@ -304,17 +319,4 @@ def apply_rope(model: nn.Module, keys: Tensor, positions: Tensor, layer: int | N
 
     ``layer`` is needed where layer types rotate differently (Gemma 3: sliding layers use a local base).
     """
-    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
-    if rotary is None:
-        return keys  # absolute-position model (GPT-2): keys carry no rotation
-    modules = attention_modules(model)
-    attn = modules[layer] if layer is not None else next(iter(modules.values()))
-    rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    extra = {}
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
-        if layer is None:
-            raise UserError(f"{type(model).__name__} rotates each layer type differently: pass layer=")
-        extra["layer_type"] = model.config.layer_types[layer]
-    cos, sin = rotary(keys, positions, **extra)
-    _, rotated = rotate(keys, keys, cos, sin)
-    return rotated
+    return Rotary(model, layer).rotate(keys, positions)

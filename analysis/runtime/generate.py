@@ -1,6 +1,8 @@
 """Generate text from a prompt through a CompressedCache, and report what the cache kept.
 
 Plain data in and out, no streamlit: the Generate page calls it (through the dashboard's model lock).
+Sliding-window layers (Gemma 2/3) keep the model's own sliding cache; the reported occupancy shows
+them holding up to their window, the other layers their budget.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from analysis.runtime.cache import CompressedCache
 
 
 def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
-                  sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
+                  sample: bool, temperature: float, seed: int, plan_json: str | None = None, lowrank=None) -> dict:
     """Generate ``new`` tokens after ``prompt`` with ``loaded`` (analysis.models.loading) through a CompressedCache.
 
-    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/compress/plans.py), replacing the budget.
+    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/compress/plans.py), replacing the budget;
+    ``lowrank``: an ``analysis.compress.lowrank.LowRank`` (keys, and optionally values, in low rank).
     Returns the text and the cache afterwards (occupancy, tokens seen, memory, kept positions per head).
     The cache hooks the model and switches its attention while open: callers sharing the model serialise calls.
     """
@@ -28,7 +31,8 @@ def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: i
         raise UserError("the prompt is empty")
     plan = Plan.from_text(plan_json) if plan_json else None
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan)
+    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan,
+                            lowrank=lowrank)
     torch.manual_seed(seed)
     began = time.perf_counter()
     with torch.inference_mode(), cache:
@@ -41,6 +45,14 @@ def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: i
         "new_tokens": len(generated), "seconds": seconds, "occupancy": cache.occupancy(),
         "seen": [layer.get_seq_length() for layer in cache.layers], "sinks": cache.policy.sinks,
         "recent": cache.policy.recent, "memory": cache.memory(),
-        "kept": [[[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]
-                 for i in range(len(cache.layers))],
+        "kept": [_kept(cache, i) for i in range(len(cache.layers))],
     }
+
+
+def _kept(cache: CompressedCache, i: int) -> list[list[int]]:
+    """Positions layer ``i`` holds per KV head (row 0); a sliding layer holds its newest tokens."""
+    layer = cache.layers[i]
+    if getattr(layer, "state", None) is None:  # the model's own (sliding) cache layer: the last tokens it keeps
+        held, seen = layer.keys.shape[2], layer.get_seq_length()
+        return [list(range(seen - held, seen))] * layer.keys.shape[1]
+    return [[p for p in head if p >= 0] for head in cache.kept_positions(i)[0].tolist()]

@@ -62,12 +62,14 @@ def slot_mask(positions: Tensor, query_positions: Tensor) -> Tensor:
 
 
 def slot_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | None = None,
-                   scaling: float | None = None, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   scaling: float | None = None, mask: Tensor | None = None,
+                   softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention of query heads over KV slots, eager arithmetic, GQA without copies.
 
     query (B, Hq, q, D), keys (B, H, C, D), values (B, H, C, Dv); ``allowed`` (B, H, q, C) or
     (B, H, 1, C) bool and/or an additive ``mask`` broadcastable to (B, Hq, q, C). Scores in the
-    input dtype, softmax in float32 then cast back, as the families' eager code does.
+    input dtype, soft-capped (c tanh(s / c)) when ``softcap`` is given (Gemma 2's eager does so
+    before the mask), softmax in float32 then cast back, as the families' eager code does.
     Returns output (B, Hq, q, Dv) and weights (B, Hq, q, C).
     """
     B, Hq, q, D = query.shape
@@ -76,6 +78,8 @@ def slot_attention(query: Tensor, keys: Tensor, values: Tensor, allowed: Tensor 
     scaling = scaling or D**-0.5
     grouped = query.reshape(B, H, G * q, D)  # (B, H, G*q, D): query heads of a group are adjacent
     scores = attention_scores(grouped, keys, scaling).view(B, H, G, q, C)  # (B, H, G, q, C)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:  # (B or 1, 1 or Hq, q, C)
         scores = scores + (mask[:, :, None] if mask.shape[1] == 1 else mask.view(mask.shape[0], H, G, q, C))
     allowed = None if allowed is None else allowed[:, :, None]  # (B, H, 1, q or 1, C)

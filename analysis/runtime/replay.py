@@ -11,6 +11,9 @@ Which original tokens a slot's value mixes (WeightedKV's cascade) is the cache's
 
 ``merge_preview`` asks the same question of a capture: if this full cache had to give up one slot,
 which position would the policy remove, and into which neighbour would its value go.
+
+Sliding-window layers (Gemma 2/3) are refused by both with a one-line error: ``CompressedCache``
+leaves them to the model's own sliding cache, so no method acts there.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import Tensor
 
 from analysis.compress import LayerState, make_policy
 from analysis.errors import UserError
-from analysis.models.loading import attention_modules
+from analysis.models.loading import attention_modules, compressed_layers
 from analysis.ops import query_groups
 from analysis.runtime.cache import CompressedCache
 
@@ -118,6 +121,7 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
         raise UserError("replay needs at least one token")
     if not 0 <= layer < model.config.num_hidden_layers:
         raise UserError(f"layer {layer} out of range: the model has layers 0-{model.config.num_hidden_layers - 1}")
+    compressed_layers(model.config, [layer])  # a sliding-window layer: one-line error
     policy = make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)  # bad settings fail here
     T = len(token_ids)
     device = next(model.parameters()).device
@@ -163,6 +167,9 @@ def merge_preview(capture, layer: int, method: str = "weightedkv", budget: int =
     received and queries that saw it); the policy keeps the ``sinks`` and ``recent`` of ``budget``
     (its defaults for that budget) protected and runs its real ``compress`` down by one slot.
     """
+    if layer in (capture.meta.get("sliding_layers") or []):
+        raise UserError(f"layer {layer} uses a sliding window: CompressedCache does not compress it, "
+                        "so no method would remove anything there")
     keys = capture.get(layer, "key_post_rope")[row : row + 1]  # (1, H, T, D)
     values = capture.get(layer, "value")[row : row + 1].float()  # (1, H, T, D)
     received = capture.get(layer, "attn_received_kv")[row : row + 1].float()  # (1, H, T)

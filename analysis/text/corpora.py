@@ -340,20 +340,38 @@ def _prefix_ids(tokenizer, text: str, tokens: int) -> list[int]:
         chars *= 2
 
 
+def bos_id(tokenizer) -> int | None:
+    """The id the tokenizer puts before every text (Gemma's ``<bos>``, which Gemma needs as its first
+    token); None when it adds none (SmolLM2)."""
+    try:
+        plain, full = _encode(tokenizer, "a"), list(tokenizer.encode("a"))
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot encode the probe adds nothing we can see
+        return None
+    return full[0] if len(full) > len(plain) and full[1 : 1 + len(plain)] == plain else None
+
+
 def token_sequences(tokenizer, docs: list[Document], tokens: int,
                     count: int = 1) -> list[tuple[str, list[int]]]:
     """Up to ``count`` sequences of exactly ``tokens`` ids: the first ``tokens`` of each long
     enough document in order; then further non-overlapping chunks ("id#k", k-th chunk) from the
     longest documents when there are fewer long documents than ``count``.
+
+    A tokenizer that starts every text with a BOS token (``bos_id``: Gemma) gets it first in every
+    sequence, chunks included, followed by ``tokens - 1`` text tokens, as the model was trained.
     """
     if tokens < 1 or count < 1:
         raise UserError(f"--tokens and the number of sequences/documents must be at least 1 (got {tokens} and {count})")
+    bos = bos_id(tokenizer)
+    head = [] if bos is None else [bos]
+    n = tokens - len(head)  # text tokens per sequence
+    if n < 1:
+        raise UserError(f"--tokens {tokens} leaves no text after the BOS token")
     out, longest, used = [], 0, []
     for doc in docs:
-        ids = _prefix_ids(tokenizer, doc.text, tokens)
+        ids = _prefix_ids(tokenizer, doc.text, n)
         longest = max(longest, len(ids))
-        if len(ids) >= tokens:
-            out.append((doc.id, ids[:tokens]))
+        if len(ids) >= n:
+            out.append((doc.id, head + ids[:n]))
             used.append(doc)
             if len(out) == count:
                 return out
@@ -362,9 +380,9 @@ def token_sequences(tokenizer, docs: list[Document], tokens: int,
                         f"has {longest} tokens")
     for doc in sorted(used, key=lambda d: -len(d.text)):
         need = count - len(out)
-        ids = _prefix_ids(tokenizer, doc.text, tokens * (need + 1))
-        for k in range(1, len(ids) // tokens):
-            out.append((f"{doc.id}#{k}", ids[k * tokens:(k + 1) * tokens]))
+        ids = _prefix_ids(tokenizer, doc.text, n * (need + 1))
+        for k in range(1, len(ids) // n):
+            out.append((f"{doc.id}#{k}", head + ids[k * n:(k + 1) * n]))
             if len(out) == count:
                 return out
     return out
