@@ -183,8 +183,9 @@ def test_every_preset_keeps_budget_and_window_over_prompt_and_steps(name):
         assert int(state.n_valid().max()) <= 10
     newest = state.step.item() - 1
     assert bool((state.positions == newest).any(-1).all())  # the newest token is never a victim
-    if policy.spec.cap is not None if hasattr(policy, "spec") else False:
-        assert float(state.depth.max()) <= policy.spec.cap
+    spec = getattr(policy, "spec", None)
+    if spec is not None and spec.cap is not None:
+        assert float(state.depth.max()) <= spec.cap  # no value carries more than cap merged tokens
 
 
 @pytest.mark.slow
