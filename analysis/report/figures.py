@@ -67,6 +67,7 @@ class Sizes:
     heads_tokens: int = 1024
     lowrank_documents: int = 3  # calibration documents, and as many held-out ones evaluated
     lowrank_tokens: int = 256  # per document; also the window
+    lowrank_fractions: tuple[float, ...] = (0.5, 0.25, 0.125)  # of the full cache's bytes
     retrieval_tokens: int = 1024  # the passkey grid: one length, depths 0/50/100, the smallest budget
     retrieval_trials: int = 5
 
@@ -197,7 +198,7 @@ def build_heads(run: FigureRun, out: Path) -> None:
     run.advance(1)
 
 
-LOWRANK = {"fractions": [0.5, 0.25, 0.125], "methods": ["streaming_llm", "h2o", "tova"], "merge": ["weightedkv"],
+LOWRANK = {"methods": ["streaming_llm", "h2o", "tova"], "merge": ["weightedkv"],
            "combine": ["weightedkv", "tova"], "key_ranks": "0.95,0.99"}
 
 
@@ -209,17 +210,18 @@ def build_lowrank_bytes(run: FigureRun, out: Path) -> None:
     basis.save(out / "basis")
     windows = make_windows(token_sequences(loaded.tokenizer, held_out(basis, docs), s.lowrank_tokens,
                                            s.lowrank_documents), s.lowrank_tokens)
-    configs = plan_configs(LOWRANK["fractions"], basis.head_dim, windows.size,
+    fractions = list(s.lowrank_fractions)
+    configs = plan_configs(fractions, basis.head_dim, windows.size,
                            element_size=next(loaded.model.parameters()).element_size(),
                            token_methods=LOWRANK["methods"], merge_methods=LOWRANK["merge"],
                            combine_methods=LOWRANK["combine"], key_specs=parse_key_specs(LOWRANK["key_ranks"], basis))
     with ticking(run, "lowrank_bytes"):
-        rows = run_compare(loaded, windows, basis, configs, fractions=LOWRANK["fractions"],
+        rows = run_compare(loaded, windows, basis, configs, fractions=fractions,
                            batching=Batching(partial=run.partial("lowrank_bytes")))
     compare = {"model": loaded.model_id, "calibration": basis.calibration,
                "documents": list(dict.fromkeys(windows.docs)), "tokens": s.lowrank_tokens, "window": windows.size,
-               "fractions": LOWRANK["fractions"], "rows": rows, "pareto": pareto(rows),
-               "goal": [goal(rows, f) for f in LOWRANK["fractions"]]}
+               "fractions": fractions, "rows": rows, "pareto": pareto(rows),
+               "goal": [goal(rows, f) for f in fractions]}
     write_json(out / "compare.json", compare)
     write_figure(fig_ppl_vs_bytes(compare), out, "ppl_vs_bytes", png=run.png)
     run.advance(1)
@@ -344,7 +346,7 @@ def _heads_settings(r: FigureRun) -> dict:
 
 def _lowrank_settings(r: FigureRun) -> dict:
     return {"model": r.model, "corpus": r.corpora[0], "documents": r.sizes.lowrank_documents,
-            "tokens": r.sizes.lowrank_tokens} | LOWRANK
+            "tokens": r.sizes.lowrank_tokens, "fractions": list(r.sizes.lowrank_fractions)} | LOWRANK
 
 
 def _table1_settings(r: FigureRun) -> dict:
