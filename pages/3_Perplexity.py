@@ -98,13 +98,7 @@ def main() -> None:
     if not dirs:
         st.info(f"No perplexity sweeps in {root}/ yet, so this shows the starter sweep. Run a quick one from the "
                 f"sidebar, or `python -m experiments.perplexity --tokens 1024 --window 512 --out {root}/ppl`.")
-    paths = {p.name: p for p in dirs}
-    paths[dashboard.STARTER_LABEL] = None  # the starter sweep: computed once per machine, when chosen
-    names = list(paths)
-    if st.session_state.get("sweep") not in names:
-        st.session_state["sweep"] = names[0]
-    name = st.selectbox("sweep", names, key="sweep")
-    path = paths[name] or dashboard.starter_dir("sweep")
+    path = dashboard.pick_result(dirs, "sweep", dashboard.STARTER_LABEL, "sweep")
 
     show(json.loads((path / "perplexity.json").read_text()))
 

@@ -146,12 +146,7 @@ def main() -> None:
     if not dirs:
         st.info(f"No perturbation studies in {root}/ yet, so this shows the starter Fig. 2 study. Run a small one "
                 f"from the sidebar, or `python -m experiments.perturbation fig2 --sequences 2 --out {root}/fig2`.")
-    paths = {p.name: p for p in dirs} | {starter.FIG2_LABEL: None}  # the starter: computed once, when chosen
-    names = list(paths)
-    if st.session_state.get("study") not in names:
-        st.session_state["study"] = names[0]
-    name = st.selectbox("study", names, key="study")
-    path = (paths[name] or dashboard.starter_dir("fig2")) / RESULTS
+    path = dashboard.pick_result(dirs, "study", starter.FIG2_LABEL, "fig2") / RESULTS
     show(load_summary(str(path), path.stat().st_mtime))
     merge_space(root)
 

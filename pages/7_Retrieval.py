@@ -118,13 +118,7 @@ def main() -> None:
     if not dirs:
         st.info(f"No retrieval results in {root}/ yet, so this shows the starter grid. Run a small one from the "
                 f"sidebar, or `python -m experiments.retrieval passkey --lengths 1024 --out {root}/passkey`.")
-    paths = {p.name: p for p in dirs}
-    paths[starter.RETRIEVAL_LABEL] = None  # the starter grid: computed once per machine, when chosen
-    names = list(paths)
-    if st.session_state.get("result") not in names:
-        st.session_state["result"] = names[0]
-    name = st.selectbox("result", names, key="result")
-    path = paths[name] or dashboard.starter_dir("retrieval")
+    path = dashboard.pick_result(dirs, "result", starter.RETRIEVAL_LABEL, "retrieval")
     show(json.loads((path / "retrieval.json").read_text()))
 
 

@@ -117,6 +117,20 @@ def starter_dir(part: str) -> Path:
     return folder()
 
 
+def pick_result(dirs: list[Path], key: str, starter_label: str, part: str) -> Path:
+    """A selectbox over result directories, the starter part last; the chosen one's directory.
+
+    The starter is computed (once per machine) only when it is the one chosen. The choice survives
+    reruns in ``st.session_state[key]`` while it is still offered.
+    """
+    paths = {p.name: p for p in dirs} | {starter_label: None}
+    names = list(paths)
+    if st.session_state.get(key) not in names:
+        st.session_state[key] = names[0]
+    name = st.selectbox(key, names, key=key)
+    return paths[name] or starter_dir(part)
+
+
 def starter_capture() -> Path:
     return starter_dir("capture")
 
