@@ -72,6 +72,17 @@ def text_source(args) -> dict:
     return {"corpus": args.corpus or args._default_corpus}
 
 
+def add_lowrank_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--key-basis DIR with --key-rank / --key-energy and --value-rank: keys (and values) held in low rank."""
+    low = parser.add_argument_group("low-rank keys (python -m experiments.lowrank calibrate)")
+    low.add_argument("--key-basis", default=None, metavar="DIR", help="a basis directory: keys held in low rank")
+    low.add_argument("--key-rank", type=int, default=None, metavar="R", help="key rank r in 1..head_dim")
+    low.add_argument("--key-energy", type=float, default=None, metavar="E",
+                     help="instead of --key-rank: per head, the smallest rank reaching energy E in (0, 1]")
+    low.add_argument("--value-rank", type=int, default=None, metavar="R", help="also hold values in rank R")
+    return low
+
+
 def add_output_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--out", required=required, metavar="DIR", help="output directory (written atomically)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds results")

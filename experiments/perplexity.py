@@ -38,6 +38,7 @@ from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
 from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
+    add_lowrank_args,
     add_output_args,
     command_parser,
     load_model_from_args,
@@ -70,12 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="per-(layer, KV head) budgets from a plan JSON file, instead of --budget")
     parser.add_argument("--total-budget", type=int, default=None, metavar="SLOTS",
                         help="refuse a --plan holding more slots than this in all")
-    low = parser.add_argument_group("low-rank keys and equal bytes (python -m experiments.lowrank calibrate)")
-    low.add_argument("--key-basis", default=None, metavar="DIR", help="a basis directory: keys held in low rank")
-    low.add_argument("--key-rank", type=int, default=None, metavar="R", help="key rank r in 1..head_dim")
-    low.add_argument("--key-energy", type=float, default=None, metavar="E",
-                     help="instead of --key-rank: per head, the smallest rank reaching energy E in (0, 1]")
-    low.add_argument("--value-rank", type=int, default=None, metavar="R", help="also hold values in rank R")
+    low = add_lowrank_args(parser)
     low.add_argument("--bytes", type=float, default=None, metavar="B",
                      help="equal bytes: cache bytes per (layer, KV head) instead of --budget; m = B / (2 d dtype) "
                           "slots, B / ((r + d) dtype) with rank-r keys")

@@ -30,12 +30,19 @@ from tqdm.auto import tqdm
 
 from analysis.io import check_out_dir, load_partial_settings
 from analysis.perplexity.jobs import Batching
-from analysis.perplexity.settings import check_batch_size
+from analysis.perplexity.settings import check_batch_size, lowrank_options
 from analysis.report.retrieval import save_retrieval
 from analysis.retrieval.grid import MODES, build_prompts, check_positions, grid_units, retrieval_settings, run_grid
 from analysis.retrieval.tasks import TASKS
 from analysis.text.corpora import load_documents
-from experiments.common import add_model_args, add_output_args, load_model_from_args, new_parser, run_main
+from experiments.common import (
+    add_lowrank_args,
+    add_model_args,
+    add_output_args,
+    load_model_from_args,
+    new_parser,
+    run_main,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,14 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of keys, needles and randomised methods")
     parser.add_argument("--batch-size", type=int, default=64, help="rows decoded together (default: 64)")
     parser.add_argument("--no-png", action="store_true", help="write figures as HTML only")
+    add_lowrank_args(parser)
     add_output_args(parser)
     return parser
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    lowrank = lowrank_options(args.key_basis, args.key_rank, args.key_energy, args.value_rank)
     settings = retrieval_settings(args.task, args.mode, args.lengths, args.depths, args.budget, args.methods,
-                                  args.trials, args.seed, args.sinks, args.recent, args.protect_question)
+                                  args.trials, args.seed, args.sinks, args.recent, args.protect_question, lowrank)
     check_batch_size(args.batch_size)
     out = check_out_dir(args.out, args.overwrite)
     partial = out.parent / f".{out.name}.partial"
@@ -79,6 +88,8 @@ def main(argv=None) -> None:
         load_partial_settings(partial, record, write=False)
     docs = load_documents(**source) if args.task == "needle" else None
     loaded = load_model_from_args(args)
+    if lowrank is not None:
+        lowrank.basis.check(loaded.model)
     check_positions(settings, loaded.summary()["max_positions"])
     prompts = build_prompts(loaded.tokenizer, settings, docs)
     load_partial_settings(partial, record)

@@ -26,7 +26,8 @@ CHROMIUM = shutil.which("chromium") is not None
 # a few tokens per figure: every builder runs end to end on the real model in about a minute
 TINY = Sizes(spectra_sequences=1, spectra_tokens=64, table_documents=2, table_tokens=24, table_window=24,
              stream_documents=2, stream_tokens=24, perturb_sequences=2, fig2_future=12, sweep_tokens=40,
-             lowrank_documents=1, lowrank_tokens=96, lowrank_fractions=(0.25,), retrieval_tokens=96, retrieval_trials=1)
+             heads_documents=1, heads_tokens=72, lowrank_documents=1, lowrank_tokens=96, lowrank_fractions=(0.25,),
+             retrieval_tokens=96, retrieval_trials=1)
 
 
 def figures_command(*args):

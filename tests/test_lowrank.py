@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from analysis.compress import make_jobs
+from analysis.compress import Job, PolicyOptions, make_jobs
 from analysis.compress.lowrank import Basis, LowRank, slot_bytes, slots_for_bytes
 from analysis.errors import UserError
 from analysis.lowrank.calibrate import basis_from_capture, check_disjoint, held_out, text_hash
 from analysis.lowrank.compare import Config, config_bytes, parse_key_specs, plan_configs
 from analysis.lowrank.cost import KINDS, rank_correlation, rank_costs
 from analysis.perplexity.settings import bytes_budget, lowrank_options, with_lowrank
+from analysis.retrieval.grid import retrieval_settings
+from analysis.retrieval.run import Unit, run_batch
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import apply_rope, record
 from analysis.runtime.channels import Rotary
@@ -20,6 +24,7 @@ from analysis.text.corpora import Document
 from experiments import lowrank, perplexity
 from experiments.common import run_main
 from tests.conftest import build_tiny
+from tests.test_retrieval import tiny_prompt
 
 D = 16  # the tiny Llama's head_dim (64 hidden / 4 heads)
 
@@ -308,3 +313,21 @@ def test_bytes_budget_of_the_perplexity_command(basis):
     assert [j.key for j in jobs] == ["tova@16+k4"]
     with pytest.raises(UserError, match="needs --key-rank"):
         lowrank_options("somewhere")
+
+
+def test_retrieval_holds_its_keys_in_low_rank(llama, basis):
+    """The retrieval probe runs the same low-rank cache: rank d changes nothing, rank 2 moves the answer."""
+    job = Job.of("weightedkv", 16, PolicyOptions(sinks=2))
+
+    def answer_logprobs(lowrank):
+        units = [Unit(replace(job, lowrank=lowrank), tiny_prompt(t)) for t in range(2)]
+        return [r["answer_logprob"] for r in run_batch(llama, units, "decode")]
+
+    plain = answer_logprobs(None)
+    assert answer_logprobs(LowRank.of(basis, key_rank=D)) == pytest.approx(plain, abs=1e-4)
+    low = answer_logprobs(LowRank.of(basis, key_rank=2))
+    assert max(abs(a - b) for a, b in zip(low, plain)) > 1e-3
+    settings = retrieval_settings("passkey", lengths=[64], budget=[16], methods="full,weightedkv",
+                                  lowrank=LowRank.of(basis, key_rank=2))
+    assert settings.record()["lowrank"] == LowRank.of(basis, key_rank=2).tag
+    assert all(j.lowrank is not None for j in settings.jobs)

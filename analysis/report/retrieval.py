@@ -56,7 +56,9 @@ def fig_needle_heatmap(result: dict) -> go.Figure:
                                  showscale=i == 0, colorbar=dict(title="accuracy"),
                                  hovertemplate="length %{y}, depth %{x}: accuracy %{z:.2f} (%{text})<extra></extra>"),
                       row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(type="category")
     fig.update_xaxes(title_text="depth", row=nrows)
+    fig.update_yaxes(type="category")  # one length must not become a numeric axis with fractional ticks
     fig.update_yaxes(title_text="tokens", col=1)
     fig.update_layout(title=_title(result, "Retrieval accuracy by length and depth"), height=260 * nrows + 120,
                       width=1100)
@@ -99,7 +101,12 @@ def fig_retrieval_vs_budget(result: dict) -> go.Figure:
                       row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=[p["answer_logprob"] for p in mine], mode="lines+markers", name=method,
                                  legendgroup=method, showlegend=False, line_color=colour), row=1, col=2)
-    fig.update_xaxes(title_text="cache size m (slots per layer and KV head)", type="log")
+    budgets = sorted({p["budget"] for p in points if p["budget"] is not None})
+    title = "cache size m (slots per layer and KV head)"
+    if len(budgets) > 1:  # ticks at the budgets run, not log-axis decades
+        fig.update_xaxes(title_text=title, type="log", tickvals=budgets, ticktext=[str(b) for b in budgets])
+    else:  # one budget: a log axis would show stray fractional ticks around it
+        fig.update_xaxes(title_text=title, type="category")
     fig.update_yaxes(range=[-0.02, 1.02], row=1, col=1)
     fig.update_layout(title=_title(result, "Retrieval against budget"), width=1100, height=500)
     return fig

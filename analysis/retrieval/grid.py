@@ -9,9 +9,10 @@ The command (``experiments.retrieval``), the Retrieval page and the figure regis
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from analysis.compress import Job, PolicyOptions, make_jobs, method_names
+from analysis.compress.lowrank import LowRank
 from analysis.errors import UserError
 from analysis.options import parse_ints, parse_names
 from analysis.perplexity.jobs import Batching
@@ -45,13 +46,15 @@ class RetrievalSettings:
     sinks: int = 4
     recent: int | None = None
     protect_question: bool = False
+    lowrank: LowRank | None = None  # keys (and values) held in low rank in every job, the reference too
     jobs: list[Job] = field(default_factory=list, compare=False)
 
     def record(self) -> dict:
         """What a result (and a resumed run) must agree on."""
         return {"task": self.task, "mode": self.mode, "lengths": self.lengths, "depths": self.depths,
                 "budgets": self.budgets, "methods": self.methods, "trials": self.trials, "seed": self.seed,
-                "sinks": self.sinks, "recent": self.recent, "protect_question": self.protect_question}
+                "sinks": self.sinks, "recent": self.recent, "protect_question": self.protect_question,
+                "lowrank": None if self.lowrank is None else self.lowrank.tag}
 
 
 def _ints(value, name: str) -> list[int]:
@@ -60,7 +63,8 @@ def _ints(value, name: str) -> list[int]:
 
 def retrieval_settings(task: str, mode: str = "decode", lengths="1024,2048", depths="0,25,50,75,100",
                        budget="64,128", methods=None, trials: int = 10, seed: int = 0, sinks: int = 4,
-                       recent: int | None = None, protect_question: bool = False) -> RetrievalSettings:
+                       recent: int | None = None, protect_question: bool = False,
+                       lowrank: LowRank | None = None) -> RetrievalSettings:
     """Every check that needs no model: a bad value fails here, before anything loads or is written."""
     if task not in TASKS:
         raise UserError(f"unknown task {task!r}; valid: {', '.join(TASKS)}")
@@ -75,10 +79,12 @@ def retrieval_settings(task: str, mode: str = "decode", lengths="1024,2048", dep
     if not names:
         raise UserError("--methods: choose at least one method")
     jobs = make_jobs(names, budgets, PolicyOptions(sinks, recent, seed), window=min(lengths))
+    if lowrank is not None:
+        jobs = [replace(job, lowrank=lowrank) for job in jobs]
     if any(job.compresses for job in jobs) and not budgets:
         raise UserError("--budget: give at least one budget for the compressing methods")
     return RetrievalSettings(task, mode, lengths, depths, budgets, names, trials, seed, sinks, recent,
-                             protect_question, jobs)
+                             protect_question, lowrank, jobs)
 
 
 def check_positions(settings: RetrievalSettings, max_positions: int | None, answer: int = 16) -> None:

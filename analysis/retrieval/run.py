@@ -186,7 +186,8 @@ def run_batch(model, units: list[Unit], mode: str, protect_from: int | None = No
     stop = protect_from if protect_from is not None else L
     chunk = default_chunk(b, vocab_size(model))
     correct = torch.zeros((b, L + A - 1), dtype=torch.bool)
-    with CompressedCache(model, policy, rows=rows, track_mixing=tracked) as cache:
+    lowrank = units[0].job.lowrank  # one per grid: every job holds its keys the same way
+    with CompressedCache(model, policy, rows=rows, track_mixing=tracked, lowrank=lowrank) as cache:
         if mode == "decode":  # the perplexity evaluator's feed: chunks while nothing overflows, then token by token
             fed = stop + 1 if protect_from is not None else L
             decode_into(model, ids[:, :fed], cache, uncompressed_prefix(fed, [u.job.budget for u in units]), chunk)
