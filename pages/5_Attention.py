@@ -12,11 +12,12 @@ from analysis.compress import make_policy, method_names
 from analysis.errors import UserError
 from analysis.models.loading import builtin_name
 from analysis.report.attention import fig_attention_map, fig_average_attention, fig_mixing, fig_replay_kept
-from analysis.runtime.replay import attention_window, average_attention, merge_preview
+from analysis.runtime.replay import attention_window, average_attention, merge_preview, right_neighbour
 from analysis.runtime.runs import list_runs, load_run
 
 NEEDED = ("key_post_rope", "value", "attn_received_kv", "attn_count")
-REPLAY_METHODS = ["weightedkv", "weightedkv_evict", "streaming_llm"]
+REPLAY_METHODS = ["weightedkv", "weightedkv_similar", "weightedkv_evict", "streaming_llm"]
+SIMILAR = "weightedkv_similar"  # WeightedKV's selection and weights, the most cosine-similar post-RoPE key as target
 MAX_REPLAY = 512  # token-by-token decoding: keep a replay to a minute or so on a CPU
 
 
@@ -83,13 +84,18 @@ def main() -> None:
 
     score = average_attention(capture, layer)[head].tolist()
     victim, into = merge_preview(capture, layer, "weightedkv", budget, sinks)[head]
+    _, similar = merge_preview(capture, layer, SIMILAR, budget, sinks)[head]  # same selection, another target
     recent = make_policy("weightedkv", budget, sinks=sinks).recent
-    st.plotly_chart(fig_average_attention(score, layer, head, victim, into, sinks, recent, tokens),
-                    key="fig_average_attention")
+    st.plotly_chart(fig_average_attention(score, layer, head, victim, into, sinks, recent, tokens,
+                                          similar_into=similar), key="fig_average_attention")
     if victim is not None:
+        def where(positions):
+            return ", ".join(f"**{p}** ({tokens[p]!r}, ā = {score[p]:.4f})" for p in positions) or "nothing"
+
         st.markdown(f"If this {len(score)}-token cache had to give up one slot, WeightedKV would remove position "
                     f"**{victim}** ({tokens[victim]!r}, ā = {score[victim]:.4f}) and merge its value into "
-                    + (", ".join(f"**{p}** ({tokens[p]!r}, ā = {score[p]:.4f})" for p in into) or "nothing") + ".")
+                    f"{where(into)}, its right neighbour. A similarity merge ({SIMILAR}: the most cosine-similar "
+                    f"post-RoPE key) would merge the same token into {where(similar)}.")
 
     st.subheader("Replay: decoding token by token through the compressed cache")
     r1, r2 = st.columns([3, 1])
@@ -116,6 +122,9 @@ def main() -> None:
         if now.evicted is not None:
             said += f"; removed {now.evicted}" + (f", merged into {', '.join(map(str, now.merged_into))}"
                                                   if now.merged_into else "")
+            neighbour = right_neighbour(rep, step, head)
+            if now.merged_into and now.merged_into != [neighbour]:  # a target other than the right neighbour
+                said += f" (its right neighbour was {neighbour})"
         if nxt_victim is not None:
             said += f"; next step removes {nxt_victim}" + (f" into {', '.join(map(str, nxt_into))}" if nxt_into else "")
         lines.append(said)

@@ -276,10 +276,11 @@ def test_attention_page_on_the_starter(runs):
     assert titles(at)[0] == "Attention map, layer 15, KV head 0 (mean over its query heads)"
     victim = int(titles(at)[1].split("removes ")[1].split()[0])
     assert f"WeightedKV would remove position **{victim}**" in at.markdown[0].value
+    assert "A similarity merge (weightedkv_similar: the most cosine-similar post-RoPE key)" in at.markdown[0].value
     assert titles(at)[2] == "Slots held after token 63 (layer 15, KV head 0, budget 32)"
     strips = json.loads(at.get("plotly_chart")[2].proto.spec)["data"]
     held = {t["y"][0] for t in strips if t["name"] == "held"}
-    assert held == {"weightedkv", "weightedkv_evict", "streaming_llm"}
+    assert held == {"weightedkv", "weightedkv_similar", "weightedkv_evict", "streaming_llm"}
     streaming = next(t for t in strips if t["name"] == "held" and t["y"][0] == "streaming_llm")["x"]
     assert streaming == [0, 1, 2, 3] + list(range(36, 64))  # sinks + the newest: StreamingLLM's window
     assert "weightedkv: what each slot's value mixes after token 63" in titles(at)[3]

@@ -10,7 +10,7 @@ from analysis.errors import UserError
 from analysis.models.loading import LoadedModel
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import capture_sequences
-from analysis.runtime.replay import merge_preview, replay
+from analysis.runtime.replay import merge_preview, replay, right_neighbour
 
 T, BUDGET, LAYER = 40, 12, 2
 
@@ -90,3 +90,21 @@ def test_bad_input(tiny_model, tokens):
         replay(tiny_model("llama"), tokens, "weightedkv", 8, LAYER, sinks=8)
     with pytest.raises(UserError, match="at least one token"):
         replay(tiny_model("llama"), [], "weightedkv", BUDGET, LAYER)
+
+
+def test_a_similarity_merge_is_shown_beside_the_right_neighbour(tiny_model, tokens, weighted):
+    """right_neighbour is WeightedKV's target; weightedkv_similar removes the same kind of victim but
+    merges into a held slot that is, at some step, not that neighbour."""
+    for t in range(BUDGET, T):
+        for h, now in enumerate(weighted.steps[t]):
+            if now.merged_into:
+                assert now.merged_into == [right_neighbour(weighted, t, h)]
+    similar = replay(tiny_model("llama"), tokens, "weightedkv_similar", BUDGET, LAYER)
+    elsewhere = 0
+    for t in range(BUDGET, T):
+        for h, now in enumerate(similar.steps[t]):
+            assert len(now.merged_into) <= 1 and now.evicted not in now.merged_into
+            assert set(now.merged_into) <= set(now.positions)
+            elsewhere += bool(now.merged_into) and now.merged_into != [right_neighbour(similar, t, h)]
+    assert elsewhere > 0
+    assert right_neighbour(weighted, 0, 0) is None  # nothing removed yet

@@ -35,11 +35,15 @@ def fig_attention_map(weights: np.ndarray, queries: list[int], layer: int, head:
 
 def fig_average_attention(score: list[float], layer: int, head: int, victim: int | None = None,
                           merged_into: list[int] | None = None, sinks: int = 0, recent: int = 0,
-                          tokens: list[str] | None = None, method: str = "weightedkv") -> go.Figure:
-    """Bars of ā = a / n per position; the policy's next victim red, the slot it merges into green."""
+                          tokens: list[str] | None = None, method: str = "weightedkv",
+                          similar_into: list[int] | None = None) -> go.Figure:
+    """Bars of ā = a / n per position; the policy's next victim red, the slot it merges into green, and
+    (``similar_into``) where a most-similar-key merge of the same victim would go, purple."""
     n = len(score)
     colors = ["#9aa7b8"] * n
     merged_into = merged_into or []
+    for p in similar_into or []:
+        colors[p] = "#9467bd"
     for p in merged_into:
         colors[p] = "#2ca02c"
     if victim is not None:
@@ -58,6 +62,9 @@ def fig_average_attention(score: list[float], layer: int, head: int, victim: int
         title += f" — {method} removes {victim}" + (f" and merges it into {into}" if into else " (no merge)")
         fig.add_annotation(x=victim, y=score[victim], text=f"next: {victim}" + (f" → {into}" if into else ""),
                            showarrow=True, arrowhead=2, ay=-40, font_color="#d62728")
+        for p in similar_into or []:
+            fig.add_annotation(x=p, y=score[p], text=f"most similar key: {p}", showarrow=True, arrowhead=2,
+                               ay=-60, font_color="#9467bd")
     fig.update_layout(title=title, xaxis_title="token position", yaxis_title="ā", yaxis_type="log",
                       template="plotly_white", height=360, showlegend=False)
     return fig

@@ -79,6 +79,17 @@ class Replay:
         return nxt.evicted, nxt.merged_into
 
 
+def right_neighbour(rep: Replay, step: int, head: int) -> int | None:
+    """The held position right after the one removed at ``step``: WeightedKV's target, to set beside another
+    method's (a similarity merge's target is the most cosine-similar key instead). None when nothing left."""
+    now = rep.steps[step][head]
+    if now.evicted is None or step == 0:
+        return None
+    before = rep.steps[step - 1][head].positions + [step]  # the token decoded at ``step`` sits at position step
+    later = [p for p in before if p > now.evicted and p in now.positions]
+    return min(later) if later else None
+
+
 def _snapshot(state: LayerState, row: int = 0) -> list[tuple[Tensor, Tensor, Tensor, Tensor | None]]:
     """Per KV head: (positions (n,), values (n, D) float32, ā (n,), mixing (n, T) or None), by position."""
     valid = state.valid[row]  # (H, C)
