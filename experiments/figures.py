@@ -168,9 +168,6 @@ def _figure_command(args, name: str) -> str:
 
 def main(argv=None, *, sizes=None, load=None) -> None:
     """``sizes`` and ``load`` (-> LoadedModel) replace the presets and the model loader (tests only)."""
-
-
-
     args = build_parser().parse_args(argv)
     names = _selected(args.only)
     out = Path(args.out)

@@ -98,11 +98,9 @@ def equal_bytes(args):
 
 def _distributed(device: str) -> tuple[int, int]:
     """(rank, world size): torchrun sets WORLD_SIZE; gloo on CPU, NCCL on CUDA."""
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-
     cuda = device != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -111,11 +109,8 @@ def _distributed(device: str) -> tuple[int, int]:
 
 
 def main(argv=None) -> None:
-
-
     args = build_parser().parse_args(argv)
     if args.stream:
-
         return main_stream(args, equal_bytes(args))
     args.tokens = 4096 if args.tokens is None else args.tokens
     args.documents = 1 if args.documents is None else args.documents
