@@ -224,6 +224,53 @@ def test_rows_do_not_depend_on_the_batching(tiny_model, tmp_path, monkeypatch):
     assert resumed == small  # everything came from the partial directory
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding layers are fanned out too
+def test_prefill_runs_one_forward_per_prompt_and_equals_each_row_alone(tiny_model, family):
+    """Five methods x two prompts: the shared prefill feeds 2 rows, and every row's cache is what a plain
+    prefill of its prompt through its own CompressedCache holds (compressed inside the forward)."""
+    model = tiny_model(family)
+    jobs = [Job.of(m, 12, PolicyOptions(sinks=2)) for m in ("h2o", "tova", "weightedkv", "cam", "random")]
+    units = [Unit(j, tiny_prompt(t)) for j in jobs for t in range(2)]
+    fed, held = [], {}
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda m, args: fed.append(args[0].shape[0]))
+    try:
+        records = run_batch(model, units, "prefill", on_prompt=lambda cache, _: held.update(
+            {i: (cache.kept_positions(i).clone(), layer.state.ordered().values.clone())
+             for i, layer in enumerate(cache.layers) if getattr(layer, "state", None) is not None}))
+    finally:
+        hook.remove()
+    assert fed[0] == 2 and fed[1:] == [10] * (len(fed) - 1)  # one prefill row per prompt, then every row
+    for r, u in enumerate(units):
+        ids, row = torch.tensor([u.prompt.ids]), Rows(ids=torch.tensor([u.row_id]))  # (1, L): the prompt alone
+        with torch.inference_mode(), CompressedCache(model, u.job.policy, rows=row) as cache:
+            logits = model(ids, past_key_values=cache, use_cache=True).logits[0, -1]  # (V,)
+            for i in range(len(cache.layers)):
+                if i in held:  # a compressed layer (a sliding one holds the model's own cache)
+                    assert torch.equal(cache.kept_positions(i)[0], held[i][0][r]), (u.key, i)
+                    torch.testing.assert_close(cache.layers[i].state.ordered().values[0], held[i][1][r], rtol=0,
+                                               atol=1e-5)
+            logprob, answer = 0.0, u.prompt.answer
+            for k, token in enumerate(answer):  # the answer teacher-forced, one token per step
+                logprob += float(torch.log_softmax(logits.float(), -1)[token])
+                if k + 1 < len(answer):
+                    logits = model(torch.tensor([[token]]), past_key_values=cache, use_cache=True,
+                                   position_ids=torch.tensor([[L + k]])).logits[0, -1]
+        assert records[r]["answer_logprob"] == pytest.approx(logprob, abs=1e-4), u.key
+    assert [r["unit"] for r in records] == [u.key for u in units]
+
+
+def test_prefill_batches_keep_a_prompts_methods_together():
+    jobs = [Job.of(m, 12, PolicyOptions(sinks=2)) for m in ("h2o", "tova", "weightedkv")]
+    units = [Unit(j, tiny_prompt(t, d)) for j in jobs for t in range(3) for d in (0, 50)]
+    batches = retrieval_run.pack(units, batch_size=7, rows_for=lambda length: 4)
+    assert [len(b) for b in batches] == [6, 6, 6]  # 7 // 3 = 2 prompts of 3 jobs per batch
+    for batch in batches:
+        prompts = {(u.prompt.depth, u.prompt.trial) for u in batch}
+        assert len(prompts) == 2 and all(sum((u.prompt.depth, u.prompt.trial) == p for u in batch) == 3
+                                         for p in prompts)
+    assert len(retrieval_run.pack(units, batch_size=64, rows_for=lambda length: 4)) == 2  # 4 prompts, then 2
+
+
 def test_protected_question_is_never_compressed(tiny_model):
     model = tiny_model("llama")
     job = Job.of("h2o", 12, PolicyOptions(sinks=2))

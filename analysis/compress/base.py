@@ -226,6 +226,14 @@ class LayerState:
         if "last" in self.stats:
             self.last.copy_(grouped[:, :, -1])
 
+    def take_rows(self, index: Tensor) -> None:
+        """Row r becomes a copy of row ``index[r]`` (R,) int64: one prompt's prefill shared by several rows
+        (methods) of a batch. Per-row settings (``budget``, ``row_ids``, ...) are the caller's, already R rows."""
+        for name in ("keys", "values", "positions", "acc", "count", "last", "depth", "mixing", "tracked"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, index))  # (U, ...) -> (R, ...)
+
     def remove(self, victim: Tensor, active: Tensor | None = None) -> None:
         """Free one slot per (B, H): ``victim`` (B, H) int64, only where ``active`` (B, H) is True."""
         index = victim[..., None]  # (B, H, 1)

@@ -6,7 +6,10 @@ How the context meets the cache (``mode``):
   same function): uncompressed chunks up to the smallest budget, then one token per forward,
   compressing each step; the question and the answer follow the same way.
 - ``prefill``: what ``generate()`` does with a long prompt: the whole prompt in one forward, ranked
-  once by the policy, then the answer one token at a time.
+  once by the policy, then the answer one token at a time. The forward is shared: a batch runs it once
+  per distinct prompt, then copies the cache to each method's row, where that method compresses it
+  (``CompressedCache.hold`` / ``fan_out``); compression comes after a prefill's attention, so sharing
+  changes nothing but the cost.
 
 ``protect`` keeps the question out of compression (kvpress compresses only the context): the cache
 is compressed up to the question, then its budget is opened so that the question and the answer are
@@ -68,7 +71,8 @@ class Unit:
 def pack(units: list[Unit], batch_size: int, rows_for=None) -> list[list[Unit]]:
     """Batches of units with one length: compressing jobs of one budget together, the reference alone.
 
-    ``rows_for(length)`` caps the rows of one batch (prefill's attention weights grow with length²).
+    ``rows_for(length)`` (prefill) caps the distinct prompts of one batch, whose attention weights grow with
+    length²; every job of a prompt goes in the same batch, so that they share its forward.
     """
     groups: dict[tuple, list[Unit]] = {}
     for u in units:
@@ -76,7 +80,12 @@ def pack(units: list[Unit], batch_size: int, rows_for=None) -> list[list[Unit]]:
         groups.setdefault((u.prompt.length, *tag), []).append(u)
     out = []
     for (length, *_), group in groups.items():
-        size = max(1, min(batch_size, rows_for(length) if rows_for else batch_size))
+        size = batch_size
+        if rows_for is not None:  # prefill: a prompt's methods side by side share its one forward
+            group = sorted(group, key=lambda u: (u.prompt.depth, u.prompt.trial))  # stable: jobs stay in order
+            jobs = len({u.job.key for u in group})
+            size = jobs * min(rows_for(length), batch_size // jobs) if batch_size >= jobs else batch_size
+        size = max(1, size)
         out += [group[i : i + size] for i in range(0, len(group), size)]
     return out
 
@@ -175,6 +184,9 @@ def run_batch(model, units: list[Unit], mode: str, protect_from: int | None = No
                        device=device)  # (b, L + A): answers padded after their end (never read by a scored step)
     T = max(len(p.tracked) for p in prompts)
     tracked = torch.tensor([list(p.tracked) + [-2] * (T - len(p.tracked)) for p in prompts])  # (b, T)
+    shared = list(dict.fromkeys((p.depth, p.trial) for p in prompts))  # prefill: one forward per distinct prompt
+    index = torch.tensor([shared.index((p.depth, p.trial)) for p in prompts])  # (b,) row -> its prompt's forward
+    first_row = torch.tensor([[(p.depth, p.trial) for p in prompts].index(key) for key in shared])  # (U,)
     jobs = list({u.job.key: u.job for u in units}.values())
     if len(jobs) == 1:
         policy, budgets = jobs[0].policy, None
@@ -187,20 +199,22 @@ def run_batch(model, units: list[Unit], mode: str, protect_from: int | None = No
     chunk = default_chunk(b, vocab_size(model))
     correct = torch.zeros((b, L + A - 1), dtype=torch.bool)
     lowrank = units[0].job.lowrank  # one per grid: every job holds its keys the same way
-    with CompressedCache(model, policy, rows=rows, track_mixing=tracked, lowrank=lowrank) as cache:
+    mixing = tracked if mode == "decode" else tracked[first_row]  # prefill: the U prompts' rows, fanned out after
+    with CompressedCache(model, policy, rows=rows, track_mixing=mixing, lowrank=lowrank) as cache:
         if mode == "decode":  # the perplexity evaluator's feed: chunks while nothing overflows, then token by token
             fed = stop + 1 if protect_from is not None else L
             decode_into(model, ids[:, :fed], cache, uncompressed_prefix(fed, [u.job.budget for u in units]), chunk)
             if protect_from is not None:
                 open_budget(cache, L + A - stop)
             first = _step(model, cache, ids[:, fed - 1 : L], fed - 1)
-        else:  # one forward ranked once, as generate() does
-            fed = 0
-            if protect_from is not None:  # the context in one forward, then the question uncompressed
-                _step(model, cache, ids[:, :stop], 0)
+        else:  # one forward ranked once, as generate() does; one per distinct prompt, fanned out to its rows
+            cache.hold()
+            last = _step(model, cache, ids[first_row, :stop], 0)  # (U, V)
+            cache.fan_out(index)  # each row compresses its prompt's cache with its own policy
+            first = last[index]
+            if protect_from is not None:  # the context was compressed; the question goes in uncompressed
                 open_budget(cache, L + A - stop)
-                fed = stop
-            first = _step(model, cache, ids[:, fed:L], fed)
+                first = _step(model, cache, ids[:, stop:L], stop)
         fates = answer_fates(cache, tracked)
         if on_prompt is not None:
             on_prompt(cache, tracked)

@@ -62,6 +62,7 @@ class CompressedLayer(DynamicLayer):
         self.row_ids, self.row_budgets, self.track_mixing = row_ids, row_budgets, track_mixing
         self.state: LayerState | None = None
         self.pending = False  # appended tokens whose attention has not been seen yet
+        self.held = False  # a shared prefill: observe only; ``fan_out`` copies the rows, then compresses
 
     def _start(self, key_states: Tensor, value_states: Tensor) -> None:
         self.lazy_initialization(key_states, value_states)
@@ -110,12 +111,29 @@ class CompressedLayer(DynamicLayer):
             state.observe(weights)
         elif self.policy.needs_attention:
             raise UserError(f"{self.policy.name} needs attention weights, which this model's attention did not return")
+        self.pending = False
+        if self.held:  # nothing later in this forward reads this layer's cache: compressing can wait
+            self.keys, self.values = state.keys, state.values
+            return
+        self._compress()
+
+    def _compress(self) -> None:
+        state = self.state
         self.policy.compress(state)
         high = state.budget_range[1] if state.budget_range else self.policy.budget
         if self.policy.compresses and state.capacity > high + 1:
             state.compact(high + 1)  # after a long prompt: one copy gives the memory back
         self.keys, self.values = state.keys, state.values
-        self.pending = False
+
+    def fan_out(self, index: Tensor) -> None:
+        """After a held prefill of U prompts: row r of the cache becomes prompt ``index[r]``'s, compressed by
+        row r's policy, exactly as if that prompt had been prefilled in row r (a prefill's compression comes
+        after its attention, so it never changes the forward)."""
+        if self.state is None:
+            return
+        self.state.take_rows(index.to(self.state.positions.device))
+        self.held = False
+        self._compress()
 
     def get_seq_length(self) -> int:
         """Tokens seen so far (transformers reads it as the next token's position)."""
@@ -312,6 +330,23 @@ class CompressedCache(Cache):
         if plan is not None:
             return make_policy(method, plan.max_budget, plan.sinks, plan.recent, options.seed)
         return make_policy(method, budget, options.sinks, options.recent, options.seed)
+
+    def hold(self) -> None:
+        """The next forward feeds U distinct prompts for R >= U rows (``fan_out``): observe, do not compress."""
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.held = True
+
+    def fan_out(self, index: Tensor) -> None:
+        """Row r becomes prompt ``index[r]`` (R,) of the held prefill, then each compressed layer compresses
+        it with row r's policy: one forward per prompt however many methods share it."""
+        index = index.to(torch.long)
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                layer.fan_out(index)
+            elif isinstance(getattr(layer, "keys", None), Tensor):  # a sliding layer: the model's own cache
+                layer.keys = layer.keys.index_select(0, index.to(layer.keys.device))
+                layer.values = layer.values.index_select(0, index.to(layer.values.device))
 
     def close(self) -> None:
         """Remove the hooks and restore the model's attention implementation (once no cache is open)."""
