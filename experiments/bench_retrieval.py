@@ -7,8 +7,10 @@
 
 In one run: (1) the whole grid as batch rows of one decode (``run_units``, as the command runs it);
 (2) the same units one at a time (batch 1); (3) one unit's decode-mode retrieval against one
-perplexity window (``window_nll``) of the same tokens under the same job. Checks that (1) and (2)
-give the same answers, then prints a markdown table of seconds and ratios.
+perplexity window (``window_nll``) of the same tokens under the same job; (4) the grid in prefill
+mode, batched (one forward per prompt, shared by its methods) against one unit at a time. Checks
+that batched and one-at-a-time runs give the same answers, then prints a markdown table of seconds
+and ratios.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def main(argv=None) -> None:
     ids = torch.tensor([list(unit.prompt.ids) + list(unit.prompt.answer)])  # (1, L + A): the same tokens
     window_s, _ = _timed(lambda: window_nll(model, ids.to(loaded.device), unit.job))
     retrieval_s, _ = _timed(lambda: run_batch(model, [unit], "decode"))
+    prefill_s, prefill = _timed(lambda: run_units(model, units, "prefill", batching=Batching(batch_size=len(units))))
+    prefill_single_s, prefill_single = _timed(lambda: [run_batch(model, [u], "prefill")[0] for u in units])
+    worst = max(worst, *(abs(a["answer_logprob"] - b["answer_logprob"]) for a, b in zip(prefill, prefill_single)))
+    same += sum(a["correct"] == b["correct"] for a, b in zip(prefill, prefill_single))
     length = settings.lengths[0]
     print(f"passkey {length} tokens, {len(settings.depths)} depths x {len(settings.jobs)} jobs x "
           f"{settings.trials} trials = {len(units)} rows, budget {settings.budgets[0]}, "
@@ -69,7 +75,10 @@ def main(argv=None) -> None:
     print(f"| one perplexity window ({ids.shape[1]} tokens, {unit.job.key}) | {window_s:.2f} | 1.00 |")
     print(f"| one retrieval trial, decode mode, same tokens and job | {retrieval_s:.2f} | "
           f"{retrieval_s / window_s:.2f}x the window |")
-    print(f"\nbatched vs trial by trial: same exact match in {same}/{len(units)} rows, "
+    print(f"| prefill mode, trial by trial (a forward per row) | {prefill_single_s:.1f} | 1.00 |")
+    print(f"| prefill mode, batched (a forward per prompt, shared by its {len(settings.jobs)} jobs) | "
+          f"{prefill_s:.1f} | {prefill_single_s / prefill_s:.2f}x faster |")
+    print(f"\nbatched vs trial by trial (both modes): same exact match in {same}/{2 * len(units)} rows, "
           f"largest answer log-prob difference {worst:.2e}")
 
 
