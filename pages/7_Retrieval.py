@@ -107,6 +107,11 @@ def show(result: dict) -> None:
                "slots' values (merged, no key) or nowhere (gone).")
     st.plotly_chart(fig_fates(result), key="fig_fates")
     st.dataframe(result["by_fate"], key="by_fate", hide_index=True)
+    if result.get("paired"):  # a merging method and its own eviction ablation both ran
+        st.subheader("Merge against its own eviction, trial by trial")
+        st.caption("Same prompts, same budget: how often the merge gives the answer the higher log-probability "
+                   "(two-sided sign test, ties left out), and who answered right.")
+        st.dataframe(result["paired"], key="paired", hide_index=True)
     show_trial(result)
 
 

@@ -16,14 +16,14 @@ import sys
 import pytest
 import torch
 
-from analysis.compress import Job, PolicyOptions
+from analysis.compress import Job, PolicyOptions, eviction_ablation
 from analysis.errors import UserError
 from analysis.perplexity.decode import decode_into, decode_rows, default_chunk
 from analysis.perplexity.jobs import Batching
 from analysis.retrieval import run as retrieval_run
 from analysis.retrieval.grid import build_prompts, check_positions, retrieval_settings
 from analysis.retrieval.run import Unit, run_batch, run_units, token_fates
-from analysis.retrieval.summary import by_fate, cells, wilson
+from analysis.retrieval.summary import by_fate, cells, paired, wilson
 from analysis.retrieval.tasks import (
     NEEDLE_TASK,
     NEEDLES,
@@ -35,6 +35,7 @@ from analysis.retrieval.tasks import (
     sentence_starts,
 )
 from analysis.runtime.cache import CompressedCache, Rows
+from analysis.stats import sign_test
 from analysis.text.corpora import Document
 from experiments.common import run_main
 from experiments.retrieval import main
@@ -280,6 +281,26 @@ def test_protected_question_is_never_compressed(tiny_model):
                   on_prompt=lambda cache, _: held.update(kept=cache.kept_positions(0)[0, 0].tolist()))
         assert set(range(L - 4, L)) <= set(held["kept"])  # the question's 4 tokens
         assert len([p for p in held["kept"] if p >= 0]) == 12 + 4  # the budget, then the question on top
+
+
+def test_paired_merge_against_its_eviction_by_hand():
+    def trial(method, t, logp, correct, budget=64):
+        return {"method": method, "budget": budget, "length": 100, "depth": 50, "trial": t,
+                "answer_logprob": logp, "correct": correct}
+
+    records = [trial("weightedkv", 0, -1.0, True), trial("weightedkv_evict", 0, -2.0, False),
+               trial("weightedkv", 1, -3.0, False), trial("weightedkv_evict", 1, -1.0, True),
+               trial("weightedkv", 2, -5.0, False), trial("weightedkv_evict", 2, -4.0, False),
+               trial("weightedkv", 3, -1.0, True), trial("weightedkv_evict", 3, -1.0, True),
+               trial("weightedkv", 0, -1.0, True, budget=128)]  # no eviction at 128: no pair
+    [row] = paired(records, {"weightedkv": "weightedkv_evict", "cam": "streaming_llm"})
+    assert row["pairs"] == 4 and (row["merge_higher"], row["merge_lower"]) == (1, 2)  # a tie on trial 3
+    assert row["p_value"] == pytest.approx(1.0)  # 1 of 3 untied: as likely as not
+    assert row["mean_diff"] == pytest.approx((1 - 2 - 1 + 0) / 4)
+    assert (row["both_right"], row["merge_only"], row["evict_only"], row["neither"]) == (1, 1, 1, 1)
+    assert sign_test(8, 0) == pytest.approx(2 / 2**8) and sign_test(0, 0) == 1.0
+    assert eviction_ablation("cam") == "streaming_llm" and eviction_ablation("keepkv_like") == "weightedkv_evict"
+    assert eviction_ablation("h2o") is None
 
 
 def test_cells_and_fate_table():

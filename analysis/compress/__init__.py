@@ -18,6 +18,7 @@ from analysis.compress.registry import (
                                         METHODS,
                                         PRESETS,
                                         compresses,
+                                        eviction_ablation,
                                         in_registry_order,
                                         method_names,
                                         policy_class,
@@ -30,4 +31,5 @@ from analysis.compress.weightedkv_evict import WeightedKVEvict
 
 __all__ = ["CaM", "Full", "H2O", "Job", "LayerState", "MERGE_VS_EVICT", "METHODS", "Policy", "PolicyOptions",
            "PRESETS", "RandomPolicy", "RowPolicies", "StreamingLLM", "TOVA", "WeightedKV", "WeightedKVEvict",
-           "compresses", "in_registry_order", "make_jobs", "make_policy", "method_names", "policy_class"]
+           "compresses", "eviction_ablation", "in_registry_order", "make_jobs", "make_policy", "method_names",
+           "policy_class"]

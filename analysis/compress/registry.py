@@ -90,6 +90,16 @@ def policy_class(method: str) -> type[Policy]:
                     f"or {PREFIX}key=value,... (see analysis.compress.merging)")
 
 
+def eviction_ablation(method: str) -> str | None:
+    """A merging method's own eviction ablation (its selection, nothing merged): ``weightedkv_evict`` for
+    average-attention selection, ``streaming_llm`` for CaM's selection by position; None if it does not merge."""
+    cls = policy_class(method)
+    spec = getattr(cls, "spec", None)
+    if spec is None or not cls.merges:
+        return None
+    return "streaming_llm" if spec.select == "position" else "weightedkv_evict"
+
+
 def in_registry_order(names) -> list[str]:
     """``names`` once each: registered methods in registry order, then presets and points in the order given."""
     names = list(dict.fromkeys(names))

@@ -8,11 +8,11 @@ cell: a variant *wins* a cell when its perplexity is below its ablation's.
 
 from __future__ import annotations
 
-import math
 import statistics
 
-from analysis.compress import policy_class
+from analysis.compress import eviction_ablation
 from analysis.errors import UserError
+from analysis.stats import sign_test
 
 # The factorial over target x weights x what merges (selection by average attention, no guard), then the
 # presets, CaM, and WeightedKV with a depth cap (the cascade's test). ``weightedkv`` is
@@ -34,11 +34,10 @@ CASCADE_VARIANTS = ["weightedkv", "merge:cap=1", "merge:cap=2", "weightedkv_simi
 
 def ablation(variant: str) -> str:
     """The eviction ablation a variant is paired with: its own selection, nothing merged."""
-    cls = policy_class(variant)
-    spec = getattr(cls, "spec", None)
-    if spec is None or not cls.merges:
+    evict = eviction_ablation(variant)
+    if evict is None:
         raise UserError(f"{variant!r} does not merge: the merge study pairs merging variants with their eviction")
-    return "streaming_llm" if spec.select == "position" else "weightedkv_evict"
+    return evict
 
 
 def check_variants(variants: list[str]) -> list[str]:
@@ -48,15 +47,6 @@ def check_variants(variants: list[str]) -> list[str]:
     for v in variants:
         ablation(v)
     return list(dict.fromkeys(variants))
-
-
-def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test of ``wins`` against ``losses`` (ties left out): P(as extreme | p = 1/2)."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def paired_row(variant: str, budget: int, corpus: str, mine: dict, evict: dict, ppl: float, evict_ppl: float) -> dict:

@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 from analysis.io import atomic_dir, write_json
 from analysis.report.export import write_figure
 from analysis.report.perplexity import COLOURS
-from analysis.retrieval.summary import CELL_COLUMNS, FATES, TRIAL_COLUMNS, flat_cell, to_csv, wilson
+from analysis.retrieval.summary import CELL_COLUMNS, FATES, PAIRED_COLUMNS, TRIAL_COLUMNS, flat_cell, to_csv, wilson
 
 FATE_COLOURS = {"kept": "#2ca02c", "merged": "#ff7f0e", "gone": "#7f7f7f"}
 
@@ -134,7 +134,7 @@ FIGURES = {"needle_heatmap": fig_needle_heatmap, "retrieval_vs_budget": fig_retr
 
 
 def write_retrieval(directory: Path, result: dict, png: bool = True) -> None:
-    """retrieval.json, retrieval.csv, trials.csv, by_fate.csv and the figures, into ``directory``."""
+    """retrieval.json, retrieval.csv, trials.csv, by_fate.csv, paired.csv and the figures, into ``directory``."""
     directory = Path(directory)
     write_json(directory / "retrieval.json", result)
     (directory / "retrieval.csv").write_text(to_csv([flat_cell(r) for r in result["rows"]], CELL_COLUMNS))
@@ -142,6 +142,7 @@ def write_retrieval(directory: Path, result: dict, png: bool = True) -> None:
     columns = ("method", "budget", "by", "group", "trials", "correct", "accuracy", "ci_low", "ci_high",
                "answer_logprob", "answer_logprob_std")
     (directory / "by_fate.csv").write_text(to_csv(result["by_fate"], columns))
+    (directory / "paired.csv").write_text(to_csv(result.get("paired", []), PAIRED_COLUMNS))  # older results: none
     for name, build in FIGURES.items():
         write_figure(build(result), directory, name, png=png)
 

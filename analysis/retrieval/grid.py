@@ -2,7 +2,7 @@
 
     settings = retrieval_settings("passkey", lengths="1024,2048", budget="64,128")
     prompts = build_prompts(loaded.tokenizer, settings)
-    result = run_grid(loaded, settings, prompts)      # rows (one per cell), by_fate, trials, examples
+    result = run_grid(loaded, settings, prompts)      # rows (one per cell), by_fate, paired, trials, examples
 
 The command (``experiments.retrieval``), the Retrieval page and the figure registry all go through here.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from analysis.compress import Job, PolicyOptions, make_jobs, method_names
+from analysis.compress import Job, PolicyOptions, eviction_ablation, make_jobs, method_names
 from analysis.compress.lowrank import LowRank
 from analysis.errors import UserError
 from analysis.options import parse_ints, parse_names
 from analysis.perplexity.jobs import Batching
 from analysis.retrieval.run import Unit, run_units
-from analysis.retrieval.summary import by_fate, cells
+from analysis.retrieval.summary import by_fate, cells, paired
 from analysis.retrieval.tasks import (
     TASKS,
     Prompt,
@@ -127,7 +127,8 @@ def example(tokenizer, prompt: Prompt) -> dict:
 
 def run_grid(loaded, settings: RetrievalSettings, prompts: list[Prompt], batching: Batching | None = None,
              greedy: int = GREEDY) -> dict:
-    """Run every unit and summarise: {settings, model, rows, by_fate, trials, examples}."""
+    """Run every unit and summarise: {settings, model, rows, by_fate, paired (merge vs its eviction, trial by
+    trial), trials, examples}."""
     tok = loaded.tokenizer
     check_positions(settings, loaded.summary()["max_positions"], max(len(p.answer) for p in prompts))
     protect = (lambda length: protected_from(tok, settings.task, length)) if settings.protect_question else None
@@ -138,6 +139,7 @@ def run_grid(loaded, settings: RetrievalSettings, prompts: list[Prompt], batchin
         trials.append({"task": settings.task, "mode": settings.mode, **{k: v for k, v in r.items() if k != "greedy"},
                        "said": said})
     firsts = [p for p in prompts if p.trial == 0]
+    pairs = {m: eviction_ablation(m) for m in settings.methods if eviction_ablation(m) in settings.methods}
     return {"settings": settings.record(), "model": loaded.model_id, "device": str(loaded.device),
-            "rows": cells(trials, settings.task, settings.mode), "by_fate": by_fate(trials), "trials": trials,
-            "examples": [example(tok, p) for p in firsts]}
+            "rows": cells(trials, settings.task, settings.mode), "by_fate": by_fate(trials),
+            "paired": paired(trials, pairs), "trials": trials, "examples": [example(tok, p) for p in firsts]}

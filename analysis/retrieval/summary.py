@@ -3,30 +3,20 @@
 A cell is (task, mode, method, budget, length, depth); ``cells`` gives one row each, as
 ``retrieval.json`` and ``retrieval.csv`` hold them. ``by_fate`` pools a method's trials by where
 the fact went (the dominant fate of its tokens) and by how much of its keys survived: the paper's
-claim, that a merged fact is retrieved more often than an evicted one, read off as counts.
+claim, that a merged fact is retrieved more often than an evicted one, read off as counts. ``paired``
+sets each merge beside its own eviction on the same trials (sign test on the answer's log-probability).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import statistics
 
-Z95 = 1.959964  # the two-sided 95 % normal quantile
+from analysis.stats import sign_test, wilson
+
 FATES = ("kept", "merged", "gone")
 KEY_BINS = ((0.0, 0.0, "none"), (0.0, 0.25, "(0, 25%]"), (0.25, 0.5, "(25, 50%]"), (0.5, 1.0, "(50, 100%]"))
-
-
-def wilson(successes: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion; (0, 1) when there are no trials."""
-    if trials == 0:
-        return 0.0, 1.0
-    p = successes / trials
-    denom = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def _spread(values: list[float]) -> float:
@@ -84,6 +74,37 @@ def by_fate(records: list[dict]) -> list[dict]:
     return rows
 
 
+def paired(records: list[dict], pairs: dict[str, str]) -> list[dict]:
+    """Merge against its own eviction, trial by trial (same prompt, same budget): per (merge, budget), how
+    often the merge gives the answer the higher log-probability (sign test), the mean difference with its
+    spread, and the exact-match table (both right, merge only, eviction only, neither).
+
+    ``pairs``: merging method -> its eviction ablation (``analysis.compress.eviction_ablation``)."""
+    def key(r):
+        return r["budget"], r["length"], r["depth"], r["trial"]
+
+    index = {(r["method"], *key(r)): r for r in records}
+    rows = []
+    for merge, evict in pairs.items():
+        for budget in dict.fromkeys(r["budget"] for r in records if r["method"] == merge):
+            both = [(r, index[(evict, *key(r))]) for r in records
+                    if r["method"] == merge and r["budget"] == budget and (evict, *key(r)) in index]
+            if not both:
+                continue
+            diffs = [m["answer_logprob"] - e["answer_logprob"] for m, e in both]
+            higher, lower = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+            rows.append({"method": merge, "evict": evict, "budget": budget, "pairs": len(both),
+                         "merge_higher": higher, "merge_lower": lower, "p_value": round(sign_test(higher, lower), 6),
+                         "mean_diff": round(statistics.fmean(diffs), 5), "std_diff": round(_spread(diffs), 5),
+                         "both_right": sum(m["correct"] and e["correct"] for m, e in both),
+                         "merge_only": sum(m["correct"] and not e["correct"] for m, e in both),
+                         "evict_only": sum(e["correct"] and not m["correct"] for m, e in both),
+                         "neither": sum(not m["correct"] and not e["correct"] for m, e in both)})
+    return rows
+
+
+PAIRED_COLUMNS = ("method", "evict", "budget", "pairs", "merge_higher", "merge_lower", "p_value", "mean_diff",
+                  "std_diff", "both_right", "merge_only", "evict_only", "neither")
 CELL_COLUMNS = ("task", "mode", "method", "budget", "length", "depth", "trials", "correct", "accuracy", "ci_low",
                 "ci_high", "answer_logprob", "answer_logprob_std", "fate_kept", "fate_merged", "fate_gone",
                 "keys_kept", "merged_weight")
