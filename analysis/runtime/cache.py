@@ -126,14 +126,11 @@ class CompressedLayer(DynamicLayer):
         self.keys, self.values = state.keys, state.values
 
     def fan_out(self, index: Tensor) -> None:
-        """After a held prefill of U prompts: row r of the cache becomes prompt ``index[r]``'s, compressed by
-        row r's policy, exactly as if that prompt had been prefilled in row r (a prefill's compression comes
-        after its attention, so it never changes the forward)."""
-        if self.state is None:
-            return
-        self.state.take_rows(index.to(self.state.positions.device))
-        self.held = False
-        self._compress()
+        """After a held prefill of U prompts, row r becomes prompt ``index[r]``'s, compressed by row r's policy."""
+        if self.state is not None:
+            self.state.take_rows(index.to(self.state.positions.device))
+            self.held = False
+            self._compress()
 
     def get_seq_length(self) -> int:
         """Tokens seen so far (transformers reads it as the next token's position)."""
@@ -338,8 +335,8 @@ class CompressedCache(Cache):
                 layer.held = True
 
     def fan_out(self, index: Tensor) -> None:
-        """Row r becomes prompt ``index[r]`` (R,) of the held prefill, then each compressed layer compresses
-        it with row r's policy: one forward per prompt however many methods share it."""
+        """Row r becomes prompt ``index[r]`` (R,) of the held prefill, compressed by row r's policy: one forward
+        per prompt however many methods share it (a prefill compresses after its attention: nothing changes)."""
         index = index.to(torch.long)
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
