@@ -361,15 +361,19 @@ def test_full_answers_a_short_passkey(embedded):
 def test_command_writes_the_contract(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.retrieval", "needle", "--lengths", "200", "--depths", "50",
-           "--budget", "64", "--methods", "full,weightedkv", "--trials", "1", "--no-png", "--quiet"]
+           "--budget", "64", "--methods", "full,weightedkv,weightedkv_evict", "--trials", "1", "--no-png", "--quiet"]
     subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True)
     rows = json.loads((out / "retrieval.json").read_text())["rows"]
     keys = {"task", "mode", "method", "budget", "length", "depth", "trials", "accuracy", "ci_low", "ci_high",
             "answer_logprob", "fates"}
-    assert len(rows) == 2 and all(keys <= set(r) and set(r["fates"]) == {"kept", "merged", "gone"} for r in rows)
+    assert len(rows) == 3 and all(keys <= set(r) and set(r["fates"]) == {"kept", "merged", "gone"} for r in rows)
     with open(out / "trials.csv", newline="") as f:
         trials = list(csv.DictReader(f))
-    assert [t["method"] for t in trials] == ["full", "weightedkv"] and (out / "retrieval.csv").is_file()
+    assert [t["method"] for t in trials] == ["full", "weightedkv", "weightedkv_evict"]
+    assert (out / "retrieval.csv").is_file()
+    with open(out / "paired.csv", newline="") as f:
+        [pair] = list(csv.DictReader(f))  # the merge beside its own eviction, on the same trial
+    assert (pair["method"], pair["evict"], pair["pairs"]) == ("weightedkv", "weightedkv_evict", "1")
 
 
 @pytest.mark.slow
