@@ -32,20 +32,21 @@ import torch
 from torch.profiler import profile
 from transformers import DynamicCache
 
-from analysis.compress import Job, LayerState, make_jobs, make_policy, method_names
-from analysis.compress.plans import Plan
+from analysis.compress import LayerState, make_policy, method_names
 from analysis.errors import UserError
 from analysis.heads.allocate import baseline
 from analysis.heads.evaluate import evaluate_plans
+from analysis.jobs.job import Job, make_jobs
+from analysis.jobs.plan import Plan
 from analysis.models.loading import load_model
 from analysis.options import parse_names
-from analysis.perplexity.decode import window_nll
-from analysis.perplexity.jobs import run_jobs
+from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.windows import make_windows
 from analysis.perturbation.study import Settings, run_study
 from analysis.runtime import kernel as attention
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import last_logit_only
+from analysis.runtime.decode import window_nll
 from analysis.text.corpora import austen_first, load_documents, token_sequences
 from experiments.common import add_model_args, load_model_from_args, new_parser, parse_ints, run_main
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from analysis.compress.lowrank import Basis, LowRank
+from analysis.jobs.basis import Basis, LowRank
 from analysis.runtime.cache import CompressedCache
 from experiments.common import add_model_args, load_model_from_args, new_parser, parse_ints, run_main
 

@@ -20,10 +20,10 @@ import time
 import torch
 
 from analysis.compress import method_names
-from analysis.perplexity.decode import window_nll
-from analysis.perplexity.jobs import Batching
 from analysis.retrieval.grid import build_prompts, grid_units, retrieval_settings
 from analysis.retrieval.run import run_batch, run_units
+from analysis.runtime.batching import Batching
+from analysis.runtime.decode import window_nll
 from experiments.common import add_model_args, load_model_from_args, new_parser, run_main
 
 ISSUE_METHODS = ",".join(method_names(compressing=True))

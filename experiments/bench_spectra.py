@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from analysis.spectra import DEFAULT_KINDS, compute_spectra, spectrum_metrics
+from analysis.spectra.compute import DEFAULT_KINDS, compute_spectra, spectrum_metrics
 from experiments.common import new_parser
 
 

@@ -12,8 +12,10 @@ import sys
 from transformers.utils import logging as hf_logging
 
 from analysis.errors import UserError
-from analysis.models.loading import load_model
+from analysis.jobs import LowRank
+from analysis.models.loading import load_model, resolve_dtype
 from analysis.options import parse_ints
+from analysis.perplexity.settings import bytes_budget, lowrank_options
 
 __all__ = ["OneLineParser", "add_model_args", "add_output_args", "add_text_args", "command_parser",
            "load_model_from_args", "new_parser", "parse_ints", "run_main", "text_source"]
@@ -81,6 +83,24 @@ def add_lowrank_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
                      help="instead of --key-rank: per head, the smallest rank reaching energy E in (0, 1]")
     low.add_argument("--value-rank", type=int, default=None, metavar="R", help="also hold values in rank R")
     return low
+
+
+def equal_bytes(args) -> tuple[LowRank | None, list[int] | None]:
+    """The low-rank options as a ``LowRank`` (None without --key-basis), and with --bytes the budget the bytes
+    buy: known here with a basis (its head dimension), else [] until the model's is (``bytes_slots``)."""
+    lowrank = lowrank_options(args.key_basis, args.key_rank, args.key_energy, args.value_rank)
+    if args.bytes is None:
+        return lowrank, None
+    if args.plan:
+        raise UserError("--bytes replaces --budget; a --plan gives its own budgets")
+    if args.bytes <= 0:
+        raise UserError(f"--bytes must be positive, got {args.bytes:g}")
+    return lowrank, [] if lowrank is None else bytes_slots(args, lowrank.basis.head_dim, lowrank)
+
+
+def bytes_slots(args, head_dim: int, lowrank: LowRank | None = None) -> list[int]:
+    """--bytes B as the one budget m it buys per (layer, KV head) at this head dimension and --dtype."""
+    return [bytes_budget(args.bytes, head_dim, resolve_dtype(args.dtype).itemsize, lowrank, args.sinks)]
 
 
 def add_output_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

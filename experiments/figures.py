@@ -7,7 +7,7 @@ with one model is remade, not kept, for another.
     python -m experiments.figures --quick --out figs-quick  # small sizes: <= 10 minutes on 2 CPU cores
                                                             # (measured: 3 min 53 s, 2 quiet cores)
 
-Figures (names for --only; the list is analysis.report.figures.FIGURES):
+Figures (names for --only; the list is analysis.figures.pipeline.FIGURES):
   fig1_spectra       Fig. 1, key vs value singular-value spectra, on the first corpus (+ rank heatmaps, RoPE keys)
   fig2_perturbation  Fig. 2, one merge vs one eviction at step 100, output error and attention cosine over
                      the next steps, per layer and KV head (books + web)
@@ -62,10 +62,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from analysis.compress import make_jobs
 from analysis.errors import UserError
+from analysis.figures.pipeline import FIGURE_JSON, FIGURES, FULL, QUICK, STREAM_METHODS, TABLE_METHODS, FigureRun, kept
 from analysis.io import atomic_dir, write_json
-from analysis.report.figures import FIGURE_JSON, FIGURES, FULL, QUICK, STREAM_METHODS, TABLE_METHODS, FigureRun, kept
+from analysis.jobs.job import make_jobs
 from analysis.text.corpora import CORPORA
 from experiments.common import add_model_args, load_model_from_args, new_parser, parse_ints, run_main
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.allocate import baseline, greedy_plan, parse_total
 from analysis.heads.evaluate import (
@@ -35,6 +34,7 @@ from analysis.heads.evaluate import (
 )
 from analysis.heads.profile import check_methods, profile_sequences, summary_lines
 from analysis.io import atomic_dir, check_out_dir, write_json
+from analysis.jobs.plan import Plan
 from analysis.models.loading import compressed_layers, model_id_of
 from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure

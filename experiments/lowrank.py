@@ -25,9 +25,9 @@ import shutil
 from tqdm.auto import tqdm
 
 from analysis.compress import PolicyOptions
-from analysis.compress.lowrank import Basis
 from analysis.errors import UserError
 from analysis.io import atomic_dir, check_out_dir, load_partial_settings, write_atomic, write_json
+from analysis.jobs.basis import Basis
 from analysis.lowrank.calibrate import calibrate, check_disjoint, held_out
 from analysis.lowrank.compare import (
     MERGE_METHODS,
@@ -43,11 +43,10 @@ from analysis.lowrank.cost import KINDS as COST_KINDS
 from analysis.lowrank.cost import rank_correlation, rank_costs
 from analysis.models.loading import resolve_dtype
 from analysis.options import parse_ints, parse_names
-from analysis.perplexity.jobs import Batching
-from analysis.perplexity.settings import check_batch_size
 from analysis.perplexity.windows import make_windows
 from analysis.report.export import write_figure
 from analysis.report.lowrank import fig_ppl_vs_bytes, fig_rank_cost
+from analysis.runtime.batching import Batching, check_batch_size
 from analysis.runtime.capture import capture_sequences
 from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (

@@ -26,16 +26,17 @@ import shutil
 
 from tqdm.auto import tqdm
 
-from analysis.compress import PolicyOptions, make_jobs
+from analysis.compress import PolicyOptions
 from analysis.errors import UserError
 from analysis.io import atomic_dir, check_out_dir, load_partial_settings, write_json
+from analysis.jobs.job import make_jobs
 from analysis.merges.space import CASCADE_VARIANTS, VARIANTS, ablation, check_variants, choose, pooled
 from analysis.merges.study import run_cascade, run_kl, run_space
 from analysis.options import parse_ints, parse_names
-from analysis.perplexity.jobs import Batching
 from analysis.perplexity.table1 import window_count
 from analysis.report.export import write_figure
 from analysis.report.merges import fig_cascade, fig_space
+from analysis.runtime.batching import Batching
 from analysis.text.corpora import CORPORA
 from experiments.common import add_model_args, add_output_args, load_model_from_args, new_parser, run_main
 

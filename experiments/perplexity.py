@@ -7,7 +7,7 @@ Writes DIR/perplexity.json, DIR/table.csv, DIR/table.md, DIR/nll.safetensors and
 (HTML + PNG). A killed run resumes where it stopped: each finished (method, budget, window) is kept
 in a hidden .DIR.partial directory beside DIR until the whole sweep is written.
 
-Per-head budgets: --plan FILE (see analysis/plans.py) replaces --budget. More than one process:
+Per-head budgets: --plan FILE (see analysis/jobs/plan.py) replaces --budget. More than one process:
     torchrun --nproc-per-node 2 -m experiments.perplexity ...   (windows are shared out; rank 0 writes)
 Models larger than one device: --device-map auto (accelerate) spreads the layers.
 
@@ -30,17 +30,19 @@ from tqdm.auto import tqdm
 
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
-from analysis.models.loading import model_id_of, resolve_dtype
-from analysis.perplexity.jobs import Batching
-from analysis.perplexity.settings import bytes_budget, lowrank_options, sweep_settings, with_lowrank
+from analysis.models.loading import model_id_of
+from analysis.perplexity.settings import sweep_settings, with_lowrank
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.report.save import save_sweep
+from analysis.runtime.batching import Batching
 from analysis.text.corpora import bos_id, load_documents, token_sequences
 from experiments.common import (
     add_lowrank_args,
     add_output_args,
+    bytes_slots,
     command_parser,
+    equal_bytes,
     load_model_from_args,
     run_main,
     text_source,
@@ -81,21 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def equal_bytes(args):
-    """The low-rank options as a ``LowRank`` (None without --key-basis); with --bytes and a basis, --budget
-    becomes the slots the bytes buy (without a basis that waits for the model's head dimension)."""
-    lowrank = lowrank_options(args.key_basis, args.key_rank, args.key_energy, args.value_rank)
-    if args.bytes is not None:
-        if args.plan:
-            raise UserError("--bytes replaces --budget; a --plan gives its own budgets")
-        if args.bytes <= 0:
-            raise UserError(f"--bytes must be positive, got {args.bytes:g}")
-        if lowrank is not None:
-            args.budget = str(bytes_budget(args.bytes, lowrank.basis.head_dim, resolve_dtype(args.dtype).itemsize,
-                                           lowrank, args.sinks))
-    return lowrank
-
-
 def _distributed(device: str) -> tuple[int, int]:
     """(rank, world size): torchrun sets WORLD_SIZE; gloo on CPU, NCCL on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -110,14 +97,14 @@ def _distributed(device: str) -> tuple[int, int]:
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
+    lowrank, bytes_budgets = equal_bytes(args)
     if args.stream:
-        return main_stream(args, equal_bytes(args))
+        return main_stream(args, lowrank, bytes_budgets)
     args.tokens = 4096 if args.tokens is None else args.tokens
     args.documents = 1 if args.documents is None else args.documents
-    lowrank = equal_bytes(args)
-    sweep = sweep_settings(args.methods, args.budget, args.tokens, args.window, sinks=args.sinks, recent=args.recent,
-                           seed=args.seed, plan_file=args.plan, total_budget=args.total_budget,
-                           batch_size=args.batch_size)
+    sweep = sweep_settings(args.methods, args.budget if bytes_budgets is None else bytes_budgets, args.tokens,
+                           args.window, sinks=args.sinks, recent=args.recent, seed=args.seed, plan_file=args.plan,
+                           total_budget=args.total_budget, batch_size=args.batch_size)
     plan, jobs = sweep.plan, with_lowrank(sweep.jobs, lowrank)
     if plan is not None:
         plan.check_model(model_id_of(args.model))  # a plan of the other built-in model: before it loads
@@ -131,11 +118,9 @@ def main(argv=None) -> None:
     loaded = load_model_from_args(args, device_map=args.device_map)
     if lowrank is not None:
         lowrank.basis.check(loaded.model)
-    if args.bytes is not None and lowrank is None:  # the head dimension is known now
-        args.budget = str(bytes_budget(args.bytes, loaded.summary()["head_dim"], resolve_dtype(args.dtype).itemsize,
-                                       None, args.sinks))
-        jobs = sweep_settings(args.methods, args.budget, args.tokens, args.window, sinks=args.sinks,
-                              recent=args.recent, seed=args.seed, batch_size=args.batch_size).jobs
+    if bytes_budgets == []:  # --bytes without a basis: the model's head dimension is known now
+        sweep = sweep.at_budgets(bytes_slots(args, loaded.summary()["head_dim"]))
+        jobs = with_lowrank(sweep.jobs, lowrank)
     if plan is not None:
         plan.check(loaded.model.config)
     if loaded.summary()["max_positions"] and args.window > loaded.summary()["max_positions"]:
@@ -144,6 +129,8 @@ def main(argv=None) -> None:
     windows = make_windows(sequences, args.window, bos_id(loaded.tokenizer))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
     settings["plan"] = plan.to_json() if plan is not None else None
+    if bytes_budgets is not None:  # the budget --bytes bought, as a resumed run's --budget is compared
+        settings["budget"] = ",".join(map(str, sweep.budgets))
     # every rank checks a resumed run's settings; rank 0 records new ones, and the others wait for it
     load_partial_settings(partial, settings, ignore=("batch_size",), write=rank == 0)
     _barrier(world)

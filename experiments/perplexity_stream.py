@@ -10,35 +10,29 @@ import shutil
 
 from tqdm.auto import tqdm
 
-from analysis.compress import PolicyOptions, make_jobs
+from analysis.compress import PolicyOptions
 from analysis.errors import UserError
 from analysis.io import check_out_dir, load_partial_settings
-from analysis.models.loading import resolve_dtype
-from analysis.perplexity.jobs import Batching
-from analysis.perplexity.settings import (
-    STREAM_METHODS,
-    bytes_budget,
-    check_batch_size,
-    parse_methods,
-    plan_and_budgets,
-    with_lowrank,
-)
+from analysis.jobs.job import make_jobs
+from analysis.perplexity.settings import STREAM_METHODS, parse_methods, plan_and_budgets, with_lowrank
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.report.save import save_stream
+from analysis.runtime.batching import Batching, check_batch_size
 from analysis.text.corpora import load_documents, token_sequences
-from experiments.common import load_model_from_args, text_source
+from experiments.common import bytes_slots, load_model_from_args, text_source
 
 STREAM_DOCUMENTS = 4
 
 
-def main_stream(args, lowrank=None) -> None:
-    """``lowrank``: the --key-basis options (``experiments.perplexity.equal_bytes``), None for full keys."""
+def main_stream(args, lowrank=None, bytes_budgets: list[int] | None = None) -> None:
+    """``lowrank``, ``bytes_budgets``: the --key-basis and --bytes options (``experiments.common.equal_bytes``)."""
 
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--stream runs in one process (its documents are batch rows): run it without torchrun")
     methods = parse_methods(args.methods, STREAM_METHODS)
-    plan, budgets = plan_and_budgets(args.budget, args.plan, args.total_budget)
+    plan, budgets = plan_and_budgets(args.budget if bytes_budgets is None else bytes_budgets, args.plan,
+                                     args.total_budget)
     options = PolicyOptions(args.sinks, args.recent, args.seed)
     make_jobs(methods, budgets, options, plan)  # bad methods and budgets: one line, before the model loads
     documents = STREAM_DOCUMENTS if args.documents is None else args.documents
@@ -56,9 +50,8 @@ def main_stream(args, lowrank=None) -> None:
     loaded = load_model_from_args(args, device_map=args.device_map)
     if lowrank is not None:
         lowrank.basis.check(loaded.model)
-    if args.bytes is not None and lowrank is None:  # the head dimension is known now
-        budgets = [bytes_budget(args.bytes, loaded.summary()["head_dim"], resolve_dtype(args.dtype).itemsize,
-                                None, args.sinks)]
+    if bytes_budgets == []:  # --bytes without a basis: the model's head dimension is known now
+        budgets = bytes_slots(args, loaded.summary()["head_dim"])
     if plan is not None:
         plan.check(loaded.model.config)
     max_positions = loaded.summary()["max_positions"]
@@ -70,6 +63,8 @@ def main_stream(args, lowrank=None) -> None:
     jobs = with_lowrank(make_jobs(methods, budgets, options, plan, window=tokens), lowrank)  # and the stream's length
     sequences = token_sequences(loaded.tokenizer, docs, tokens, documents)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "overwrite", "quiet", "no_png")}
+    if bytes_budgets is not None:  # the budget --bytes bought, as a resumed run's --budget is compared
+        settings["budget"] = ",".join(map(str, budgets))
     settings |= {"tokens": tokens, "documents": documents, "methods": methods,
                  "plan": plan.to_json() if plan is not None else None}
     load_partial_settings(partial, settings, ignore=("batch_size",))

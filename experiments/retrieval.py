@@ -29,11 +29,11 @@ import shutil
 from tqdm.auto import tqdm
 
 from analysis.io import check_out_dir, load_partial_settings
-from analysis.perplexity.jobs import Batching
-from analysis.perplexity.settings import check_batch_size, lowrank_options
+from analysis.perplexity.settings import lowrank_options
 from analysis.report.retrieval import save_retrieval
 from analysis.retrieval.grid import MODES, build_prompts, check_positions, grid_units, retrieval_settings, run_grid
 from analysis.retrieval.tasks import TASKS
+from analysis.runtime.batching import Batching, check_batch_size
 from analysis.text.corpora import load_documents
 from experiments.common import (
     add_lowrank_args,

@@ -19,7 +19,7 @@ from analysis.report.export import write_figure
 from analysis.report.spectra import standard_figures
 from analysis.runtime.capture import capture_sequences
 from analysis.runtime.runs import load_run
-from analysis.spectra import compute_spectra, summary_sentence
+from analysis.spectra.compute import compute_spectra, summary_sentence
 from analysis.text.corpora import load_documents, token_sequences
 from experiments.common import add_output_args, command_parser, load_model_from_args, parse_ints, run_main, text_source
 

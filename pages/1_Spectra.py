@@ -15,7 +15,7 @@ from analysis.errors import UserError
 from analysis.report.lowrank import compare_table, fig_energy_lost, fig_ppl_vs_bytes, fig_rank_cost
 from analysis.report.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys
 from analysis.runtime.runs import load_run
-from analysis.spectra import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence
+from analysis.spectra.compute import DEFAULT_KINDS, LABELS, SpectraResult, compute_spectra, summary_sentence
 from analysis.text.corpora import CORPORA
 
 METRICS = {"rank_90": "rank at 90% energy", "rank_99": "rank at 99% energy", "effective_rank": "effective rank"}

@@ -83,10 +83,10 @@ def main() -> None:
         st.plotly_chart(fig_attention_map(window[0], window[1], layer, head, tokens), key="fig_attention_map")
 
     score = average_attention(capture, layer)[head].tolist()
-    victim, into = merge_preview(capture, layer, "weightedkv", budget, sinks)[head]
-    _, similar = merge_preview(capture, layer, SIMILAR, budget, sinks)[head]  # same selection, another target
-    recent = make_policy("weightedkv", budget, sinks=sinks).recent
-    st.plotly_chart(fig_average_attention(score, layer, head, victim, into, sinks, recent, tokens,
+    weightedkv, similarity = (make_policy(m, budget, sinks=sinks) for m in ("weightedkv", SIMILAR))
+    victim, into = merge_preview(capture, layer, weightedkv)[head]
+    _, similar = merge_preview(capture, layer, similarity)[head]  # same selection, another target
+    st.plotly_chart(fig_average_attention(score, layer, head, victim, into, sinks, weightedkv.recent, tokens,
                                           similar_into=similar), key="fig_average_attention")
     if victim is not None:
         def where(positions):

@@ -12,10 +12,10 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import dashboard, starter
-from analysis.compress.plans import Plan
 from analysis.heads.allocate import BASELINES, baseline, greedy_plan
 from analysis.heads.evaluate import evaluate_plans, evaluation_options, evaluation_sequences
 from analysis.heads.profile import measures
+from analysis.jobs.plan import Plan
 from analysis.perplexity.windows import make_windows
 from analysis.report.heads import fig_evaluation, fig_heatmap, fig_plan_heatmap, fig_scatter, table_rows
 from analysis.text.corpora import CORPORA, bos_id

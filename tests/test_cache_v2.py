@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
+from analysis.jobs.plan import Plan
 from analysis.runtime.cache import CompressedCache, restore
 
 BUDGET, SINKS = 16, 4

@@ -12,7 +12,7 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis.app import dashboard, starter
-from analysis.compress import Job
+from analysis.jobs.job import Job
 from analysis.models.loading import LoadedModel
 from analysis.perturbation.study import Settings, run_study
 from analysis.report.retrieval import save_retrieval

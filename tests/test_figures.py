@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.compress import PolicyOptions, make_jobs
-from analysis.compress.fig3 import replay
+from analysis.compress import PolicyOptions
 from analysis.errors import UserError
-from analysis.perplexity.jobs import run_jobs
+from analysis.figures.pipeline import FIGURES, Figure, FigureRun, Sizes, kept
+from analysis.jobs.job import make_jobs
+from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.stream import check_stream_length, running_curve, stream_windows
 from analysis.perplexity.table1 import paired, table_markdown
-from analysis.report.figures import FIGURES, Figure, FigureRun, Sizes, kept
+from analysis.perturbation.toy import toy_replay
 from experiments import figures
 from experiments.figures import _prepare_partial
 
@@ -43,7 +44,7 @@ def plain_nll(model, ids):
 
 # --- Fig. 3 -----------------------------------------------------------------------------------------------
 def test_fig3_replay_ends_with_the_papers_mixtures():
-    steps = replay()
+    steps = toy_replay()
     final = steps[-1]
     assert final.kept == [2, 5, 6, 7]
     e = torch.eye(8)

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.compress.plans import Plan
+from analysis.compress import make_policy
 from analysis.errors import UserError
 from analysis.heads.allocate import baseline, greedy_plan
 from analysis.heads.profile import attention_stats, profile_capture
+from analysis.jobs.plan import Plan
 from analysis.models import gemma
 from analysis.models.loading import (
     GEMMA_MODEL,
@@ -231,13 +232,13 @@ def test_attention_page_replay_refuses_sliding_layers(tiny_model, random_ids):
     model = tiny_model("gemma3")
     ids = random_ids(1, 20, seed=8)[0].tolist()
     with pytest.raises(UserError, match="sliding window"):
-        replay(model, ids, "weightedkv", 8, layer=0, sinks=2)
-    rep = replay(model, ids, "weightedkv", 8, layer=1, sinks=2)
+        replay(model, ids, make_policy("weightedkv", 8, sinks=2), layer=0)
+    rep = replay(model, ids, make_policy("weightedkv", 8, sinks=2), layer=1)
     assert len(rep.steps) == 20 and all(len(h.positions) <= 8 for h in rep.steps[-1])
     capture = capture_sequences(_loaded(model), [("x", ids)], progress=False)
     with pytest.raises(UserError, match="sliding window"):
-        merge_preview(capture, 0, budget=8, sinks=2)
-    assert len(merge_preview(capture, 1, budget=8, sinks=2)) == 2
+        merge_preview(capture, 0, make_policy("weightedkv", 8, sinks=2))
+    assert len(merge_preview(capture, 1, make_policy("weightedkv", 8, sinks=2))) == 2
 
 
 class _Tokens:

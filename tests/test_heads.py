@@ -16,8 +16,6 @@ import torch
 from streamlit.testing.v1 import AppTest
 
 from analysis.app import starter
-from analysis.compress import Job
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.allocate import BASELINES, baseline, greedy_plan, layer_plan, parse_total, random_plan, uniform_plan
 from analysis.heads.evaluate import check_split, evaluate_plans, profiled_ids
@@ -30,11 +28,13 @@ from analysis.heads.profile import (
     profile_summary,
     summary_lines,
 )
+from analysis.jobs.job import Job
+from analysis.jobs.plan import Plan
 from analysis.models.loading import LoadedModel
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
 from analysis.runtime.capture import record
-from analysis.spectra import compute_spectra
+from analysis.spectra.compute import compute_spectra
 from analysis.text.corpora import load_documents
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from analysis.compress import Job, PolicyOptions, make_jobs
-from analysis.compress.lowrank import Basis, LowRank, slot_bytes, slots_for_bytes
+from analysis.compress import PolicyOptions
 from analysis.errors import UserError
+from analysis.jobs.basis import Basis, LowRank, slot_bytes, slots_for_bytes
+from analysis.jobs.job import Job, make_jobs
 from analysis.lowrank.calibrate import basis_from_capture, check_disjoint, held_out, text_hash
 from analysis.lowrank.compare import Config, config_bytes, parse_key_specs, plan_configs
 from analysis.lowrank.cost import KINDS, rank_correlation, rank_costs
@@ -19,7 +20,7 @@ from analysis.retrieval.run import Unit, run_batch
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import apply_rope, record
 from analysis.runtime.channels import Rotary
-from analysis.spectra import compute_spectra
+from analysis.spectra.compute import compute_spectra
 from analysis.text.corpora import Document
 from experiments import lowrank, perplexity
 from experiments.common import run_main

@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 from transformers import AutoModelForCausalLM
 
 from analysis.compress import METHODS, RowPolicies, make_policy
-from analysis.compress.plans import Plan
+from analysis.jobs.plan import Plan
 from analysis.runtime.cache import CompressedCache, Rows
 from tests.conftest import tiny_config
 

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import analysis.perplexity.jobs as sweep
-from analysis.compress import Job, PolicyOptions, make_jobs
+import analysis.perplexity.runner as sweep
+from analysis.compress import PolicyOptions
 from analysis.errors import UserError
-from analysis.perplexity.decode import window_nll
-from analysis.perplexity.jobs import Batching, evaluate
+from analysis.jobs.job import Job, make_jobs
+from analysis.perplexity.runner import evaluate
 from analysis.perplexity.windows import make_windows, running_log_ppl, scored_mask
+from analysis.runtime.batching import Batching
+from analysis.runtime.decode import window_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 

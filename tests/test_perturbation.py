@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from analysis.compress import Job, LayerState, PolicyOptions
+from analysis.compress import LayerState, PolicyOptions
 from analysis.errors import UserError
+from analysis.jobs.job import Job
 from analysis.models.loading import LoadedModel
 from analysis.perturbation.end_to_end import end_to_end
 from analysis.perturbation.ideal import VARIANTS, ideal_errors
-from analysis.perturbation.one_step import PAIR, perturb, perturb_state, state_at
+from analysis.perturbation.one_step import PAIR, pair_jobs, perturb, perturb_state, state_at
 from analysis.perturbation.study import Settings, check_result_dir, paired_lines, run_study
 from analysis.report.save import save_study
 from analysis.runtime.cache import CompressedCache
@@ -51,7 +52,7 @@ def setup(t=8, victim=3, D=4, seed=0):
 def test_evicting_an_unattended_token_is_exact():
     keys, values, avg, q, fk, fv = setup()
     keys[[0, 4], 0] = 0.0  # the future query attends only to tokens 0 and 4; victim 3 gets exactly 0
-    res = perturb_state(hand_state(keys, values, avg), q, fk, fv, sinks=1)
+    res = perturb_state(hand_state(keys, values, avg), q, fk, fv, pair_jobs(len(avg), sinks=1))
     assert res["weightedkv"]["victim"].item() == 3
     assert res["weightedkv_evict"]["rel_error"].max().item() <= 1e-6
     assert res["weightedkv_evict"]["attn_cosine_padded"].min().item() >= 1 - 1e-6
@@ -63,7 +64,7 @@ def test_merge_is_ideal_for_identical_keys_in_the_attention_ratio():
     keys, values, avg, q, fk, fv = setup()
     keys[[3, 4], 0] = 0.0  # identical keys, equal current attention 1/2 each
     avg[4] = avg[3]  # ā_3 : ā_4 = 1 : 1 = the current ratio; argmin takes the first, j = 3
-    res = perturb_state(hand_state(keys, values, avg), q, fk, fv, sinks=1)
+    res = perturb_state(hand_state(keys, values, avg), q, fk, fv, pair_jobs(len(avg), sinks=1))
     assert res["weightedkv"]["victim"].item() == 3
     assert res["weightedkv"]["rel_error"].max().item() <= 1e-5
     assert res["weightedkv_evict"]["rel_error"].min().item() > 0.1
@@ -94,7 +95,7 @@ def test_state_at_equals_full_cache_and_capture(tiny_model, random_ids):
         assert torch.allclose(full.acc[0], cap.get(layer, "attn_received_kv")[1], atol=1e-5)
     with pytest.raises(UserError):
         perturb(cap, 0, 15, future=6)
-    out = perturb(cap, 1, 12, future=4, methods=PAIR + ("h2o",))
+    out = perturb(cap, 1, 12, pair_jobs(12, methods=PAIR + ("h2o",)), future=4)
     assert out["weightedkv"]["victim"] == out["weightedkv_evict"]["victim"]
     assert len(out["h2o"]["rel_error"]["per_step"]) == 4
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.evaluate import evaluate_plans
+from analysis.jobs.plan import Plan
 from analysis.models.loading import LoadedModel
 from analysis.perplexity.windows import make_windows
 from analysis.runtime.cache import CompressedCache, Rows

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.compress import make_policy
 from analysis.errors import UserError
 from analysis.models.loading import LoadedModel
 from analysis.runtime.cache import CompressedCache
@@ -22,7 +23,7 @@ def tokens(random_ids):
 
 @pytest.fixture(scope="module")
 def weighted(tiny_model, tokens):
-    return replay(tiny_model("llama"), tokens, "weightedkv", BUDGET, LAYER, keep_values=True)
+    return replay(tiny_model("llama"), tokens, make_policy("weightedkv", BUDGET), LAYER, keep_values=True)
 
 
 def test_replay_holds_what_the_cache_holds(tiny_model, tokens, weighted):
@@ -67,7 +68,7 @@ def test_mixtures_reproduce_the_cached_values(weighted):
 
 
 def test_eviction_keeps_untouched_values(tiny_model, tokens):
-    rep = replay(tiny_model("llama"), tokens, "weightedkv_evict", BUDGET, LAYER)
+    rep = replay(tiny_model("llama"), tokens, make_policy("weightedkv_evict", BUDGET), LAYER)
     assert all(not h.merged_into for heads in rep.steps for h in heads)
     assert all(((m > 0).sum(axis=1) == 1).all() for m in rep.mixing[-1])
 
@@ -78,18 +79,16 @@ def test_merge_preview_is_the_lowest_average_attention_candidate(tiny_model, tok
     capture = capture_sequences(loaded, [("s", tokens)], progress=False)
     score = capture.get(LAYER, "attn_received_kv")[0] / capture.get(LAYER, "attn_count")[0]  # (H, T)
     sinks, recent = 4, BUDGET // 2 - 4
-    for h, (victim, into) in enumerate(merge_preview(capture, LAYER, "weightedkv", BUDGET)):
+    for h, (victim, into) in enumerate(merge_preview(capture, LAYER, make_policy("weightedkv", BUDGET))):
         assert victim == sinks + int(score[h, sinks : T - recent].argmin())
         assert into == [victim + 1]
 
 
 def test_bad_input(tiny_model, tokens):
     with pytest.raises(UserError, match="layer 9"):
-        replay(tiny_model("llama"), tokens, "weightedkv", BUDGET, 9)
-    with pytest.raises(UserError, match="leaves no room"):
-        replay(tiny_model("llama"), tokens, "weightedkv", 8, LAYER, sinks=8)
+        replay(tiny_model("llama"), tokens, make_policy("weightedkv", BUDGET), 9)
     with pytest.raises(UserError, match="at least one token"):
-        replay(tiny_model("llama"), [], "weightedkv", BUDGET, LAYER)
+        replay(tiny_model("llama"), [], make_policy("weightedkv", BUDGET), LAYER)
 
 
 def test_a_similarity_merge_is_shown_beside_the_right_neighbour(tiny_model, tokens, weighted):
@@ -99,7 +98,7 @@ def test_a_similarity_merge_is_shown_beside_the_right_neighbour(tiny_model, toke
         for h, now in enumerate(weighted.steps[t]):
             if now.merged_into:
                 assert now.merged_into == [right_neighbour(weighted, t, h)]
-    similar = replay(tiny_model("llama"), tokens, "weightedkv_similar", BUDGET, LAYER)
+    similar = replay(tiny_model("llama"), tokens, make_policy("weightedkv_similar", BUDGET), LAYER)
     elsewhere = 0
     for t in range(BUDGET, T):
         for h, now in enumerate(similar.steps[t]):

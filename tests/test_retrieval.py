@@ -16,10 +16,9 @@ import sys
 import pytest
 import torch
 
-from analysis.compress import Job, PolicyOptions, eviction_ablation
+from analysis.compress import PolicyOptions, eviction_ablation
 from analysis.errors import UserError
-from analysis.perplexity.decode import decode_into, decode_rows, default_chunk
-from analysis.perplexity.jobs import Batching
+from analysis.jobs.job import Job
 from analysis.retrieval import run as retrieval_run
 from analysis.retrieval.grid import build_prompts, check_positions, retrieval_settings
 from analysis.retrieval.run import Unit, run_batch, run_units, token_fates
@@ -34,7 +33,9 @@ from analysis.retrieval.tasks import (
     passkey_prompt,
     sentence_starts,
 )
+from analysis.runtime.batching import Batching
 from analysis.runtime.cache import CompressedCache, Rows
+from analysis.runtime.decode import decode_into, decode_rows, default_chunk
 from analysis.stats import sign_test
 from analysis.text.corpora import Document
 from experiments.common import run_main

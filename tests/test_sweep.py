@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from analysis.compress import Job
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
+from analysis.jobs.job import Job
+from analysis.jobs.plan import Plan
 from analysis.models.loading import load_model
-from analysis.perplexity.decode import window_nll
+from analysis.runtime.decode import window_nll
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--corpus", "books", "--tokens", "96", "--window", "64", "--documents", "2", "--quiet", "--no-png"]

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.compress import Job, PolicyOptions
+from analysis.compress import PolicyOptions
+from analysis.jobs.job import Job
 from analysis.perturbation.teacher_forced import teacher_forced_layer
 from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import capture_sequences

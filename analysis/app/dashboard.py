@@ -10,6 +10,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import starter  # noqa: E402
+from analysis.compress import make_policy
 from analysis.errors import UserError  # noqa: E402
 from analysis.models.loading import load_model
 from analysis.runtime import generate
@@ -160,8 +161,8 @@ def replay_cached(model: str, token_ids: list[int], method: str, budget: int, si
             if key in store:  # another session made it while this one waited
                 return store[key]
             with progress(f"replaying {method} token by token") as bar:
-                store[key] = replay(cached_model(model).model, list(token_ids), method, budget, layer, sinks=sinks,
-                                    on_progress=bar)
+                policy = make_policy(method, budget, sinks=sinks)  # the page's choices, turned into a policy once
+                store[key] = replay(cached_model(model).model, list(token_ids), policy, layer, on_progress=bar)
         while len(store) > 48:
             store.pop(next(iter(store)))
     return store[key]

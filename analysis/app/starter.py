@@ -21,7 +21,6 @@ from tqdm.auto import tqdm
 from analysis.heads.profile import profile_sequences
 from analysis.models.loading import load_model
 from analysis.paths import cache_dir
-from analysis.perplexity.jobs import Batching
 from analysis.perplexity.settings import sweep_settings
 from analysis.perplexity.sweep import run_sweep
 from analysis.perplexity.windows import make_windows
@@ -30,6 +29,7 @@ from analysis.perturbation.texts import study_sequences, study_source
 from analysis.report.retrieval import save_retrieval
 from analysis.report.save import save_profile, save_study, save_sweep
 from analysis.retrieval.grid import build_prompts, grid_units, retrieval_settings, run_grid
+from analysis.runtime.batching import Batching
 from analysis.runtime.capture_text import capture_documents
 from analysis.runtime.runs import save_run
 from analysis.text.corpora import austen_first, token_sequences

@@ -119,3 +119,26 @@ def method_names(*, compressing: bool | None = None, in_paper: bool | None = Non
                    ((compressing, cls.compresses), (in_paper, cls.in_paper), (merging, cls.merges)))
     names = [*METHODS, *PRESETS] if presets else list(METHODS)
     return [name for name in names if keep(policy_class(name))]
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """What every scored method shares: ``sinks`` protected first positions, ``recent`` protected newest
+    ones (None: each budget's ``budget // 2 - sinks``) and the ``seed`` of the randomised methods."""
+
+    sinks: int = 4
+    recent: int | None = None
+    seed: int = 0
+
+
+def make_policy(method: str, budget: int | None, sinks: int = 4, recent: int | None = None, seed: int = 0) -> Policy:
+    """Build the policy registered as ``method`` (a name, a preset or a ``merge:`` point); ``seed`` goes to the
+    randomised ones only. A preset that carries its own sinks/recent split uses it instead of these."""
+    cls = policy_class(method)
+    preset = getattr(cls, "preset", None)
+    if preset is not None and preset.sinks is not None:
+        sinks = preset.sinks
+    if preset is not None and preset.own_recent:
+        recent = preset.recent
+    kwargs = {"budget": budget, "sinks": sinks, "recent": recent} | ({"seed": seed} if cls.seeded else {})
+    return cls(**kwargs)

@@ -34,9 +34,9 @@ import heapq
 import math
 import random
 
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
 from analysis.heads.profile import EVICT, MERGE, curves
+from analysis.jobs.plan import Plan
 
 BASELINES = ("uniform", "layer", "random", "uniform-evict", "budgets-merge", "budgets-evict")
 

@@ -7,12 +7,13 @@ must not share a document with the profiling text (``check_split``).
 
 from __future__ import annotations
 
-from analysis.compress import Job, PolicyOptions
+from analysis.compress import PolicyOptions
 from analysis.errors import UserError
 from analysis.heads.allocate import BASELINES
+from analysis.jobs.job import Job
 from analysis.options import parse_names
-from analysis.perplexity.jobs import Batching
 from analysis.perplexity.sweep import run_sweep
+from analysis.runtime.batching import Batching
 from analysis.text.corpora import load_documents, token_sequences
 
 METHOD = "weightedkv"
@@ -81,16 +82,16 @@ def evaluate_plans(loaded, windows, plans: list, source: dict, tokens: int, docu
                    batch_size: int = 32, progress=None, seed: int = 0) -> list[dict]:
     """One evaluation.json row per plan: plan name, total slots, corpus, ppl and per-document ppl.
 
-    The plans run side by side, a (plan, window) per batch row (``analysis.perplexity.jobs``): one
-    decode serves them all, each row under its own per-head budgets and merge flags.
+    The plans run side by side, a (plan, window) per batch row (``analysis.perplexity.runner``): one
+    decode serves them all, each row under its own per-head budgets and merge flags. Each plan is checked
+    against the model once (``Plan.check``, by the cache that first holds it; the command checks the
+    user's plan before any work).
     """
     names = [plan.name for plan in plans]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise UserError(f"plans to compare need distinct names: {', '.join(map(repr, twice))} given twice "
                         "(name the plan otherwise, e.g. `experiments.heads plan --name`)")
-    for plan in plans:
-        plan.check(loaded.model.config)
     jobs = [Job.of(METHOD, options=PolicyOptions(seed=seed), plan=plan) for plan in plans]
     summary, _ = run_sweep(loaded, windows, jobs, source=source, tokens=tokens, documents=documents,
                            batching=Batching(batch_size=batch_size, progress=progress))

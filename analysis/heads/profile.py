@@ -36,13 +36,14 @@ import statistics
 import torch
 from torch import Tensor
 
-from analysis.compress import MERGE_VS_EVICT, PolicyOptions, compresses, make_jobs, method_names
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, compresses, method_names
 from analysis.errors import UserError
+from analysis.jobs.job import make_jobs
 from analysis.models.loading import compressed_layers
 from analysis.ops import AttentionSpec, attention_logits, masked_softmax, query_groups
 from analysis.perturbation.teacher_forced import teacher_forced_capture
 from analysis.runtime.capture import capture_sequences
-from analysis.spectra import compute_spectra
+from analysis.spectra.compute import compute_spectra
 
 MERGE, EVICT = MERGE_VS_EVICT
 

@@ -2,7 +2,7 @@
 
 The basis pools every calibration sequence: per (layer, KV head) the Gram matrix sum_b X_b^T X_b of
 the captured pre-RoPE keys (and values), computed by ``analysis.spectra.gram`` (float64), and its
-eigenvectors (``analysis.compress.lowrank.fit``). With one sequence and no centring, 1 - energy(r)
+eigenvectors (``analysis.jobs.basis.fit``). With one sequence and no centring, 1 - energy(r)
 is exactly the relative reconstruction error ||X - X V_r V_r^T||^2 / ||X||^2, the quantity the spectra
 module's cumulative energy reports.
 
@@ -16,10 +16,10 @@ import hashlib
 
 import torch
 
-from analysis.compress.lowrank import KINDS, Basis, fingerprint, fit, model_shape
 from analysis.errors import UserError
+from analysis.jobs.basis import KINDS, Basis, fingerprint, fit, model_shape
 from analysis.runtime.capture import capture_sequences
-from analysis.spectra import gram
+from analysis.spectra.compute import gram
 from analysis.text.corpora import token_sequences
 
 

@@ -17,13 +17,15 @@ the perplexity evaluator on the same windows, so every family goes through the s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from analysis.compress import Job, PolicyOptions, make_policy, method_names
-from analysis.compress.lowrank import Basis, LowRank, slot_bytes, slots_for_bytes
+from analysis.compress import PolicyOptions, method_names
 from analysis.errors import UserError
-from analysis.perplexity.jobs import Batching, run_jobs
+from analysis.jobs.basis import Basis, LowRank, slot_bytes, slots_for_bytes
+from analysis.jobs.job import Job
+from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.windows import Windows, summarise
+from analysis.runtime.batching import Batching
 
 FAMILIES = ("token", "merge", "lowrank", "combined")
 TOKEN_METHODS = tuple(m for m in method_names(compressing=True, merging=False, in_paper=True))
@@ -113,8 +115,7 @@ def plan_configs(fractions: list[float], head_dim: int, window: int, *, element_
 def job_of(config: Config, basis: Basis, options: PolicyOptions) -> Job:
     lowrank = (LowRank(basis, key_rank=config.key_rank, key_energy=config.key_energy, value_rank=config.value_rank)
                if config.key_width or config.value_rank else None)
-    policy = make_policy(config.method, config.slots, options.sinks, options.recent, options.seed)
-    return Job(policy, None, options, lowrank)
+    return replace(Job.of(config.method, config.slots, options), lowrank=lowrank)
 
 
 def config_bytes(config: Config, layers: int, kv_heads: int, head_dim: int, window: int, element_size: int) -> int:

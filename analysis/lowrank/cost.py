@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from analysis.compress.lowrank import Basis
 from analysis.errors import UserError
+from analysis.jobs.basis import Basis
 from analysis.models.loading import attention_modules
 from analysis.runtime.capture import Capture
 from analysis.runtime.channels import Rotary
 from analysis.runtime.kernel import slot_attention
-from analysis.spectra import compute_spectra
+from analysis.spectra.compute import compute_spectra
 
 KINDS = ("query_post_rope", "key_pre_rope", "key_post_rope", "value")
 

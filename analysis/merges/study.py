@@ -3,7 +3,7 @@
 Perplexity comes from the Table-I sweep (``analysis.perplexity.table1.run_table``: windows, batches of
 rows each under its own policy, resumable), KL from the perturbation study's end-to-end decode
 (``analysis.perturbation.end_to_end``), and the cascade from one stream per document decoded by the
-evaluator's loop (``analysis.perplexity.decode.decode_rows``) with the cache's mixing record on. No
+evaluator's loop (``analysis.runtime.decode.decode_rows``) with the cache's mixing record on. No
 decode loop of its own.
 
 Cascade statistics, from the mixing record at the end of a stream (every layer, KV head and held slot):
@@ -19,13 +19,14 @@ from collections import Counter
 
 import torch
 
-from analysis.compress import PolicyOptions, RowPolicies, make_jobs
+from analysis.compress import PolicyOptions, RowPolicies
+from analysis.jobs.job import make_jobs
 from analysis.merges.space import ablation, paired_row
 from analysis.ops import running_mean
-from analysis.perplexity.decode import decode_rows
-from analysis.perplexity.jobs import Batching
 from analysis.perplexity.table1 import run_table
 from analysis.perturbation.end_to_end import end_to_end
+from analysis.runtime.batching import Batching
+from analysis.runtime.decode import decode_rows
 from analysis.text.corpora import load_documents, token_sequences
 
 CHECKPOINTS = (128, 256, 512, 1024, 2048, 4096, 8192)

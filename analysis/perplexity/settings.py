@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from analysis.compress import MERGE_VS_EVICT, Job, PolicyOptions, make_jobs, method_names
-from analysis.compress.lowrank import LowRank, slot_bytes, slots_for_bytes
-from analysis.compress.plans import Plan
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, method_names
 from analysis.errors import UserError
+from analysis.jobs.basis import LowRank, slot_bytes, slots_for_bytes
+from analysis.jobs.job import Job, make_jobs
+from analysis.jobs.plan import Plan
 from analysis.options import parse_ints, parse_names
+from analysis.runtime.batching import check_batch_size
 
 SWEEP_METHODS = ",".join(method_names(compressing=True, in_paper=True))  # the paper's methods
 STREAM_METHODS = ",".join(MERGE_VS_EVICT)  # Fig. 4: WeightedKV against its eviction ablation
@@ -22,6 +24,16 @@ class SweepSettings:
     budgets: list[int]  # empty when a plan gives the budgets
     plan: Plan | None
     jobs: list[Job]  # every (method, budget) run, validated
+    options: PolicyOptions = PolicyOptions()
+    window: int | None = None
+
+    def at_budgets(self, budgets: list[int]) -> "SweepSettings":
+        """The same methods and options at ``budgets`` (``--bytes``: the slots the bytes buy, known once the
+        model's head dimension is), validated as ``sweep_settings`` validates them."""
+        if self.plan is not None:
+            raise UserError("--bytes replaces --budget; a --plan gives its own budgets")
+        jobs = make_jobs(self.methods, list(budgets), self.options, None, window=self.window)
+        return replace(self, budgets=list(budgets), jobs=jobs)
 
 
 def plan_and_budgets(budget: str | list[int] | None, plan_file: str | None = None,
@@ -50,16 +62,12 @@ def sweep_settings(methods: str | list[str] | None, budget: str | list[int] | No
     """A windowed sweep's settings, every check that needs no model done: bad values fail before any work."""
     names = parse_methods(methods, SWEEP_METHODS)
     plan, budgets = plan_and_budgets(budget, plan_file, total_budget)
-    jobs = make_jobs(names, budgets, PolicyOptions(sinks, recent, seed), plan, window=window)
+    options = PolicyOptions(sinks, recent, seed)
+    jobs = make_jobs(names, budgets, options, plan, window=window)
     if tokens < window:
         raise UserError(f"--tokens {tokens} is shorter than --window {window}")
     check_batch_size(batch_size)
-    return SweepSettings(names, budgets, plan, jobs)
-
-
-def check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    return SweepSettings(names, budgets, plan, jobs, options, window)
 
 
 def lowrank_options(key_basis: str | None, key_rank: int | None = None, key_energy: float | None = None,

@@ -3,7 +3,7 @@
 Each document's first T tokens are one sequence decoded token by token through one
 ``CompressedCache`` from an empty cache to the end, so the cache at token t has compressed
 everything before it. A stream is a single "window" of T tokens with no stride that scores every
-target from the second token on, so the sweep machinery runs it unchanged (``analysis.perplexity.jobs``):
+target from the second token on, so the sweep machinery runs it unchanged (``analysis.perplexity.runner``):
 documents are batch rows, several methods share a batch (each row under its own policy), and a
 killed run resumes per (method, document) from the partial directory. Positions are the original
 ones (0..T-1), so T is limited by the model's positions.
@@ -24,12 +24,13 @@ import math
 import torch
 from torch import Tensor
 
-from analysis.compress import Job
 from analysis.errors import UserError
+from analysis.jobs.job import Job
 from analysis.ops import running_mean
-from analysis.perplexity.jobs import Batching, run_jobs
+from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.sweep import job_bytes, jobs_settings
 from analysis.perplexity.windows import Windows
+from analysis.runtime.batching import Batching
 
 POINTS = 400  # points kept of each running curve
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import Job, in_registry_order
-from analysis.compress.lowrank import cache_bytes
-from analysis.perplexity.jobs import Batching, run_jobs
+from analysis.compress import in_registry_order
+from analysis.jobs.basis import cache_bytes
+from analysis.jobs.job import Job
+from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.windows import Windows, summarise
+from analysis.runtime.batching import Batching
 
 
 def jobs_settings(jobs: list[Job]) -> dict:

@@ -15,10 +15,11 @@ import statistics
 
 import torch
 
-from analysis.compress import Job, compresses
-from analysis.perplexity.jobs import Batching
+from analysis.compress import compresses
+from analysis.jobs.job import Job
 from analysis.perplexity.sweep import jobs_settings, run_sweep
 from analysis.perplexity.windows import Windows, make_windows, summarise
+from analysis.runtime.batching import Batching
 from analysis.text.corpora import bos_id, load_documents, token_sequences
 
 SEP = "/"  # corpus / document id in the combined sweep

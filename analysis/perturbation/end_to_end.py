@@ -1,6 +1,6 @@
 """End to end: does a head-level perturbation move the model's prediction?
 
-The model decodes a sequence token by token (``analysis.perplexity.decode.decode_rows``, the evaluator's
+The model decodes a sequence token by token (``analysis.runtime.decode.decode_rows``, the evaluator's
 own loop) with one ``CompressedCache`` whose batch rows are: row 0 the reference (a policy whose
 budget exceeds the sequence, so nothing is ever compressed), then one row per (method, budget) job,
 each compressed by its own policy (``RowPolicies``). Every row is teacher-forced on the same tokens,
@@ -22,10 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import Job, RowPolicies, StreamingLLM
+from analysis.compress import RowPolicies, StreamingLLM
+from analysis.jobs.job import Job
 from analysis.models.loading import attention_modules
 from analysis.ops import relative_error, uncompressed_prefix
-from analysis.perplexity.decode import decode_rows
+from analysis.runtime.decode import decode_rows
 
 
 def _never(T: int) -> StreamingLLM:

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import LayerState, make_policy
+from analysis.compress import LayerState, PolicyOptions
 from analysis.errors import UserError
+from analysis.jobs import Job, make_jobs
 from analysis.ops import AttentionSpec, attention_logits, masked_softmax, query_groups, relative_error, visible
 from analysis.runtime.capture import Capture
 
@@ -89,9 +90,15 @@ def _summary(values: Tensor) -> dict:
             "std": values.std(unbiased=False).item()}
 
 
-def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tensor,
-                  methods=PAIR, sinks: int = 4, recent: int | None = None, spec: AttentionSpec | None = None) -> dict:
-    """One compression step of each method on ``state`` (t slots), scored on F future queries.
+def pair_jobs(t: int, sinks: int = 4, recent: int | None = None, methods=PAIR) -> list[Job]:
+    """The jobs of one compression step at token ``t`` (budget t - 1): WeightedKV and its eviction by default."""
+    return make_jobs(list(methods), [t - 1], PolicyOptions(sinks, recent))
+
+
+def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tensor, jobs: list[Job],
+                  spec: AttentionSpec | None = None) -> dict:
+    """One compression step of each job's method on ``state`` (t slots, so at budget t - 1), scored on F
+    future queries.
 
     queries (B, Hq, F, D): the queries of tokens t..t+F-1; keys/values (B, H, F, D): their true
     keys/values. ``state`` must be uncompressed (the full reference is ``state`` + the future).
@@ -106,9 +113,9 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
     w_full, o_full = _attend(q, torch.cat([state.keys, keys], 2), torch.cat([state.values, values], 2),
                              torch.cat([state.positions, future], 2), t, spec)
     out, victims = {}, {}
-    for method in methods:
+    for job in jobs:
+        method, policy = job.method, job.at_budget(t - 1).policy
         small = state.clone()  # merges write into values in place
-        policy = make_policy(method, t - 1, sinks, recent)
         victim = policy.select(small)  # (B, H): the single slot this method gives up
         everywhere = torch.ones_like(victim, dtype=torch.bool)
         policy.merge(small, victim, everywhere)
@@ -132,7 +139,7 @@ def perturb_state(state: LayerState, queries: Tensor, keys: Tensor, values: Tens
     return out
 
 
-def _run(capture, layer, t, future, row, methods, sinks, recent) -> dict:
+def _run(capture, layer, t, future, row, jobs: list[Job]) -> dict:
     T = capture.get(layer, "key_post_rope").shape[2]
     if t < 2 or future < 1 or t + future > T:
         raise UserError(f"need 2 <= t and t + future <= {T} captured tokens (got t={t}, future={future})")
@@ -142,21 +149,21 @@ def _run(capture, layer, t, future, row, methods, sinks, recent) -> dict:
         capture.get(layer, "query_post_rope")[row : row + 1, :, fut],  # (1, Hq, F, D)
         capture.get(layer, "key_post_rope")[row : row + 1, :, fut],  # (1, H, F, D)
         capture.get(layer, "value")[row : row + 1, :, fut],  # (1, H, F, Dv)
-        methods, sinks, recent, capture.attention(layer))
+        jobs, capture.attention(layer))
 
 
-def perturb(capture: Capture, layer: int, t: int, methods=PAIR, future: int = 64, sinks: int = 4,
-            recent: int | None = None, row: int = 0) -> dict:
+def perturb(capture: Capture, layer: int, t: int, jobs: list[Job] | None = None, future: int = 64,
+            row: int = 0) -> dict:
     """One compression step at token ``t`` of sequence ``row``, then ``future`` captured queries.
 
-    Each method compresses ``state_at(t)`` with ``make_policy(method, t - 1, sinks, recent)``, i.e.
+    Each job (default ``pair_jobs(t)``) compresses ``state_at(t)`` at budget t - 1, i.e.
     gives up exactly the one slot it would evict. WeightedKV and ``weightedkv_evict`` share the
     score ā = a / n, so they pick the same victim (asserted): the difference between them is
     purely merging v_j into v_{j+1} versus dropping it. Per method: ``rel_error`` = ||o - o_full|| /
     ||o_full|| and the attention cosines (module docstring), each as ``per_step`` (list over
     future steps, mean over query heads), ``mean`` and ``std`` (over query heads x steps).
     """
-    result = _run(capture, layer, t, future, row, methods, sinks, recent)
+    result = _run(capture, layer, t, future, row, jobs or pair_jobs(t))
     return {m: {"victim": r["victim"][0].tolist(), "head_error": _head_mean(r)[0].tolist()}
             | {k: _summary(r[k]) for k in METRICS} for m, r in result.items()}
 

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import torch
 
-from analysis.compress import Job, PolicyOptions, WeightedKV, compresses, make_jobs, policy_class
+from analysis.compress import PolicyOptions, WeightedKV, compresses, policy_class
 from analysis.errors import UserError
+from analysis.jobs.job import Job, make_jobs
 from analysis.models.loading import compressed_layers
 from analysis.options import parse_ints, parse_names
 from analysis.perturbation.end_to_end import end_to_end
 from analysis.perturbation.ideal import ideal_sequence
+from analysis.perturbation.one_step import pair_jobs
 from analysis.perturbation.summary import fig2_sequence, summary_rows, teacher_forced_sequence
 from analysis.runtime.capture import capture_sequences
 
@@ -137,8 +139,8 @@ def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings
             capture = capture_sequences(loaded, [(text_id, ids)], layers=layers, kinds=KINDS, progress=False)
             with torch.inference_mode():
                 if settings.mode == "fig2":
-                    for key, value in fig2_sequence(capture, layers, settings.t0, settings.future,
-                                                    tuple(settings.methods), settings.sinks, settings.recent).items():
+                    jobs = pair_jobs(settings.t0, settings.sinks, settings.recent, settings.methods)
+                    for key, value in fig2_sequence(capture, layers, jobs, settings.t0, settings.future).items():
                         per_seq.setdefault(key, []).append(value)
                 elif settings.mode == "sweep":
                     curves, means, labels = teacher_forced_sequence(capture, layers, jobs_of(settings))

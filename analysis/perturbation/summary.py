@@ -25,22 +25,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import Job
+from analysis.jobs.job import Job
 from analysis.ops import group_mean
-from analysis.perturbation.one_step import METRICS, PAIR, _run
+from analysis.perturbation.one_step import METRICS, _run
 from analysis.perturbation.teacher_forced import teacher_forced_layer
 
 CURVE_POINTS = 200  # curves in the JSON are thinned to about this many points; full ones go to curves.safetensors
 
 
-def fig2_sequence(capture, layers: list[int], t0: int = 100, future: int = 800, methods=PAIR, sinks: int = 4,
-                  recent: int | None = None) -> dict[tuple[str, str], Tensor]:
-    """One sequence (capture row 0): ``{(metric, method): (L, H, N)}`` per layer, KV head and step."""
+def fig2_sequence(capture, layers: list[int], jobs: list[Job], t0: int = 100,
+                  future: int = 800) -> dict[tuple[str, str], Tensor]:
+    """One sequence (capture row 0): ``{(metric, method): (L, H, N)}`` per layer, KV head and step, each job
+    compressing the cache of t0 tokens by one slot (``one_step.pair_jobs(t0)``: budget t0 - 1)."""
     out: dict[tuple[str, str], list[Tensor]] = {}
     for layer in layers:
         H = capture.get(layer, "key_post_rope").shape[1]
-        res = _run(capture, layer, t0, future, 0, methods, sinks, recent)
-        for method in methods:
+        res = _run(capture, layer, t0, future, 0, jobs)
+        for method in (job.method for job in jobs):
             for metric in METRICS:
                 out.setdefault((metric, method), []).append(group_mean(res[method][metric], H)[0])  # (H, N)
     return {key: torch.stack(v) for key, v in out.items()}

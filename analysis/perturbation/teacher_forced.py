@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from analysis.compress import Job, LayerState, RowPolicies, StreamingLLM
+from analysis.compress import LayerState, RowPolicies, StreamingLLM
+from analysis.jobs.job import Job
 from analysis.ops import AttentionSpec, group_mean, relative_error
 from analysis.runtime.kernel import slot_attention
 

@@ -1,4 +1,4 @@
-"""WeightedKV Fig. 3 replayed (``analysis.compress.fig3.replay``): the cache step by step, and the final mixtures."""
+"""WeightedKV Fig. 3 replayed (``analysis.perturbation.toy.toy_replay``): the cache step by step, the final mixtures."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from fractions import Fraction
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.compress.fig3 import Step, label
+from analysis.perturbation.toy import Step, label
 
 ROLE_COLOURS = {"kept": "#c6dbef", "victim": "#e6550d", "neighbour": "#31a354"}
 

@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.errors import UserError
-from analysis.spectra import LABELS, SpectraResult
+from analysis.spectra.compute import LABELS, SpectraResult
 
 COLOURS = {"key_pre_rope": "#1f77b4", "key_post_rope": "#ff7f0e", "value": "#2ca02c",
            "query_post_rope": "#9467bd"}

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from analysis.compress import Job, PolicyOptions, eviction_ablation, make_jobs, method_names
-from analysis.compress.lowrank import LowRank
+from analysis.compress import PolicyOptions, eviction_ablation, method_names
 from analysis.errors import UserError
+from analysis.jobs.basis import LowRank
+from analysis.jobs.job import Job, make_jobs
 from analysis.options import parse_ints, parse_names
-from analysis.perplexity.jobs import Batching
 from analysis.retrieval.run import Unit, run_units
 from analysis.retrieval.summary import by_fate, cells, paired
 from analysis.retrieval.tasks import (
@@ -27,6 +27,7 @@ from analysis.retrieval.tasks import (
     passkey_prompt,
     protected_from,
 )
+from analysis.runtime.batching import Batching
 
 MODES = ("decode", "prefill")
 DEFAULT_METHODS = ",".join(method_names())  # every registered method, the full reference first

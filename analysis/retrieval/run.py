@@ -2,7 +2,7 @@
 
 How the context meets the cache (``mode``):
 
-- ``decode``: as the perplexity evaluator feeds a window (``analysis.perplexity.decode.decode_into``, the
+- ``decode``: as the perplexity evaluator feeds a window (``analysis.runtime.decode.decode_into``, the
   same function): uncompressed chunks up to the smallest budget, then one token per forward,
   compressing each step; the question and the answer follow the same way.
 - ``prefill``: what ``generate()`` does with a long prompt: the whole prompt in one forward, ranked
@@ -37,13 +37,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from analysis.compress import Job, RowPolicies
+from analysis.compress import RowPolicies
 from analysis.errors import UserError
+from analysis.jobs.job import Job
 from analysis.ops import uncompressed_prefix
-from analysis.perplexity.decode import decode_into, default_chunk, vocab_size
-from analysis.perplexity.jobs import Batching
 from analysis.retrieval.tasks import Prompt
+from analysis.runtime.batching import Batching
 from analysis.runtime.cache import CompressedCache, CompressedLayer, Rows
+from analysis.runtime.decode import decode_into, default_chunk, vocab_size
 
 PREFILL_BYTES = 1 << 30  # a prefill's (rows, query heads, L, L) float32 attention weights stay under this
 EPS = 0.0  # any weight left counts as merged (however diluted: ``weight`` says how much)

@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from analysis.compress import LayerState, Policy, PolicyOptions, make_policy
-from analysis.compress.lowrank import LowRank
+from analysis.compress import LayerState, Policy, PolicyOptions
 from analysis.errors import UserError
+from analysis.jobs import Job, LowRank
 from analysis.models.loading import attention_modules, sliding_layers
 from analysis.runtime import kernel as attention
 from analysis.runtime.channels import LayerCodec
@@ -260,19 +260,34 @@ def _plan_rows(plans: list | None, shared: bool, layer: int) -> tuple:
     return [p.budgets[layer] for p in plans], merge, [p.recent_row(layer) for p in plans]
 
 
+def _policy(method: str | Policy | Job, budget: int | None, plan, options: dict) -> Policy:
+    """The cache's policy: a ``Job``'s or a ``Policy`` as given; a method name is built once, by ``Job.of``."""
+    if isinstance(method, Job):
+        return method.policy
+    if isinstance(method, Policy):
+        if options:
+            raise UserError(f"options {sorted(options)} configure a method name; this policy is already built")
+        return method
+    valid = [f.name for f in fields(PolicyOptions)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UserError(f"unknown CompressedCache option(s) {unknown}; valid: {', '.join(valid)}")
+    return Job.of(method, budget, PolicyOptions(**options), plan).policy
+
+
 class CompressedCache(Cache):
     """Cache whose every full-attention layer is held to ``budget`` slots (or a plan's) by a policy.
 
     ``method``: a registered name (built with ``**options``: ``sinks``, ``recent``, ``seed``) or a
-    configured ``Policy``; ``plan``: an ``analysis.compress.plans.Plan`` giving each (layer, KV head)
+    configured ``Policy``; ``plan``: an ``analysis.jobs.plan.Plan`` giving each (layer, KV head)
     its budget and, optionally, merge-or-evict; ``rows``: per-row seeds, budgets or plans (``Rows``);
     ``track_mixing`` > 0 records which original tokens each slot's value mixes (for display).
-    ``key_basis`` (a basis directory or ``analysis.compress.lowrank.Basis``) with ``key_rank`` R (or
+    ``key_basis`` (a basis directory or ``analysis.jobs.basis.Basis``) with ``key_rank`` R (or
     ``key_energy``) holds every key as R coefficients of its pre-RoPE projection; ``lowrank`` (a
     ``LowRank``) also sets low-rank values. Composes with every method: the policy sees slots as before.
     """
 
-    def __init__(self, model: nn.Module, method: str | Policy = "weightedkv", budget: int | None = 256, *,
+    def __init__(self, model: nn.Module, method: str | Policy | Job = "weightedkv", budget: int | None = 256, *,
                  plan=None, rows: Rows | None = None, track_mixing: int = 0, key_basis=None,
                  key_rank: int | None = None, key_energy: float | None = None, lowrank: LowRank | None = None,
                  **options):
@@ -281,16 +296,20 @@ class CompressedCache(Cache):
             if lowrank is not None:
                 raise UserError("give key_basis/key_rank or lowrank, not both")
             lowrank = LowRank.of(key_basis, key_rank, key_energy)
-        if lowrank is not None:
-            lowrank.basis.check(model)
-        self.lowrank = lowrank
         rows = rows or Rows()
+        if isinstance(method, Job):
+            if plan is not None or lowrank is not None or options:
+                raise UserError("a Job carries its own plan, low-rank channels and options: give none of them")
+            plan, lowrank = method.plan, method.lowrank
         plans = _row_plans(plan, rows)
         for one in plans or ():
             one.check(config)
-        self.policy = self._policy(method, budget, max(plans, key=lambda p: p.max_budget) if plans else None, options)
+        self.policy = _policy(method, budget, max(plans, key=lambda p: p.max_budget) if plans else None, options)
         for one in plans or ():
             one.check_policy(self.policy)
+        if lowrank is not None:
+            lowrank.basis.check(model)
+        self.lowrank = lowrank
         sliding = sliding_layers(config)
         row_budgets = torch.tensor(rows.budgets)[:, None] if rows.budgets is not None else None
         layers = []
@@ -313,20 +332,6 @@ class CompressedCache(Cache):
             return None
         codec = LayerCodec(model, layer, self.lowrank)
         return codec if codec.active else None
-
-    @staticmethod
-    def _policy(method: str | Policy, budget: int | None, plan, options: dict) -> Policy:
-        if isinstance(method, Policy):
-            if options:
-                raise UserError(f"options {sorted(options)} configure a method name; this policy is already built")
-            return method
-        unknown = set(options) - {"sinks", "recent", "seed"}
-        if unknown:
-            raise UserError(f"unknown CompressedCache option(s) {sorted(unknown)}; valid: sinks, recent, seed")
-        options = PolicyOptions(**options)
-        if plan is not None:
-            return make_policy(method, plan.max_budget, plan.sinks, plan.recent, options.seed)
-        return make_policy(method, budget, options.sinks, options.recent, options.seed)
 
     def hold(self) -> None:
         """The next forward feeds U distinct prompts for R >= U rows (``fan_out``): observe, do not compress."""

@@ -22,8 +22,8 @@ import sys
 import torch
 from torch import Tensor, nn
 
-from analysis.compress.lowrank import LowRank
 from analysis.errors import UserError
+from analysis.jobs.basis import LowRank
 from analysis.models.loading import attention_modules
 
 

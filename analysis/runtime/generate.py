@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from analysis.compress.plans import Plan
 from analysis.errors import UserError
+from analysis.jobs.plan import Plan
 from analysis.runtime.cache import CompressedCache
 
 
@@ -20,8 +20,8 @@ def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: i
                   sample: bool, temperature: float, seed: int, plan_json: str | None = None, lowrank=None) -> dict:
     """Generate ``new`` tokens after ``prompt`` with ``loaded`` (analysis.models.loading) through a CompressedCache.
 
-    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/compress/plans.py), replacing the budget;
-    ``lowrank``: an ``analysis.compress.lowrank.LowRank`` (keys, and optionally values, in low rank).
+    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/jobs/plan.py), replacing the budget;
+    ``lowrank``: an ``analysis.jobs.basis.LowRank`` (keys, and optionally values, in low rank).
     Returns the text and the cache afterwards (occupancy, tokens seen, memory, kept positions per head).
     The cache hooks the model and switches its attention while open: callers sharing the model serialise calls.
     """

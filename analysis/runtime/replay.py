@@ -18,13 +18,13 @@ leaves them to the model's own sliding cache, so no method acts there.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from analysis.compress import LayerState, make_policy
+from analysis.compress import LayerState, Policy
 from analysis.errors import UserError
 from analysis.models.loading import attention_modules, compressed_layers
 from analysis.ops import query_groups
@@ -115,16 +115,17 @@ def _diff(before: tuple, after: tuple, newest: int | None = None) -> tuple[int |
     return (gone[0] if gone else None), sorted(changed)
 
 
-def open_cache(model, method: str, budget: int | None, sinks: int, recent: int | None, seed: int, tokens: int):
+def open_cache(model, policy: Policy, tokens: int) -> CompressedCache:
     """A CompressedCache that tracks, for ``tokens`` original tokens, what each slot's value mixes."""
 
-    return CompressedCache(model, method, budget, sinks=sinks, recent=recent, seed=seed, track_mixing=tokens)
+    return CompressedCache(model, policy, track_mixing=tokens)
 
 
 @torch.inference_mode()
-def replay(model, token_ids: list[int], method: str, budget: int | None, layer: int, sinks: int = 4,
-           recent: int | None = None, seed: int = 0, on_progress=None, keep_values: bool = False) -> Replay:
-    """Decode ``token_ids`` one at a time through a CompressedCache; record ``layer`` after each token.
+def replay(model, token_ids: list[int], policy: Policy, layer: int, on_progress=None,
+           keep_values: bool = False) -> Replay:
+    """Decode ``token_ids`` one at a time through a CompressedCache under ``policy``; record ``layer`` after
+    each token.
 
     ``keep_values`` also keeps every step's cached values (for checking the mixtures against them).
     """
@@ -133,11 +134,10 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
     if not 0 <= layer < model.config.num_hidden_layers:
         raise UserError(f"layer {layer} out of range: the model has layers 0-{model.config.num_hidden_layers - 1}")
     compressed_layers(model.config, [layer])  # a sliding-window layer: one-line error
-    policy = make_policy(method, budget, sinks=sinks, recent=recent, seed=seed)  # bad settings fail here
     T = len(token_ids)
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], device=device)
-    cache = open_cache(model, method, budget, sinks, recent, seed, T)
+    cache = open_cache(model, policy, T)
 
     # Registered after the cache's own hook (CompressedCache installs it), so the layer is compressed first.
     stopper = attention_modules(model)[layer].register_forward_hook(_stop_after)
@@ -166,17 +166,16 @@ def replay(model, token_ids: list[int], method: str, budget: int | None, layer: 
     finally:
         stopper.remove()
         cache.close()  # restores the model's attention implementation, removes the cache's hooks
-    return Replay(method, budget, policy.sinks, policy.recent, layer, list(token_ids), steps,
+    return Replay(policy.name, policy.budget, policy.sinks, policy.recent, layer, list(token_ids), steps,
                   mixing if len(mixing) == T else None, values if keep_values else None)
 
 
-def merge_preview(capture, layer: int, method: str = "weightedkv", budget: int = 64, sinks: int = 4,
-                  recent: int | None = None, row: int = 0) -> list[tuple[int | None, list[int]]]:
+def merge_preview(capture, layer: int, policy: Policy, row: int = 0) -> list[tuple[int | None, list[int]]]:
     """Per KV head of ``layer``: (victim, merged-into positions) if the capture's full cache lost one slot.
 
     The cache holds every captured token with the statistics the capture recorded (attention
-    received and queries that saw it); the policy keeps the ``sinks`` and ``recent`` of ``budget``
-    (its defaults for that budget) protected and runs its real ``compress`` down by one slot.
+    received and queries that saw it); the policy keeps its ``sinks`` and ``recent`` protected and
+    runs its real ``compress`` down by one slot (its budget becomes the capture's length less one).
     """
     if layer in (capture.meta.get("sliding_layers") or []):
         raise UserError(f"layer {layer} uses a sliding window: CompressedCache does not compress it, "
@@ -186,9 +185,8 @@ def merge_preview(capture, layer: int, method: str = "weightedkv", budget: int =
     received = capture.get(layer, "attn_received_kv")[row : row + 1].float()  # (1, H, T)
     count = capture.get(layer, "attn_count")[row : row + 1].float()  # (1, T)
     T = keys.shape[2]
-    protected = make_policy(method, budget, sinks=sinks, recent=recent)
-    if T - 1 <= protected.sinks + protected.recent:
-        raise UserError(f"the capture has {T} tokens: too few for sinks {protected.sinks} + recent {protected.recent}")
+    if T - 1 <= policy.sinks + policy.recent:
+        raise UserError(f"the capture has {T} tokens: too few for sinks {policy.sinks} + recent {policy.recent}")
     state = LayerState.empty(keys, values)
     state.append(keys, values, torch.arange(T))
     # Statistics by original position, wherever the state put each token.
@@ -197,7 +195,7 @@ def merge_preview(capture, layer: int, method: str = "weightedkv", budget: int =
     state.acc = received.gather(2, where) * held
     state.count = count[:, None, :].expand_as(received).gather(2, where) * held
     before = _snapshot(state)
-    make_policy(method, T - 1, sinks=protected.sinks, recent=protected.recent).compress(state)
+    replace(policy, budget=T - 1).compress(state)  # the same sinks and recent, one slot fewer than the capture
     return [_diff(b, a) for b, a in zip(before, _snapshot(state))]
 
 

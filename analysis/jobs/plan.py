@@ -36,6 +36,8 @@ class Plan:
     name: str = "plan"
     model: str | None = None
     sliding_layers: list[int] = field(default_factory=list)  # not compressed: their rows are no budgets
+    # the model shape this plan was last checked against: each cache built on it asks again, the check runs once
+    _checked: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shape = {len(row) for row in self.budgets}
@@ -95,14 +97,17 @@ class Plan:
         """One-line error unless the plan is shaped layers x KV heads of ``config``."""
         layers = config.num_hidden_layers
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        sliding = sorted(model_sliding_layers(config))
+        if self._checked == (layers, heads, sliding, self.num_layers, self.num_kv_heads, self.sliding_layers):
+            return
         if (self.num_layers, self.num_kv_heads) != (layers, heads):
             made = f" (made for {self.model})" if self.model else ""
             raise UserError(f"plan {self.name!r}{made} is {self.num_layers} layers x {self.num_kv_heads} KV heads, "
                             f"but the model has {layers} x {heads}: it was made for another model")
-        sliding = sorted(model_sliding_layers(config))
         if sorted(self.sliding_layers) != sliding:
             raise UserError(f"plan {self.name!r} has sliding-window layers {sorted(self.sliding_layers)}, the model "
                             f"{sliding}: it was made for another model")
+        self._checked = (layers, heads, sliding, self.num_layers, self.num_kv_heads, list(self.sliding_layers))
 
     def check_model(self, model_id: str) -> None:
         """One-line error when the plan records another built-in model than ``model_id`` (checked before the
@@ -153,6 +158,7 @@ class Plan:
 
     def to_json(self) -> dict:
         data = asdict(self)
+        del data["_checked"]  # bookkeeping, not the plan
         if not self.sliding_layers:  # files of models without sliding layers stay as they were
             del data["sliding_layers"]
         return data | {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,

@@ -11,34 +11,17 @@ jobs under per-head plans (a head study's plan and its baselines), each row unde
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from analysis.compress import Job, RowPolicies
-from analysis.errors import UserError
-from analysis.perplexity.decode import decode_rows, default_chunk, vocab_size
+from analysis.compress import RowPolicies
+from analysis.jobs.job import Job
 from analysis.perplexity.windows import Windows, summarise
-
-
-@dataclass
-class Batching:
-    """How a run's units are packed and kept: rows per batch, the resume directory, progress, shards.
-
-    ``progress(n)`` is called with each finished batch's unit count (total: jobs x windows / world);
-    ``partial`` keeps every finished (job, window) so a killed run resumes; a ``torchrun`` process
-    of rank ``rank`` among ``world`` takes windows rank, rank + world, ...
-    """
-
-    batch_size: int = 32
-    partial: Path | None = None
-    progress: Callable[[int], None] | None = None
-    rank: int = 0
-    world: int = 1
+from analysis.runtime.batching import Batching, check_batch_size
+from analysis.runtime.decode import decode_rows, default_chunk, vocab_size
 
 
 def evaluate(model, windows: Windows, job: Job, batching: Batching | None = None) -> dict:
@@ -102,8 +85,7 @@ def run_jobs(model, windows: Windows, jobs: list[Job],
     batching = batching or Batching()
     batch_size, partial, progress = batching.batch_size, batching.partial, batching.progress
     rank, world = batching.rank, batching.world
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     mine = [w for w in range(len(windows.docs)) if w % world == rank]
     units = [(job, w) for job in jobs for w in mine]
     done: dict[tuple[str, int], dict] = {}

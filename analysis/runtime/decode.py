@@ -18,7 +18,7 @@ chunks are sized by the vocabulary (``default_chunk``), Gemma's 262k one include
 Speed: while a window's cache is below the budget no method has anything to do, so those tokens go
 through the model in chunks (identical attention and statistics, fewer forwards); after that, one
 token per forward. Windows are batch rows, and so are a sweep's (method, budget) jobs when there are
-fewer windows than the batch size (``analysis.perplexity.jobs``): each row is compressed by its own policy.
+fewer windows than the batch size (``analysis.perplexity.runner``): each row is compressed by its own policy.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from analysis.compress import Job, Policy
+from analysis.compress import Policy
+from analysis.jobs.job import Job
 from analysis.runtime.cache import CompressedCache, Rows
 
 

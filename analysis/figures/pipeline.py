@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from analysis.compress import MERGE_VS_EVICT, PolicyOptions, make_jobs, method_names
-from analysis.compress.fig3 import replay
+from analysis.compress import MERGE_VS_EVICT, PolicyOptions, method_names
+from analysis.jobs.job import make_jobs
+from analysis.perturbation.toy import toy_replay
 from analysis.heads.allocate import greedy_plan
 from analysis.heads.profile import profile_sequences
 from analysis.io import write_json
@@ -26,7 +27,7 @@ from analysis.lowrank.calibrate import calibrate, held_out
 from analysis.lowrank.compare import goal, pareto, parse_key_specs, plan_configs, run_compare
 from analysis.merges.space import ablation
 from analysis.merges.study import run_space
-from analysis.perplexity.jobs import Batching
+from analysis.runtime.batching import Batching
 from analysis.perplexity.stream import check_stream_length, run_stream
 from analysis.perplexity.table1 import check_finite, run_table, table_csv, table_markdown, window_count
 from analysis.perplexity.windows import make_windows
@@ -43,7 +44,7 @@ from analysis.report.spectra import standard_figures
 from analysis.report.table1 import fig_table1
 from analysis.retrieval.grid import build_prompts, retrieval_settings, run_grid
 from analysis.runtime.capture import capture_sequences
-from analysis.spectra import compute_spectra, summary_sentence
+from analysis.spectra.compute import compute_spectra, summary_sentence
 from analysis.text.corpora import load_documents, token_sequences
 
 FIGURE_JSON = "figure.json"
@@ -150,7 +151,7 @@ def build_fig1_spectra(run: FigureRun, out: Path) -> None:
 
 def build_fig3_replay(run: FigureRun, out: Path) -> None:
 
-    steps = replay()
+    steps = toy_replay()
     write_json(out / "fig3.json", [asdict(s) for s in steps])
     write_figure(fig_fig3_replay(steps), out, "fig3_replay", png=run.png)
     run.advance(1)

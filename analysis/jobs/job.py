@@ -1,4 +1,4 @@
-"""Configured methods: a name turned into a ``Policy`` once, at the edge, and carried as a ``Job``.
+"""Configured runs: a method name turned into a ``Policy`` once, at the edge, and carried as a ``Job``.
 
 Commands and pages call ``make_jobs`` (or ``Job.of``) with what the user typed; everything below
 them (the cache, the perplexity evaluator, the perturbation and head studies) takes ``Job`` or
@@ -9,35 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from analysis.compress.base import Policy
-from analysis.compress.lowrank import LowRank
-from analysis.compress.plans import Plan
-from analysis.compress.registry import policy_class
+from analysis.compress import Policy, PolicyOptions, make_policy, policy_class
 from analysis.errors import UserError
+from analysis.jobs.basis import LowRank
+from analysis.jobs.plan import Plan
 from analysis.ops import uncompressed_prefix
-
-
-@dataclass(frozen=True)
-class PolicyOptions:
-    """What every scored method shares: ``sinks`` protected first positions, ``recent`` protected newest
-    ones (None: each budget's ``budget // 2 - sinks``) and the ``seed`` of the randomised methods."""
-
-    sinks: int = 4
-    recent: int | None = None
-    seed: int = 0
-
-
-def make_policy(method: str, budget: int | None, sinks: int = 4, recent: int | None = None, seed: int = 0) -> Policy:
-    """Build the policy registered as ``method`` (a name, a preset or a ``merge:`` point); ``seed`` goes to the
-    randomised ones only. A preset that carries its own sinks/recent split uses it instead of these."""
-    cls = policy_class(method)
-    preset = getattr(cls, "preset", None)
-    if preset is not None and preset.sinks is not None:
-        sinks = preset.sinks
-    if preset is not None and preset.own_recent:
-        recent = preset.recent
-    kwargs = {"budget": budget, "sinks": sinks, "recent": recent} | ({"seed": seed} if cls.seeded else {})
-    return cls(**kwargs)
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,7 +21,7 @@ class Job:
     """One configured run: a policy at one budget, or under a per-(layer, KV head) ``plan``.
 
     ``options`` are what the user asked for (``recent=None`` stays None), recorded with results;
-    ``lowrank`` holds keys (and/or values) as low-rank coefficients (``analysis.compress.lowrank``).
+    ``lowrank`` holds keys (and/or values) as low-rank coefficients (``analysis.jobs.basis``).
     """
 
     policy: Policy
@@ -63,6 +39,13 @@ class Job:
             return cls(policy, plan, options)
         return cls(make_policy(method, budget if policy_class(method).compresses else None, options.sinks,
                                options.recent, options.seed), None, options)
+
+    def at_budget(self, budget: int) -> "Job":
+        """The same method and options at another uniform budget (a study whose budget follows its data:
+        one step's t - 1 slots); the options' ``recent=None`` splits the new budget as asked."""
+        if self.plan is not None or self.lowrank is not None:
+            raise UserError("at_budget re-budgets a uniform job without low-rank channels")
+        return self if self.budget == budget else Job.of(self.method, budget, self.options)
 
     @property
     def method(self) -> str:

@@ -61,7 +61,7 @@ def _by_position(state: LayerState, per_position: dict[int, float]) -> Tensor:
     return out
 
 
-def replay(scores: list[list[float]] = PAPER_SCORES, budget: int = BUDGET, seed: int = 3) -> list[Step]:
+def toy_replay(scores: list[list[float]] = PAPER_SCORES, budget: int = BUDGET, seed: int = 3) -> list[Step]:
     """Feed the toy example to ``WeightedKV(budget, sinks=0, recent=0)``; one ``Step`` per token."""
     policy = WeightedKV(budget=budget, sinks=0, recent=0)
     tokens = len(scores)

@@ -1,0 +1,1 @@
+"""The figure pipeline (``python -m experiments.figures``): builds each study, then its figures, resumably."""
