@@ -6,10 +6,10 @@
         --documents 2 --tokens 2048 --window 1024 --out runs/heads-eval
 
 profile writes DIR/profile.json (one row per (layer, kv_head): every measure and the sensitivity
-rank; see analysis/heads.py) and figures; plan writes DIR/plan.json (the JSON CompressedCache and
-``experiments.perplexity --plan`` accept; rule in analysis/head_plans.py) and its budget heatmap;
+rank; see analysis/heads/profile.py) and figures; plan writes DIR/plan.json (the JSON CompressedCache and
+``experiments.perplexity --plan`` accept; rule in analysis/heads/allocate.py) and its budget heatmap;
 evaluate writes DIR/evaluation.json with the plan and its baselines (uniform, per-layer, random, and
-the controls uniform-evict, budgets-merge, budgets-evict; analysis/head_plans.py) at the plan's
+the controls uniform-evict, budgets-merge, budgets-evict; analysis/heads/allocate.py) at the plan's
 total memory, per corpus, with per-document perplexity. Evaluation documents that come
 from the profiled documents are refused, and so is a plan file with no ``profile`` block (nothing to
 check against) unless --no-profile-check, which evaluation.json records as ``profile_check: false``.

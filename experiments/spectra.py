@@ -3,7 +3,7 @@
     python -m experiments.spectra --model default --corpus books --sequences 10 --tokens 1024 --out DIR
     python -m experiments.spectra --run runs/austen --out DIR      # reuse a capture
 
-Writes DIR/spectra.json (analysis.spectra.SpectraResult.to_json) and the figures of
+Writes DIR/spectra.json (analysis.spectra.compute.SpectraResult.to_json) and the figures of
 analysis.report.spectra as HTML (plotly.js embedded) and PNG. DIR is built in a temp directory
 beside it and renamed into place when complete.
 """

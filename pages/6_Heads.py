@@ -90,7 +90,7 @@ def plan_section(path: Path, profile: dict) -> None:
     with st.form("evaluate"):
         baselines = st.multiselect("baselines", BASELINES, default=["uniform"], key="eval_baselines",
                                    help="uniform-evict, budgets-merge and budgets-evict separate the plan's two "
-                                        "choices (budgets, merge or evict): see analysis/head_plans.py")
+                                        "choices (budgets, merge or evict): see analysis/heads/allocate.py")
         e1, e2, e3, e4, e5 = st.columns(5)
         corpus = e1.selectbox("corpus", list(CORPORA), index=list(CORPORA).index("web"), key="eval_corpus")
         tokens = e2.number_input("tokens", 64, 8192, 2048, step=64, key="eval_tokens")

@@ -109,7 +109,7 @@ FIRST_OPEN = {  # what the progress bar says while a page's first open computes 
 
 
 def starter_dir(part: str) -> Path:
-    """A starter part's directory (analysis/starter.py): read from disk, or computed here once (set-up
+    """A starter part's directory (analysis/app/starter.py): read from disk, or computed here once (set-up
     normally has made it). Two first sessions at once: the second waits, then finds it on disk."""
     _, folder, _, make = starter.PARTS[part]
     if not starter.is_made(part):

@@ -181,7 +181,7 @@ def build_merge_vs_evict(run: FigureRun, out: Path) -> None:
 
 
 def build_heads(run: FigureRun, out: Path) -> None:
-    """Head profile (analysis/heads.py) on the first corpus, its figures, and the greedy plan at min(budgets)x."""
+    """Head profile (analysis/heads/profile.py) on the first corpus, its figures, and the greedy plan at min(budgets)x."""
 
     loaded, s = run.loaded(), run.sizes
     budgets = [b for b in (32, 64, 128, 256, 512) if b < s.heads_tokens]

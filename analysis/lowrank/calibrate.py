@@ -1,7 +1,7 @@
 """A low-rank basis from calibration text, through the capture and the spectra's Gram matrices.
 
 The basis pools every calibration sequence: per (layer, KV head) the Gram matrix sum_b X_b^T X_b of
-the captured pre-RoPE keys (and values), computed by ``analysis.spectra.gram`` (float64), and its
+the captured pre-RoPE keys (and values), computed by ``analysis.spectra.compute.gram`` (float64), and its
 eigenvectors (``analysis.jobs.basis.fit``). With one sequence and no centring, 1 - energy(r)
 is exactly the relative reconstruction error ||X - X V_r V_r^T||^2 / ||X||^2, the quantity the spectra
 module's cumulative energy reports.

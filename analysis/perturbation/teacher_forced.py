@@ -18,7 +18,7 @@ state at a time: never T x T attention for every layer.
 Attention is the layer's own (``AttentionSpec``, from the capture: ``Capture.attention(layer)``):
 its scaling (Gemma's ``query_pre_attn_scalar``), soft-cap and window, so the replay of the full cache
 equals the model's attention output. Layers the model runs with a sliding window are not compressed
-by ``CompressedCache``; the studies leave them out (``analysis.perturbation.layers``).
+by ``CompressedCache``; the studies leave them out (``analysis.models.loading.compressed_layers``).
 """
 
 from __future__ import annotations
