@@ -62,8 +62,9 @@ case "$cmd" in
     setup
     say "import-linter: the library's layers (pyproject.toml)"; .venv/bin/lint-imports --no-cache
     say "ruff"; .venv/bin/ruff check .
-    # Two workers (pytest-xdist; files stay whole on one worker), each on its share of the cores.
-    exec "$PY" -m pytest -q -n "${KVLENS_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+    # Two workers (pytest-xdist), each on its share of the cores: a file stays whole on one worker, except the
+    # tests marked spread (tests/conftest.py); the 15 slowest tests are listed at the end.
+    exec "$PY" -m pytest -q -n "${KVLENS_TEST_WORKERS:-2}" --dist loadgroup --durations 15 "$@" ;;
   dashboard|app) setup; exec .venv/bin/streamlit run app.py --server.headless true --browser.gatherUsageStats false "$@" ;;
   *) echo "usage: ./run.sh [dashboard|test|setup]" >&2; exit 2 ;;
 esac

@@ -8,6 +8,7 @@ feed random token ids.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -35,6 +36,7 @@ if _WORKERS > 1:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+REPO = Path(__file__).resolve().parent.parent  # the repository root, whatever folder a test file sits in
 VOCAB = 101
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
 # Families whose attention normalises keys before RoPE (a ``k_norm`` module), each in its own layout:
@@ -123,3 +125,13 @@ def embedded():
     """The embedded SmolLM2-135M-Instruct (LoadedModel), on CPU in float32, eager attention."""
 
     return load_model(device="cpu")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its hook has no order of its own)
+def pytest_collection_modifyitems(config, items):
+    """Under ``./run.sh test`` (two workers, ``--dist loadgroup``) a file's tests stay on one worker, so its
+    module fixtures are built once, except tests marked ``spread`` (one figure each): any worker takes them."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            group = item.nodeid if item.get_closest_marker("spread") else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -18,14 +18,14 @@ from analysis.jobs.job import Job
 from analysis.jobs.plan import Plan
 from analysis.models.loading import load_model
 from analysis.runtime.decode import window_nll
+from tests.conftest import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--corpus", "books", "--tokens", "96", "--window", "64", "--documents", "2", "--quiet", "--no-png"]
 
 
 def run(args, launcher=(sys.executable, "-m", "experiments.perplexity")):
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run([*launcher, *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
 
 
 def results(out: Path) -> dict:

@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,7 @@ from analysis.perplexity.runner import evaluate
 from analysis.perplexity.windows import make_windows, running_log_ppl, scored_mask
 from analysis.runtime.batching import Batching
 from analysis.runtime.decode import window_nll
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from tests.conftest import REPO
 
 
 def job(method: str, budget: int, sinks: int = 2, seed: int = 0) -> Job:
@@ -141,7 +138,7 @@ def _command(*args, cwd):
 def test_command_writes_results(tmp_path):
     out = tmp_path / "ppl"
     done = _command("--corpus", "books", "--tokens", "96", "--window", "64", "--budget", "16,32",
-                    "--methods", "full,weightedkv,weightedkv_evict", "--out", str(out), "--quiet", "--no-png", cwd=ROOT)
+                    "--methods", "full,weightedkv,weightedkv_evict", "--out", str(out), "--quiet", "--no-png", cwd=REPO)
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "perplexity.json").read_text())
     runs = {(r["method"], r["budget"]) for r in summary["results"]}
@@ -162,7 +159,7 @@ def test_command_writes_results(tmp_path):
     (["--stream", "--budget", "16", "--methods", "full,nope"], "valid: full, streaming_llm"),  # before loading
 ])
 def test_command_bad_input(tmp_path, args, message):
-    done = _command("--tokens", "128", "--window", "64", *args, "--out", str(tmp_path / "x"), "--quiet", cwd=ROOT)
+    done = _command("--tokens", "128", "--window", "64", *args, "--out", str(tmp_path / "x"), "--quiet", cwd=REPO)
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]

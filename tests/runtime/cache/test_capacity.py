@@ -1,4 +1,4 @@
-"""The cache's second version: fixed capacity in place, per-head plans, no host sync, model-level behaviour."""
+"""The cache held in place at a fixed capacity, per-head plans, no host sync, model-level behaviour."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def test_long_prompt_is_compressed_in_one_pass_and_memory_given_back(llama, rand
     assert state.capacity == BUDGET + 1 and int(state.n_valid().max()) == BUDGET
 
 
-# --- the per-step path: in place and static (no host synchronisation: tests/test_no_sync.py) -----------
+# --- the per-step path: in place and static (no host synchronisation: tests/runtime/cache/test_no_sync.py) -----------
 def decode(model, cache, ids, t):
     with torch.no_grad():
         model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.full((ids.shape[0], 1), t), use_cache=True)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ from analysis.perplexity.table1 import paired, table_markdown
 from analysis.perturbation.toy import toy_replay
 from experiments import figures
 from experiments.figures import _prepare_partial
+from tests.conftest import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") is not None
 # a few tokens per figure: every builder runs end to end on the real model in about a minute
 TINY = Sizes(spectra_sequences=1, spectra_tokens=64, table_documents=2, table_tokens=24, table_window=24,
@@ -32,7 +33,7 @@ TINY = Sizes(spectra_sequences=1, spectra_tokens=64, table_documents=2, table_to
 
 
 def figures_command(*args):
-    return subprocess.run([sys.executable, "-m", "experiments.figures", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "experiments.figures", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600)
 
 
@@ -91,7 +92,7 @@ def test_stream_longer_than_positions_is_refused():
 @pytest.mark.slow
 def test_stream_command_refuses_a_stream_past_the_positions(tmp_path):
     done = subprocess.run([sys.executable, "-m", "experiments.perplexity", "--stream", "--tokens", "9000",
-                           "--out", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--out", str(tmp_path / "s")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == ("error: a stream of 9000 tokens is longer than the model's 8192 "
                                                     "positions; use --tokens 8192 or fewer")
@@ -116,40 +117,64 @@ def test_figures_command_makes_and_then_keeps_fig3(tmp_path):
     assert again.returncode == 0 and "fig3_replay kept" in again.stdout
 
 
-@pytest.mark.slow
-def test_every_figure_on_the_embedded_model_then_resume(tmp_path, embedded, capsys):
-
-    out = tmp_path / "figs"
-    args = ["--out", str(out), "--quiet", "--budgets", "12,16"] + ([] if CHROMIUM else ["--no-png"])
-    figures.main(args, sizes=TINY, load=lambda: embedded)
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["figures"]) == set(FIGURES)
-    for name, entry in manifest["figures"].items():
-        assert entry["status"] == "made", name
-        html = [f for f in entry["files"] if f.endswith(".html")]
-        assert html, name
-        for f in html:
-            assert (out / f).stat().st_size > 10_000, f
-            if CHROMIUM:
-                assert (out / f).with_suffix(".png").read_bytes()[:4] == b"\x89PNG", f
+def _check_table1(out: Path) -> None:
     table = (out / "table1" / "table.md").read_text()
     for corpus in ("books", "web", "latex", "math"):
         assert f"{corpus} m=12" in table and f"{corpus} m=16" in table
     assert "weightedkv_evict" in table and "±" in table  # 2 documents: a spread
     assert "Paired by document: weightedkv's perplexity is below weightedkv_evict's in" in table
     assert "of 16 (corpus, budget, document) cells" in table  # 4 corpora x 2 budgets x 2 documents
+
+
+def _check_stream(out: Path) -> None:
     stream = json.loads((out / "fig4_stream" / "stream.json").read_text())
     assert [r["method"] for r in stream["results"]] == ["weightedkv", "weightedkv_evict"]
     assert stream["tokens"] == 24 and len(stream["results"][0]["per_document_nll"]) == 2
+
+
+FIGURE_CHECKS = {"table1": _check_table1, "fig4_stream": _check_stream}  # beyond the files every figure has
+FIGURE_ARGS = ["--quiet", "--budgets", "12,16"] + ([] if CHROMIUM else ["--no-png"])
+
+
+def _made(out: Path, name: str) -> None:
+    """``name`` is in the manifest as made, with its HTML (and, with chromium, PNG) files."""
+    entry = json.loads((out / "manifest.json").read_text())["figures"][name]
+    assert entry["status"] == "made", name
+    html = [f for f in entry["files"] if f.endswith(".html")]
+    assert html, name
+    for f in html:
+        assert (out / f).stat().st_size > 10_000, f
+        if CHROMIUM:
+            assert (out / f).with_suffix(".png").read_bytes()[:4] == b"\x89PNG", f
+
+
+# One test per figure, each on the session's model, so the two workers share the figures between them.
+@pytest.mark.slow
+@pytest.mark.spread
+@pytest.mark.parametrize("name", list(FIGURES))
+def test_each_figure_on_the_embedded_model(tmp_path, embedded, name):
+    out = tmp_path / "figs"
+    figures.main(["--out", str(out), "--only", name, *FIGURE_ARGS], sizes=TINY, load=lambda: embedded)
+    _made(out, name)
+    FIGURE_CHECKS.get(name, lambda out: None)(out)
     assert not (out / ".partial").exists()
 
-    # resume: a lost figure is remade, the others are kept without loading the model
+
+@pytest.mark.slow
+@pytest.mark.spread
+def test_resume_remakes_a_lost_figure_and_keeps_the_others_without_the_model(tmp_path, embedded):
+    """On two small figures (one needs the model): a lost one is remade, the kept one never loads the model."""
+    out, subset = tmp_path / "figs", ["--only", "fig3_replay,fig1_spectra"]
+    figures.main(["--out", str(out), *subset, *FIGURE_ARGS], sizes=TINY, load=lambda: embedded)
     shutil.rmtree(out / "fig3_replay")
-    figures.main(args, sizes=TINY, load=lambda: pytest.fail("kept figures must not load the model"))
+    figures.main(["--out", str(out), *subset, *FIGURE_ARGS], sizes=TINY,
+                 load=lambda: pytest.fail("kept figures must not load the model"))
     states = {n: e["status"] for n, e in json.loads((out / "manifest.json").read_text())["figures"].items()}
-    assert states == {name: "made" if name == "fig3_replay" else "kept" for name in FIGURES}
-    assert kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [12, 16])))
-    assert not kept(out / "table1", FIGURES["table1"].settings(_run(TINY, [12, 20])))  # other settings: made again
+    assert states == {"fig3_replay": "made", "fig1_spectra": "kept"}
+    _made(out, "fig3_replay")
+    assert kept(out / "fig1_spectra", FIGURES["fig1_spectra"].settings(_run(TINY, [12, 16])))
+    assert not kept(out / "fig1_spectra", FIGURES["fig1_spectra"].settings(_run(replace(TINY, spectra_tokens=72),
+                                                                                [12, 16])))  # other settings
 
 
 def _run(sizes, budgets):

@@ -36,8 +36,7 @@ from analysis.perplexity.windows import make_windows
 from analysis.runtime.capture import record
 from analysis.spectra.compute import compute_spectra
 from analysis.text.corpora import load_documents
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def fake_profile(L=6, H=3, budgets=(16, 32, 64, 128), tokens=256, seed=0) -> dict:
@@ -214,8 +213,8 @@ def test_uniform_plan_reproduces_the_uniform_evaluation_exactly(tiny_model, rand
 
 
 def heads_command(*args):
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "experiments.heads", *args], cwd=ROOT, capture_output=True,
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "experiments.heads", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=env)
 
 
@@ -266,7 +265,7 @@ def test_heads_page(tmp_path, monkeypatch):
 
     monkeypatch.setenv("KVLENS_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
-    page = str(ROOT / "pages" / "6_Heads.py")
+    page = str(REPO / "pages" / "6_Heads.py")
     profile = fake_profile()
     for n, r in enumerate(profile["rows"]):
         r |= {"rank": n + 1, "key_post_rope_rank90": 10.0 + n, "merge_minus_evict": 0.01 * (n - 9)}
@@ -299,7 +298,7 @@ def test_heads_page_evaluates_a_plan_and_its_baselines_on_the_embedded_model(tmp
     monkeypatch.setenv("KVLENS_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
 
-    at = AppTest.from_file(str(ROOT / "pages" / "6_Heads.py"), default_timeout=600).run()
+    at = AppTest.from_file(str(REPO / "pages" / "6_Heads.py"), default_timeout=600).run()
     assert not at.exception and not at.error and at.selectbox(key="profile").value == starter.PROFILE_LABEL
     assert "256 tokens of books/austen/emma" in at.caption[0].value  # computed on this first open
     at.number_input(key="mean_budget").set_value(16).run()

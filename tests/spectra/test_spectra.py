@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -22,9 +21,8 @@ from analysis.runtime.runs import save_run
 from analysis.spectra.compute import SpectraResult, compute_spectra, summary_sentence
 from experiments.bench_spectra import RandomCapture, loop_spectra
 from experiments.spectra import main
-from tests.conftest import needs_setup
+from tests.conftest import REPO, needs_setup
 
-ROOT = Path(__file__).resolve().parent.parent
 KV = ("key_pre_rope", "key_post_rope", "value")
 
 
@@ -190,7 +188,7 @@ def test_command_on_saved_run(tiny_run, tmp_path, capsys):
 def test_dashboard_page(tiny_run, monkeypatch):
 
     monkeypatch.setenv("KVLENS_RUNS", str(tiny_run.parent))
-    at = AppTest.from_file(str(ROOT / "pages" / "1_Spectra.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "pages" / "1_Spectra.py"), default_timeout=60).run()
     assert not at.exception and not at.error
     assert "dimensions for 90% energy" in at.success[0].value
     assert len(at.get("plotly_chart")) == 4  # key vs value, rank heatmaps, RoPE, energy lost at rank r

@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import sync_playwright
 
-from tests.conftest import needs_setup
+from tests.conftest import REPO, needs_setup
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "runs" / "browser-screenshots"
+SHOTS = REPO / "runs" / "browser-screenshots"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Bounds, not timings: generous because the 2 CPU cores may be shared with other work.
 FIRST_OPEN_S = 600  # a page's first open: the starter set is computed then (once per machine)
@@ -58,7 +57,7 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

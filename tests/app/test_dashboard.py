@@ -21,14 +21,13 @@ from analysis.retrieval.run import Unit, run_units
 from analysis.retrieval.summary import by_fate, cells
 from analysis.runtime.capture import capture_sequences
 from analysis.runtime.runs import load_run, save_run
-from tests.test_retrieval import tiny_prompt
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import REPO
+from tests.retrieval.test_retrieval import tiny_prompt
 
 
 def app(name: str):
 
-    return AppTest.from_file(str(ROOT / name), default_timeout=120)
+    return AppTest.from_file(str(REPO / name), default_timeout=120)
 
 
 def titles(at) -> list[str]:

@@ -25,7 +25,7 @@ from analysis.text.corpora import Document
 from experiments import lowrank, perplexity
 from experiments.common import run_main
 from tests.conftest import build_tiny
-from tests.test_retrieval import tiny_prompt
+from tests.retrieval.test_retrieval import tiny_prompt
 
 D = 16  # the tiny Llama's head_dim (64 hidden / 4 heads)
 

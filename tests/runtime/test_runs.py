@@ -18,8 +18,7 @@ from analysis.errors import UserError
 from analysis.io import atomic_dir, check_out_dir
 from analysis.runtime.capture import Capture
 from analysis.runtime.runs import META, TENSORS, list_runs, load_meta, load_run, save_run
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def sample_capture(seed: int = 0) -> Capture:
@@ -129,7 +128,7 @@ def test_list_runs_newest_first_and_only_runs(tmp_path):
 
 
 # --- the command ---------------------------------------------------------------------------------------
-def capture_cmd(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def capture_cmd(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "experiments.capture", "--quiet", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

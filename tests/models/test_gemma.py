@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,9 +35,7 @@ from analysis.runtime.cache import CompressedCache
 from analysis.runtime.capture import capture_sequences
 from analysis.runtime.generate import generate_text
 from analysis.runtime.replay import merge_preview, replay
-from tests.conftest import SLIDING_WINDOW
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, SLIDING_WINDOW
 
 T = 12  # > SLIDING_WINDOW: the window matters
 
@@ -166,10 +163,10 @@ def test_gemma_offline_is_one_line_and_exit_2(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("Some words to capture. " * 20)
     env = dict(os.environ, KVLENS_CACHE=str(tmp_path / "cache"), PIP_NO_INDEX="1", PIP_FIND_LINKS="",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "experiments.capture", "--model", "gemma3-270m", "--text", str(text),
                            "--tokens", "8", "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                          cwd=ROOT)
+                          cwd=REPO)
     assert done.returncode == 2
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "gemma3-270m" in lines[0] and "offline" in lines[0]
@@ -269,10 +266,10 @@ def test_generate_reports_sliding_layers_as_the_model_keeps_them(tiny_model):
 def test_a_plan_of_the_other_model_is_refused_before_it_loads(tmp_path):
     plan = tmp_path / "plan.json"
     Plan.uniform(30, 3, 64, model="SmolLM2-135M-Instruct").save(plan)
-    env = dict(os.environ, KVLENS_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH=str(ROOT))  # no model there
+    env = dict(os.environ, KVLENS_CACHE=str(tmp_path / "empty-cache"), PYTHONPATH=str(REPO))  # no model there
     for cmd in (["perplexity", "--plan", str(plan), "--tokens", "128", "--window", "128"],):  # heads evaluate: alike
         done = subprocess.run([sys.executable, "-m", f"experiments.{cmd[0]}", *cmd[1:], "--model", GEMMA_MODEL,
-                               "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=ROOT)
+                               "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=REPO)
         assert done.returncode == 2, done.stderr
         assert done.stderr.count("\n") == 1 and "made for model 'SmolLM2-135M-Instruct'" in done.stderr
 

@@ -22,9 +22,9 @@ from analysis.report.merges import fig_space
 from analysis.report.save import save_study
 from analysis.runtime.cache import CompressedCache
 from analysis.text.corpora import load_documents, token_sequences
-from tests.legacy_merges import LegacyCaM, LegacyWeightedKV, LegacyWeightedKVEvict
-from tests.test_compress import causal_attn, chunks, to_slots
-from tests.test_dashboard import app, titles
+from tests.app.test_dashboard import app, titles
+from tests.compress.legacy_merges import LegacyCaM, LegacyWeightedKV, LegacyWeightedKVEvict
+from tests.compress.test_policies import causal_attn, chunks, to_slots
 
 
 # --- bit for bit against today's code, on the real model ---------------------------------------------------
