@@ -10,8 +10,9 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.app import starter  # noqa: E402
-from analysis.compress import make_policy
+from analysis.compress import PolicyOptions, make_policy
 from analysis.errors import UserError  # noqa: E402
+from analysis.jobs import Job, Plan
 from analysis.models.loading import load_model
 from analysis.runtime import generate
 from analysis.runtime.replay import replay
@@ -138,11 +139,13 @@ def starter_capture() -> Path:
 
 def generate_text(prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
                   sample: bool, temperature: float, seed: int, plan_json: str | None = None) -> dict:
-    """``analysis.runtime.generate.generate_text`` on the shared embedded model, under the model lock."""
+    """``analysis.runtime.generate.generate_text`` on the shared embedded model, under the model lock; the page's
+    choices become a ``Job`` here (a bad plan or split fails before the model is touched)."""
+    plan = Plan.from_text(plan_json) if plan_json else None
+    job = Job.of(method, budget, PolicyOptions(sinks, recent, seed), plan)
     loaded = cached_model()
     with model_lock():  # the cache hooks the shared model and switches its attention while open
-        return generate.generate_text(loaded, prompt, method, budget, sinks, recent, new, sample, temperature, seed,
-                                      plan_json)
+        return generate.generate_text(loaded, prompt, job, new, sample, temperature, seed)
 
 
 @st.cache_resource(show_spinner=False)

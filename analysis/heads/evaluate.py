@@ -11,6 +11,7 @@ from analysis.compress import PolicyOptions
 from analysis.errors import UserError
 from analysis.heads.allocate import BASELINES
 from analysis.jobs.job import Job
+from analysis.models.loading import LoadedModel
 from analysis.options import parse_names
 from analysis.perplexity.sweep import run_sweep
 from analysis.runtime.batching import Batching
@@ -78,7 +79,7 @@ def evaluation_sequences(tokenizer, source: dict, tokens: int, documents: int, s
     return sequences
 
 
-def evaluate_plans(loaded, windows, plans: list, source: dict, tokens: int, documents: int,
+def evaluate_plans(loaded: LoadedModel, windows, plans: list, source: dict, tokens: int, documents: int,
                    batch_size: int = 32, progress=None, seed: int = 0) -> list[dict]:
     """One evaluation.json row per plan: plan name, total slots, corpus, ppl and per-document ppl.
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from analysis.compress import MERGE_VS_EVICT, PolicyOptions, compresses, method_names
 from analysis.errors import UserError
 from analysis.jobs.job import make_jobs
-from analysis.models.loading import compressed_layers
+from analysis.models.loading import LoadedModel, compressed_layers
 from analysis.ops import AttentionSpec, attention_logits, masked_softmax, query_groups
 from analysis.perturbation.teacher_forced import teacher_forced_capture
 from analysis.runtime.capture import capture_sequences
@@ -216,7 +216,7 @@ def curves(profile: dict, method: str) -> dict[int, list[list[float]]]:
     return {b: grid(profile, error_column(method, b)) for b in profile["budgets"]}
 
 
-def profile_sequences(loaded, sequences, source: dict, methods=DEFAULT_METHODS, budgets=DEFAULT_BUDGETS,
+def profile_sequences(loaded: LoadedModel, sequences, source: dict, methods=DEFAULT_METHODS, budgets=DEFAULT_BUDGETS,
                       sinks: int = 4, recent_window: int = 60, skip: int = 0, capture_progress: bool = False,
                       progress=None) -> dict:
     """Capture ``sequences`` with ``loaded`` and profile them: what the command, the figure and the starter

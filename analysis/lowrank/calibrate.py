@@ -18,6 +18,7 @@ import torch
 
 from analysis.errors import UserError
 from analysis.jobs.basis import KINDS, Basis, fingerprint, fit, model_shape
+from analysis.models.loading import LoadedModel
 from analysis.runtime.capture import capture_sequences
 from analysis.spectra.compute import gram
 from analysis.text.corpora import token_sequences
@@ -51,7 +52,7 @@ def basis_from_capture(capture, model, center: bool = False, calibration: dict |
                  calibration=calibration or {})
 
 
-def calibrate(loaded, docs, source: dict, tokens: int, documents: int, center: bool = False,
+def calibrate(loaded: LoadedModel, docs, source: dict, tokens: int, documents: int, center: bool = False,
               progress: bool = True) -> Basis:
     """Capture ``documents`` x ``tokens`` of ``docs`` with ``loaded`` and fit the basis."""
     head_dim = loaded.summary()["head_dim"]

@@ -23,6 +23,7 @@ from analysis.compress import PolicyOptions, method_names
 from analysis.errors import UserError
 from analysis.jobs.basis import Basis, LowRank, slot_bytes, slots_for_bytes
 from analysis.jobs.job import Job
+from analysis.models.loading import LoadedModel
 from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.windows import Windows, summarise
 from analysis.runtime.batching import Batching
@@ -124,7 +125,7 @@ def config_bytes(config: Config, layers: int, kv_heads: int, head_dim: int, wind
     return round(layers * kv_heads * held * slot_bytes(head_dim, element_size, config.key_width, config.value_rank))
 
 
-def run_compare(loaded, windows: Windows, basis: Basis, configs: list[Config], *, fractions: list[float],
+def run_compare(loaded: LoadedModel, windows: Windows, basis: Basis, configs: list[Config], *, fractions: list[float],
                 options: PolicyOptions | None = None, batching: Batching | None = None) -> list[dict]:
     """compare.json's rows: one per configuration, with bytes, the nearest asked fraction, ppl per document."""
     options = options or PolicyOptions()

@@ -22,6 +22,7 @@ import torch
 from analysis.compress import PolicyOptions, RowPolicies
 from analysis.jobs.job import make_jobs
 from analysis.merges.space import ablation, paired_row
+from analysis.models.loading import LoadedModel
 from analysis.ops import running_mean
 from analysis.perplexity.table1 import run_table
 from analysis.perturbation.end_to_end import end_to_end
@@ -47,7 +48,8 @@ def paired_rows(table: dict, variants: list[str], split: str) -> list[dict]:
     return rows
 
 
-def run_space(loaded, corpora: list[str], variants: list[str], budgets: list[int], *, tokens: int, documents: int,
+def run_space(loaded: LoadedModel, corpora: list[str], variants: list[str], budgets: list[int], *, tokens: int,
+              documents: int,
               window: int, options: PolicyOptions, batching: Batching | None = None, split: str) -> tuple[dict, list]:
     """Every variant and its ablation at every budget on ``corpora``: (the table, merges.json rows)."""
     methods = list(dict.fromkeys([*variants, *(ablation(v) for v in variants)]))
@@ -56,7 +58,7 @@ def run_space(loaded, corpora: list[str], variants: list[str], budgets: list[int
     return table, paired_rows(table, variants, split)
 
 
-def run_kl(loaded, corpora: list[str], variants: list[str], budget: int, *, tokens: int, documents: int,
+def run_kl(loaded: LoadedModel, corpora: list[str], variants: list[str], budget: int, *, tokens: int, documents: int,
            options: PolicyOptions, progress=None) -> dict[str, dict]:
     """Mean end-to-end KL(full || compressed) per variant and ablation at ``budget``, from the positions after the
     cache first fills, over ``documents`` documents of each corpus: {method: {"kl", "kl_std"}} (std over documents)."""
@@ -89,7 +91,7 @@ def mixing_stats(mixing: torch.Tensor, positions: torch.Tensor) -> tuple[Counter
     return Counter(depth.tolist()), distance.tolist()
 
 
-def run_cascade(loaded, corpus: str, variants: list[str], budget: int, *, tokens: int, documents: int,
+def run_cascade(loaded: LoadedModel, corpus: str, variants: list[str], budget: int, *, tokens: int, documents: int,
                 options: PolicyOptions, progress=None) -> dict:
     """Per variant: the depth distribution and distances at the end of each stream, and the running NLL gap to
     its ablation at ``CHECKPOINTS`` (mean over documents, with its population std)."""

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from analysis.errors import UserError
 from analysis.jobs.job import Job
+from analysis.models.loading import LoadedModel
 from analysis.ops import running_mean
 from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.sweep import job_bytes, jobs_settings
@@ -89,7 +90,7 @@ def summarise_stream(windows: Windows, jobs, nll: dict[str, Tensor], seconds: di
     return {"results": results}
 
 
-def run_stream(loaded, sequences: list[tuple[str, list[int]]], jobs: list[Job], *, source: dict,
+def run_stream(loaded: LoadedModel, sequences: list[tuple[str, list[int]]], jobs: list[Job], *, source: dict,
                batching: Batching | None = None) -> tuple[dict, dict[str, Tensor]]:
     """Everything stream.json and nll.safetensors hold: (summary, NLL (N, T-1) per "method@budget")."""
     windows = stream_windows(sequences)

@@ -8,6 +8,7 @@ from torch import Tensor
 from analysis.compress import in_registry_order
 from analysis.jobs.basis import cache_bytes
 from analysis.jobs.job import Job
+from analysis.models.loading import LoadedModel
 from analysis.perplexity.runner import run_jobs
 from analysis.perplexity.windows import Windows, summarise
 from analysis.runtime.batching import Batching
@@ -33,7 +34,7 @@ def job_bytes(job: Job, summary: dict, window: int, element_size: int) -> int:
     return cache_bytes(held, summary["head_dim"], element_size, job.lowrank)
 
 
-def run_sweep(loaded, windows: Windows, jobs: list[Job], *, source: dict, tokens: int, documents: int,
+def run_sweep(loaded: LoadedModel, windows: Windows, jobs: list[Job], *, source: dict, tokens: int, documents: int,
               batching: Batching | None = None, on_job=None) -> tuple[dict, dict[str, Tensor]]:
     """Evaluate every job on ``windows``: (summary for perplexity.json, NLL per run).
 

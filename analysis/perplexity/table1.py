@@ -17,6 +17,7 @@ import torch
 
 from analysis.compress import compresses
 from analysis.jobs.job import Job
+from analysis.models.loading import LoadedModel
 from analysis.perplexity.sweep import jobs_settings, run_sweep
 from analysis.perplexity.windows import Windows, make_windows, summarise
 from analysis.runtime.batching import Batching
@@ -65,7 +66,7 @@ def split_by_corpus(windows: Windows, summary: dict, tensors: dict) -> list[dict
     return entries
 
 
-def run_table(loaded, corpora: list[str], jobs: list[Job], *, tokens: int, documents: int, window: int,
+def run_table(loaded: LoadedModel, corpora: list[str], jobs: list[Job], *, tokens: int, documents: int, window: int,
               batching: Batching | None = None) -> dict:
     """Run the combined sweep and return {settings..., "entries": [...]} (see ``split_by_corpus``).
 

@@ -24,7 +24,7 @@ import torch
 from analysis.compress import PolicyOptions, WeightedKV, compresses, policy_class
 from analysis.errors import UserError
 from analysis.jobs.job import Job, make_jobs
-from analysis.models.loading import compressed_layers
+from analysis.models.loading import LoadedModel, compressed_layers
 from analysis.options import parse_ints, parse_names
 from analysis.perturbation.end_to_end import end_to_end
 from analysis.perturbation.ideal import ideal_sequence
@@ -117,7 +117,7 @@ def jobs_of(settings: Settings) -> list[Job]:
     return make_jobs(settings.methods, settings.budgets, PolicyOptions(settings.sinks, settings.recent, settings.seed))
 
 
-def run_study(loaded, sequences: list[tuple[str, list[int]]], settings: Settings, progress=None,
+def run_study(loaded: LoadedModel, sequences: list[tuple[str, list[int]]], settings: Settings, progress=None,
               source: dict | None = None) -> tuple[dict, dict]:
     """(summary, tensors) of one study; ``progress(n)`` is called after each unit of work."""
 

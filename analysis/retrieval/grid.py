@@ -15,6 +15,7 @@ from analysis.compress import PolicyOptions, eviction_ablation, method_names
 from analysis.errors import UserError
 from analysis.jobs.basis import LowRank
 from analysis.jobs.job import Job, make_jobs
+from analysis.models.loading import LoadedModel
 from analysis.options import parse_ints, parse_names
 from analysis.retrieval.run import Unit, run_units
 from analysis.retrieval.summary import by_fate, cells, paired
@@ -126,7 +127,7 @@ def example(tokenizer, prompt: Prompt) -> dict:
             "question": text(ids[prompt.question :])}
 
 
-def run_grid(loaded, settings: RetrievalSettings, prompts: list[Prompt], batching: Batching | None = None,
+def run_grid(loaded: LoadedModel, settings: RetrievalSettings, prompts: list[Prompt], batching: Batching | None = None,
              greedy: int = GREEDY) -> dict:
     """Run every unit and summarise: {settings, model, rows, by_fate, paired (merge vs its eviction, trial by
     trial), trials, examples}."""

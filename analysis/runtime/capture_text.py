@@ -6,11 +6,12 @@ What ``python -m experiments.capture`` and the dashboard's starter capture (and 
 
 from __future__ import annotations
 
+from analysis.models.loading import LoadedModel
 from analysis.runtime.capture import capture_sequences
 from analysis.text.corpora import token_sequences
 
 
-def capture_documents(loaded, docs, source: dict, tokens: int, sequences: int = 1, **capture_kwargs):
+def capture_documents(loaded: LoadedModel, docs, source: dict, tokens: int, sequences: int = 1, **capture_kwargs):
     """``sequences`` x ``tokens`` of ``docs`` captured with ``loaded``; ``source`` (e.g. {"corpus": "books"})
     goes into the run's meta. ``capture_kwargs``: ``analysis.runtime.capture.capture_sequences`` options."""
     seqs = token_sequences(loaded.tokenizer, docs, int(tokens), int(sequences))

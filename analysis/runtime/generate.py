@@ -12,27 +12,25 @@ import time
 import torch
 
 from analysis.errors import UserError
-from analysis.jobs.plan import Plan
+from analysis.jobs import Job
+from analysis.models.loading import LoadedModel
 from analysis.runtime.cache import CompressedCache
 
 
-def generate_text(loaded, prompt: str, method: str, budget: int | None, sinks: int, recent: int | None, new: int,
-                  sample: bool, temperature: float, seed: int, plan_json: str | None = None, lowrank=None) -> dict:
-    """Generate ``new`` tokens after ``prompt`` with ``loaded`` (analysis.models.loading) through a CompressedCache.
+def generate_text(loaded: LoadedModel, prompt: str, job: Job, new: int, sample: bool, temperature: float,
+                  seed: int) -> dict:
+    """Generate ``new`` tokens after ``prompt`` with ``loaded`` through a CompressedCache under ``job``.
 
-    ``plan_json``: a per-(layer, KV head) plan file's text (analysis/jobs/plan.py), replacing the budget;
-    ``lowrank``: an ``analysis.jobs.basis.LowRank`` (keys, and optionally values, in low rank).
-    Returns the text and the cache afterwards (occupancy, tokens seen, memory, kept positions per head).
+    The job carries the method, its budget or per-(layer, KV head) plan and any low-rank channels; ``seed``
+    seeds sampling. Returns the text and the cache afterwards (occupancy, tokens seen, memory, kept positions per head).
     The cache hooks the model and switches its attention while open: callers sharing the model serialise calls.
     """
     tok = loaded.tokenizer
     ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
     if ids.shape[1] == 0:
         raise UserError("the prompt is empty")
-    plan = Plan.from_text(plan_json) if plan_json else None
     kwargs = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
-    cache = CompressedCache(loaded.model, method, budget, sinks=sinks, recent=recent, seed=seed, plan=plan,
-                            lowrank=lowrank)
+    cache = CompressedCache(loaded.model, job)
     torch.manual_seed(seed)
     began = time.perf_counter()
     with torch.inference_mode(), cache:

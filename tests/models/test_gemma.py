@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 
-from analysis.compress import make_policy
+from analysis.compress import PolicyOptions, make_policy
 from analysis.errors import UserError
 from analysis.heads.allocate import baseline, greedy_plan
 from analysis.heads.profile import attention_stats, profile_capture
-from analysis.jobs.plan import Plan
+from analysis.jobs import Job, Plan
 from analysis.models import gemma
 from analysis.models.loading import (
     GEMMA_MODEL,
@@ -253,7 +253,7 @@ class _Tokens:
 def test_generate_reports_sliding_layers_as_the_model_keeps_them(tiny_model):
     model = tiny_model("gemma3")
     loaded = LoadedModel(model, _Tokens(), "tiny", torch.device("cpu"), torch.float32)
-    out = generate_text(loaded, "a prompt of some length", "weightedkv", 8, sinks=2, recent=None, new=6,
+    out = generate_text(loaded, "a prompt of some length", Job.of("weightedkv", 8, PolicyOptions(sinks=2)), new=6,
                         sample=False, temperature=1.0, seed=0)
     seen = len("a prompt of some length") + 5  # the last generated token is not fed back
     assert out["occupancy"][1] == out["occupancy"][3] == 8  # full-attention layers: the budget
