@@ -4,11 +4,22 @@ The public API, importable from ``analysis`` directly::
 
     from analysis import load_model, CompressedCache, record, make_policy, METHODS, Plan
 
-Layers, lowest first (``pyproject.toml`` holds the import-linter contracts that keep them one-way):
-``errors``/``paths``, ``io``/``ops``, ``text``/``models``, ``compress`` (the policies, plans and
-jobs), ``runtime`` (the attention kernel, ``CompressedCache``, capture, replay, generation), the
-studies (``perplexity``, then ``perturbation``/``spectra``, then ``heads``), ``report`` (figures) and
-``app`` (the dashboard's helpers). A module imports only from layers below its own.
+Layers, lowest first (``pyproject.toml`` holds the import-linter contracts that keep them one-way;
+``|`` separates siblings that never import each other):
+
+- ``errors`` | ``paths``: ``UserError`` and where things are kept;
+- ``io`` | ``ops`` | ``options`` | ``stats``: atomic writes, the shared maths, option parsing, statistics;
+- ``models`` | ``text``: loading any HF causal LM and its attention layouts; the Debian corpora;
+- ``compress``: ``LayerState``, the ``Policy`` contract, one file per method, the registry and ``make_policy``;
+- ``jobs``: a configured run (``Job``), per-head ``Plan``s, the low-rank ``Basis``;
+- ``runtime``: the attention kernel, ``CompressedCache``, the decode engine (``decode``, ``batching``),
+  capture, replay, generation;
+- ``perplexity`` | ``perturbation`` | ``spectra`` | ``retrieval``: the studies;
+- ``heads`` | ``lowrank`` | ``merges``: the studies built on those;
+- ``report``: plotly figure builders and result writers;
+- ``app`` | ``figures``: the dashboard's helpers and the starter set; the figure pipeline.
+
+A module imports only from layers below its own.
 
 The names below load on first use (PEP 562), so ``import analysis.text.corpora`` — set-up's corpus
 fetch, for one — does not pay for torch and transformers.
