@@ -6,6 +6,8 @@ SHA-256 of every tensor); this runs them in-process on the embedded model and wa
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.outputs import check
@@ -13,6 +15,10 @@ from tests.outputs import check
 
 @pytest.mark.slow
 def test_every_command_gives_the_recorded_outputs(embedded):
+    if check.recorded_machine() != check.machine():  # other kernels give other last bits: not a refactor's doing
+        message = (f"outputs recorded on {check.recorded_machine()}, this is {check.machine()}: re-record them at "
+                   "the last compared commit on this machine (tests/outputs/check.py)")
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     differences = {name: diff for name, diff in check.compare(in_process=True).items() if diff is not None}
     assert not differences, differences
 

@@ -10,6 +10,12 @@ JSON file (less the fields that measure time or name a place) and a SHA-256 of e
 every safetensors file, in ``tests/outputs/recorded/NAME.json``. ``compare`` reports the first
 difference of each command; ``tests/test_outputs.py`` runs it in the suite. A change that moves a
 number on purpose re-records with ``record`` and says why in its commit.
+
+Bits depend on the machine: another CPU (its vector kernels) or another torch gives other last bits
+everywhere. ``record`` writes the machine it ran on into ``recorded/machine.json``; on another machine
+``compare`` says so, and the outputs must first be re-recorded there *at the last commit that was
+compared* (a checkout of it, ``record``, the JSON files copied back), so that a difference still means
+the change moved a number.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import importlib
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -53,6 +60,25 @@ COMMANDS: dict[str, list[str]] = {
     "fig3_replay": ["figures", "--quick", "--only", "fig3_replay", "--no-png"],
 }
 NO_QUIET = {"fig2", "sweep", "end2end", "ideal", "heads_plan"}  # those take --quiet already, or have none
+
+
+def machine() -> dict:
+    """What the recorded bits depend on: torch, its CPU kernels, the processor."""
+    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "?")
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "processor": f"{platform.machine()} {model}",
+            "flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16]}
+
+
+def _cpuinfo() -> list[str]:
+    path = Path("/proc/cpuinfo")
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def recorded_machine() -> dict | None:
+    path = RECORDED / "machine.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _strip(data, work: str):
@@ -157,6 +183,9 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown name(s) {', '.join(unknown)}; valid: {', '.join(COMMANDS)}")
     if args.action == "compare":
+        if recorded_machine() != machine():
+            print(f"note: recorded on {recorded_machine()}, this is {machine()}: differences in the last bits are "
+                  "the machine's; re-record at the last compared commit first (see --help)")
         found = compare(names)
         for name, diff in found.items():
             print(f"{name}: {'same' if diff is None else 'DIFFERS ' + diff}")
@@ -170,6 +199,7 @@ def main(argv=None) -> int:
             RECORDED.mkdir(exist_ok=True)
             (RECORDED / f"{name}.json").write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
             print(f"recorded {name}")
+    (RECORDED / "machine.json").write_text(json.dumps(machine(), indent=1, sort_keys=True) + "\n")
     return 0
 
 
