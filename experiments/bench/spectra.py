@@ -1,6 +1,6 @@
 """Benchmark: batched ``compute_spectra`` vs a Python loop over (layer, head) computing the same metrics.
 
-    python -m experiments.bench_spectra [--tokens 4096] [--sequences 1] [--device cpu] [--repeat 3]
+    python -m experiments.bench.spectra [--tokens 4096] [--sequences 1] [--device cpu] [--repeat 3]
 
 Uses random tensors with the default model's geometry (30 layers, 3 KV heads, 9 query heads,
 head_dim 64); singular-value timings do not depend on the data. Prints a markdown table row.
@@ -65,7 +65,7 @@ def best_of(fn, repeat: int, device: str) -> float:
 
 
 def main(argv=None) -> int:
-    p = new_parser("bench_spectra", __doc__.split("\n\n")[0], raw=False)
+    p = new_parser("bench.spectra", __doc__.split("\n\n")[0], raw=False)
     p.add_argument("--tokens", type=int, default=4096, help="tokens per sequence (default: %(default)s)")
     p.add_argument("--sequences", type=int, default=1, help="sequences (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")

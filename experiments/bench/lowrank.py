@@ -1,6 +1,6 @@
 """Benchmark: a decode step with rank-r keys against the same token method with full keys (docs/benchmarks.md).
 
-    python -m experiments.bench_lowrank --basis BASIS --method weightedkv --budget 256 --rank 16 --batches 1,32
+    python -m experiments.bench.lowrank --basis BASIS --method weightedkv --budget 256 --rank 16 --batches 1,32
 
 For each batch size: the cache is prefilled with --context tokens (random ids), then --steps single-token
 steps are timed, alternating full keys and rank-r keys (median of --repeats, interleaved so drift on a
@@ -34,7 +34,7 @@ def _run(model, ids, method, budget, lowrank, context, steps) -> tuple[float, di
 
 
 def main(argv=None) -> None:
-    parser = new_parser("bench_lowrank", __doc__)
+    parser = new_parser("bench.lowrank", __doc__)
     add_model_args(parser)
     parser.add_argument("--basis", required=True, metavar="DIR")
     parser.add_argument("--method", default="weightedkv")

@@ -1,8 +1,8 @@
 """Benchmark of the retrieval grid (issue 16, Speed): trials x methods as batch rows against trial by trial.
 
-    python -m experiments.bench_retrieval                       # the issue's grid: a 2k-token passkey,
+    python -m experiments.bench.retrieval                       # the issue's grid: a 2k-token passkey,
         # 5 depths x 7 methods x 1 budget (128) x 10 trials (350 rows: sized for a GPU)
-    python -m experiments.bench_retrieval --lengths 256 --depths 0,100 --trials 2 \\
+    python -m experiments.bench.retrieval --lengths 256 --depths 0,100 --trials 2 \\
         --methods weightedkv,weightedkv_evict,h2o --budget 32    # what fits a shared 2-core CPU
 
 In one run: (1) the whole grid as batch rows of one decode (``run_units``, as the command runs it);
@@ -15,8 +15,6 @@ and ratios.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from analysis.compress import method_names
@@ -24,13 +22,14 @@ from analysis.retrieval.grid import build_prompts, grid_units, retrieval_setting
 from analysis.retrieval.run import run_batch, run_units
 from analysis.runtime.batching import Batching
 from analysis.runtime.decode import window_nll
+from experiments.bench.measure import timed
 from experiments.common import add_model_args, load_model_from_args, new_parser, run_main
 
 ISSUE_METHODS = ",".join(method_names(compressing=True))
 
 
 def build_parser():
-    parser = new_parser("bench_retrieval", __doc__)
+    parser = new_parser("bench.retrieval", __doc__)
     add_model_args(parser)
     parser.add_argument("--lengths", default="2048", help="prompt length (default: 2048)")
     parser.add_argument("--depths", default="0,25,50,75,100", help="depths in %% (default: 0,25,50,75,100)")
@@ -40,12 +39,6 @@ def build_parser():
     return parser
 
 
-def _timed(fn) -> tuple[float, object]:
-    began = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - began, out
-
-
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     settings = retrieval_settings("passkey", "decode", args.lengths, args.depths, args.budget, args.methods,
@@ -53,16 +46,16 @@ def main(argv=None) -> None:
     loaded = load_model_from_args(args)
     model = loaded.model
     units = grid_units(settings, build_prompts(loaded.tokenizer, settings))
-    batched_s, batched = _timed(lambda: run_units(model, units, "decode", batching=Batching(batch_size=len(units))))
-    single_s, single = _timed(lambda: [run_batch(model, [u], "decode")[0] for u in units])
+    batched_s, batched = timed(lambda: run_units(model, units, "decode", batching=Batching(batch_size=len(units))))
+    single_s, single = timed(lambda: [run_batch(model, [u], "decode")[0] for u in units])
     worst = max(abs(a["answer_logprob"] - b["answer_logprob"]) for a, b in zip(batched, single))
     same = sum(a["correct"] == b["correct"] for a, b in zip(batched, single))
     unit = units[0]
     ids = torch.tensor([list(unit.prompt.ids) + list(unit.prompt.answer)])  # (1, L + A): the same tokens
-    window_s, _ = _timed(lambda: window_nll(model, ids.to(loaded.device), unit.job))
-    retrieval_s, _ = _timed(lambda: run_batch(model, [unit], "decode"))
-    prefill_s, prefill = _timed(lambda: run_units(model, units, "prefill", batching=Batching(batch_size=len(units))))
-    prefill_single_s, prefill_single = _timed(lambda: [run_batch(model, [u], "prefill")[0] for u in units])
+    window_s, _ = timed(lambda: window_nll(model, ids.to(loaded.device), unit.job))
+    retrieval_s, _ = timed(lambda: run_batch(model, [unit], "decode"))
+    prefill_s, prefill = timed(lambda: run_units(model, units, "prefill", batching=Batching(batch_size=len(units))))
+    prefill_single_s, prefill_single = timed(lambda: [run_batch(model, [u], "prefill")[0] for u in units])
     worst = max(worst, *(abs(a["answer_logprob"] - b["answer_logprob"]) for a, b in zip(prefill, prefill_single)))
     same += sum(a["correct"] == b["correct"] for a, b in zip(prefill, prefill_single))
     length = settings.lengths[0]
