@@ -71,7 +71,7 @@ def show(summary: dict) -> None:
     st.subheader("Speed")
     st.caption("Methods at the same budget are decoded together, as rows of one batch, so they share one time: "
                "compare budgets and `full` here; one method's step cost against another's is "
-               "`python -m experiments.bench_compress step`.")
+               "`python -m experiments.bench.compress step`.")
     st.dataframe(speed_rows(results), key="speed", hide_index=True)
 
 

@@ -14,6 +14,7 @@ from analysis.perplexity.settings import sweep_settings
 from analysis.perturbation.study import Settings
 from analysis.perturbation.texts import split_count, study_source
 from experiments import capture, heads, perturbation
+from experiments.bench import compress as bench_compress
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_FILES = sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]
@@ -41,6 +42,7 @@ def test_dashboard_files_never_import_the_commands(path):
     (capture.main, ["--no-such-option"]),
     (perturbation.main, ["fig2", "--t0", "x", "--out", "o"]),
     (heads.main, ["profile", "--tokens", "x", "--out", "o"]),  # a subcommand's parser is one-line too
+    (bench_compress.main, ["throughput", "--windows", "15"]),  # the windows are --batch
 ])
 def test_a_bad_option_is_one_error_line_and_exit_2(main, argv, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -54,7 +54,7 @@ def test_repository_help_texts_have_no_stale_references(repository_helps):
     commands = {t.path for t in texts}
     # the commands and their subcommands are all there (a sample: top level, subcommands, library commands)
     for cmd in ("experiments.heads", "experiments.heads profile", "experiments.lowrank cost",
-                "experiments.perturbation sweep", "experiments.retrieval", "experiments.bench_compress",
+                "experiments.perturbation sweep", "experiments.retrieval", "experiments.bench.compress",
                 "analysis.app.starter", "analysis.text.corpora fetch", "tests.outputs.check"):
         assert f"python -m {cmd} --help" in commands, sorted(commands)
     assert "analysis.models.loading" not in command_modules(ROOT)  # no argparse: --help would run it

@@ -19,7 +19,7 @@ from analysis.report.spectra import fig_key_vs_value, fig_rank_heatmaps, standar
 from analysis.runtime.capture import capture_sequences
 from analysis.runtime.runs import save_run
 from analysis.spectra.compute import SpectraResult, compute_spectra, summary_sentence
-from experiments.bench_spectra import RandomCapture, loop_spectra
+from experiments.bench.spectra import RandomCapture, loop_spectra
 from experiments.spectra import main
 from tests.conftest import REPO, needs_setup
 
