@@ -4,8 +4,10 @@ On the embedded model: a 256-token Austen capture with the attention maps of its
 (home, Spectra and Attention pages), a small perplexity sweep (Perplexity page), a Fig. 2
 perturbation study on one Austen and one Python-docs sequence (Perturbation page), a head
 profile of 256 Austen tokens (Heads page) and a small passkey grid (Retrieval page). Each is
-computed once into ``$KVLENS_STARTER`` (default ``~/.cache/kvlens/starter``), by set-up or by the
-first page that needs it, and read from disk afterwards.
+computed once into ``$KVLENS_STARTER`` (default ``~/.cache/kvlens/starter``) and read from disk
+afterwards: by set-up, in the foreground, or by the background worker that the dashboard's first
+page needing a missing part starts (``analysis.app.background``: per-part locks and progress files,
+so no part is ever computed twice or by two processes at once).
 
     python -m analysis.app.starter [--quiet]    # compute whatever is missing (./run.sh setup runs this)
 """
@@ -207,13 +209,21 @@ def main(argv=None) -> int:
     missing = [p for p in PARTS if not is_made(p)]
     if not missing:
         return 0
+    from analysis.app import background  # it imports this module
 
+    loaded = []
 
-    loaded = load_model("default")
+    def load():  # only when a part is computed here, not when another process made it meanwhile
+        if not loaded:
+            loaded.append(load_model("default"))
+        return loaded[0]
+
     for part in missing:
-        name, _, _, make = PARTS[part]
+        name = PARTS[part][0]
+        if background.status(part)["state"] == "running":
+            name += " (another process is computing it: waiting)"
         with tqdm(total=100, desc=name, unit="%", disable=args.quiet) as bar:
-            make(loaded, lambda fraction: bar.update(round(100 * fraction) - bar.n))
+            background.make_part(part, load, lambda fraction: bar.update(round(100 * fraction) - bar.n))
             bar.update(100 - bar.n)
     return 0
 
