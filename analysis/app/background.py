@@ -114,21 +114,20 @@ def make_part(part: str, load, on_progress=None, wait: bool = True) -> Path | No
         if starter.is_made(part):  # made by another process while this one waited
             return folder()
         _write_progress(part, "running", 0.0)
-        last = [time.monotonic(), 0.0]
+        last = [0.0]
 
         def report(fraction: float) -> None:
             fraction = min(max(float(fraction), 0.0), 1.0)
-            last[1] = fraction
-            if time.monotonic() - last[0] >= 0.5:  # a small file, rewritten at most twice a second
-                last[0] = time.monotonic()
+            if round(100 * fraction) != round(100 * last[0]):  # a small file, rewritten at most once a percent
                 _write_progress(part, "running", fraction)
+            last[0] = fraction
             if on_progress:
                 on_progress(fraction)
 
         try:
             out = make(load(), report)
         except Exception as err:
-            _write_progress(part, "failed", last[1], f"{type(err).__name__}: {err}")
+            _write_progress(part, "failed", last[0], f"{type(err).__name__}: {err}")
             raise
         _write_progress(part, "done", 1.0)
         want_path(part).unlink(missing_ok=True)

@@ -130,9 +130,11 @@ def _waiting(part: str, state: dict) -> str:
     name = starter.PARTS[part][0]
     if state["state"] == "running":
         return f"Computing the {name} in the background ({FIRST_OPEN[part]}, once per machine): {state['fraction']:.0%}"
+    others = [f"the {starter.PARTS[p][0]} ({background.status(p)['fraction']:.0%})" for p in background.busy()]
+    if state["state"] == "queued" and others:
+        return f"In the background queue: {', '.join(others)} first, then the {name}."
     if state["state"] == "queued":
-        others = [f"the {starter.PARTS[p][0]} ({background.status(p)['fraction']:.0%})" for p in background.busy()]
-        return f"In the background queue: {', '.join(others) or 'another part'} first, then the {name}."
+        return f"The background worker is starting (loading the model); the {name} is next."
     return f"Starting the background computation of the starter set (the {name} first)…"
 
 
@@ -154,8 +156,8 @@ def starter_dir(part: str) -> Path:
         if state["state"] == "done":
             slot.empty()
             return folder()
-        if state["state"] == "idle":
-            background.start()
+        if state["state"] == "idle" and background.start():
+            state = background.status(part)
         slot.progress(state["fraction"], text=_waiting(part, state))
         if time.monotonic() >= deadline:
             break
