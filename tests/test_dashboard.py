@@ -479,6 +479,36 @@ def test_a_starter_part_is_computed_once_by_two_processes_at_once(tmp_path, monk
     assert json.loads(background.progress_path("capture").read_text())["state"] == "done"
 
 
+WORKER = """
+import os, sys
+from pathlib import Path
+from analysis.app import background, starter
+from tests.test_dashboard import gated_maker
+starter.PARTS["capture"] = starter.PARTS["capture"][:3] + (gated_maker(Path(sys.argv[1]), Path(sys.argv[2])),)
+starter.load_model = lambda *args, **kwargs: "model"
+sys.exit(background.main(["--parent", str(os.getppid())]))
+"""
+
+
+def test_the_worker_stops_when_the_server_that_started_it_exits(tmp_path, monkeypatch):
+    """A stand-in server starts a worker (stuck in its part), then dies: the worker ends, leaving the part
+    neither locked nor failed, so the next start computes it again."""
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
+    gate, log = tmp_path / "gate-never", tmp_path / "makers.log"
+    server_code = ("import subprocess, sys, time; "
+                   "subprocess.Popen([sys.executable, '-c', sys.argv[1]] + sys.argv[2:]); time.sleep(600)")
+    server = subprocess.Popen([sys.executable, "-c", server_code, WORKER, str(gate), str(log)], cwd=ROOT)
+    try:
+        wait_for(lambda: background.status("capture")["state"] == "running" and log.is_file())
+        assert background.worker_running()
+    finally:
+        server.kill()
+        server.wait()
+    wait_for(lambda: not background.worker_running(), timeout=30)  # the worker noticed, and ended
+    assert background.status("capture") == {"state": "idle", "fraction": 0.0}
+    assert not starter.is_made("capture") and len(log.read_text().splitlines()) == 1
+
+
 class FakeWorker:
     """Stands for the worker process start() launches: it holds the worker lock it is handed."""
 

@@ -20,6 +20,7 @@ renamed into place (``analysis.io.atomic_dir``): a part is on disk whole or not 
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import fcntl
 import json
@@ -235,12 +236,16 @@ def stop_started(timeout: float = 10.0) -> None:
 
 
 def work(parent: int | None = None) -> int:
-    """The worker: compute every missing part, wanted ones first; stop early if ``parent`` has exited."""
+    """The worker: compute every missing part, wanted ones first; stop within a second or so once ``parent``
+    (the server) has exited: a KeyboardInterrupt in the main thread, so the part's temp dir is removed."""
 
-    def parent_alive(_fraction: float = 0.0) -> None:
-        if parent and os.getppid() != parent:  # the server is gone: stop (the part's temp dir is removed)
-            raise SystemExit(0)
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        _thread.interrupt_main()
 
+    if parent:
+        threading.Thread(target=watch, daemon=True).start()
     loaded = []
 
     def load():
@@ -250,12 +255,11 @@ def work(parent: int | None = None) -> int:
 
     tried, failed = set(), 0
     while todo := [p for p in missing() if p not in tried]:
-        parent_alive()
         part = next_part(todo)
         tried.add(part)
         print(f"{time.strftime('%H:%M:%S')} {starter.PARTS[part][0]}", flush=True)
         try:
-            make_part(part, load, parent_alive)
+            make_part(part, load)
         except Exception:  # recorded in its progress file for the pages; the other parts go on
             traceback.print_exc()
             failed += 1
@@ -272,7 +276,11 @@ def main(argv=None) -> int:
         print("a starter worker is already running", flush=True)
         return 0
     os.nice(10)  # the pages' own work goes first
-    return work(args.parent)
+    try:
+        return work(args.parent)
+    except KeyboardInterrupt:  # Ctrl-C, or the server has exited: nothing half-written is left
+        print("stopped", flush=True)
+        return 0
 
 
 if __name__ == "__main__":
