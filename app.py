@@ -4,12 +4,25 @@ This file is the router: the home page (captures) is ``home`` below, every other
 pages/ (``N_Title.py``; adding a page is adding a file).
 """
 
+import os
+
+# Before anything imports huggingface_hub (through transformers): it reads this once, at import. Nothing
+# is downloaded from the hub while the dashboard runs (run.sh exports it too; set HF_HUB_OFFLINE=0 to allow).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import time
 from pathlib import Path
 
 import streamlit as st
 
-from analysis.app.dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture, user_errors
+from analysis.app.dashboard import (
+    STARTER_LABEL,
+    capture_embedded,
+    runs_root,
+    show_runs_root,
+    starter_capture,
+    user_errors,
+)
 from analysis.report.norms import fig_norms
 from analysis.runtime.runs import list_runs, load_run, save_run
 from analysis.text.corpora import CORPORA
@@ -39,7 +52,7 @@ def home() -> None:
             st.session_state["run"] = out  # show the new run
             st.success(f"saved {out}")
 
-    root = runs_root()
+    root = show_runs_root()
     runs = list_runs(root)
     if not runs:
         st.info(f"No runs in {root}/ yet, so this shows the starter capture. Capture your own from the sidebar, "

@@ -7,6 +7,10 @@
 # Set-up: .venv with the pinned requirements and kvlens itself (editable), the embedded SmolLM2
 # model (converted once into ~/.cache/kvlens), the four Debian text corpora, the dashboard's starter
 # set, and Debian's chromium (PNG export of figures, and the browser the dashboard test drives).
+# The starter set (python -m analysis.app.starter, a few minutes once): `setup` and `test` compute it
+# in the foreground (the tests open every page on it); the dashboard does not wait for it: the server
+# starts at once and the first page that needs a missing part starts one background worker
+# (analysis/app/background.py), each page showing the progress of its part.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -17,7 +21,7 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 apt_updated=0
 apt_update() { [ "$apt_updated" = 1 ] || { say "apt-get update"; as_root apt-get update -qq; apt_updated=1; }; }
 
-setup() {
+setup() {  # setup [starter]: with "starter", the starter set too (in the foreground)
   if [ ! -x "$PY" ]; then say "creating .venv"; python3 -m venv .venv; fi
   local stamp=.venv/.requirements.sha256 want
   want=$(sha256sum requirements.txt | cut -d' ' -f1)
@@ -51,15 +55,16 @@ setup() {
     "$PY" -m analysis.text.corpora fetch
   fi
   "$PY" -m analysis.models.loading >/dev/null  # converts the embedded GGUF once (about 20 s)
-  # What the dashboard shows on first open (a capture and a small sweep, ~1-2 min once; then instant).
-  "$PY" -m analysis.app.starter
+  # What the dashboard shows on first open (a few minutes once; then instant). The dashboard computes it
+  # in the background instead, after the server is up.
+  if [ "${1:-}" = starter ]; then "$PY" -m analysis.app.starter; fi
 }
 
 cmd="${1:-dashboard}"; [ $# -gt 0 ] && shift
 case "$cmd" in
-  setup) setup ;;
+  setup) setup starter ;;
   test)
-    setup
+    setup starter
     say "import-linter: the library's layers (pyproject.toml)"; .venv/bin/lint-imports --no-cache
     say "ruff"; .venv/bin/ruff check .
     # Two workers (pytest-xdist), each on its share of the cores: a file stays whole on one worker, except the

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from analysis.app.dashboard import STARTER_LABEL, capture_embedded, runs_root, starter_capture
+from analysis.app.dashboard import STARTER_LABEL, capture_embedded, runs_root, show_runs_root, starter_capture
 from analysis.errors import UserError
 from analysis.report.lowrank import compare_table, fig_energy_lost, fig_ppl_vs_bytes, fig_rank_cost
 from analysis.report.spectra import fig_key_vs_value, fig_rank_heatmaps, fig_rope_keys
@@ -46,7 +46,7 @@ def choose_source() -> dict | None:
                                  help="Ignored for spectra.json runs, which were computed with their own setting.")
     mode = st.sidebar.radio("data", ["run directory", "compute (embedded model)"], key="mode")
     if mode == "run directory":
-        root = runs_root()
+        root = show_runs_root()
         runs = sorted(p.name for p in root.iterdir()
                       if (p / "spectra.json").is_file() or (p / "meta.json").is_file()) if root.is_dir() else []
         if not runs:

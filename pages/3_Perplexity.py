@@ -92,7 +92,7 @@ def speed_rows(results: list[dict]) -> list[dict]:
 
 def main() -> None:
     st.title("Perplexity under a compressed cache")
-    root = dashboard.runs_root()
+    root = dashboard.show_runs_root()
     quick_sweep(root)
     dirs = sweep_dirs(root)
     if not dirs:

@@ -140,7 +140,7 @@ def merge_space(root: Path) -> None:
 
 def main() -> None:
     st.title("Perturbation: merging vs evicting, head by head and end to end")
-    root = dashboard.runs_root()
+    root = dashboard.show_runs_root()
     small_study(root)
     dirs = study_dirs(root)
     if not dirs:

@@ -35,8 +35,8 @@ def token_texts(model: str, ids: tuple[int, ...]) -> list[str]:
 
 
 def choose_run():
-    runs = list_runs(dashboard.runs_root())
     st.sidebar.header("Source")
+    runs = list_runs(dashboard.show_runs_root())
     chosen = st.sidebar.selectbox("capture run", [dashboard.STARTER_LABEL] + runs, key="run",
                                   format_func=lambda p: p if isinstance(p, str) else p.name,
                                   help="The starter keeps attention maps of its last 64 queries; capture runs "

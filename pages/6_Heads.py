@@ -114,7 +114,7 @@ def plan_section(path: Path, profile: dict) -> None:
 
 def main() -> None:
     st.title("Which heads to compress")
-    root = dashboard.runs_root()
+    root = dashboard.show_runs_root()
     dirs = profile_dirs(root)
     if not dirs:
         st.info(f"No head profiles in {root}/ yet, so this shows the starter profile (256 tokens). Make a real one "

@@ -117,7 +117,7 @@ def show(result: dict) -> None:
 
 def main() -> None:
     st.title("Retrieval under a compressed cache")
-    root = dashboard.runs_root()
+    root = dashboard.show_runs_root()
     quick_grid(root)
     dirs = result_dirs(root)
     if not dirs:

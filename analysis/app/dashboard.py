@@ -4,31 +4,46 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import streamlit as st
 
-from analysis.app import starter  # noqa: E402
+from analysis.app import background, starter
 from analysis.compress import PolicyOptions, make_policy
-from analysis.errors import UserError  # noqa: E402
+from analysis.errors import UserError
 from analysis.jobs import Job, Plan
 from analysis.models.loading import load_model
 from analysis.runtime import generate
 from analysis.runtime.replay import replay
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-ROOT = Path(__file__).resolve().parent
-
-
 STARTER_LABEL = starter.LABEL
 
 
+def repo_root() -> Path:
+    """The repository: the nearest folder above this file that holds ``app.py`` and ``pages/``.
+
+    kvlens is installed editable (``./run.sh``), so this file is imported from the repository itself,
+    whatever the current directory; a copy installed elsewhere falls back to the current directory.
+    """
+    for folder in Path(__file__).resolve().parents:
+        if (folder / "app.py").is_file() and (folder / "pages").is_dir():
+            return folder
+    return Path.cwd()
+
+
 def runs_root() -> Path:
-    """Where the pages look for runs: ``$KVLENS_RUNS``, else ``runs/`` in the repository."""
-    return Path(os.environ.get("KVLENS_RUNS") or ROOT / "runs")
+    """Where the pages look for runs: ``$KVLENS_RUNS``, else the repository's ``runs/`` (where the README's
+    commands write, run from the repository root). Read on every call, never frozen at import."""
+    return Path(os.environ.get("KVLENS_RUNS") or repo_root() / "runs").expanduser()
+
+
+def show_runs_root() -> Path:
+    """``runs_root()``, said in the sidebar of the page that lists runs from it."""
+    root = runs_root()
+    st.sidebar.caption(f"Runs are listed from `{root}` (set KVLENS_RUNS to change).")
+    return root
 
 
 @st.cache_resource(show_spinner="Loading model…")
@@ -109,14 +124,56 @@ FIRST_OPEN = {  # what the progress bar says while a page's first open computes 
 }
 
 
+STARTER_WAIT_S = 600.0  # how long one run of a page follows its starter part before offering Refresh
+POLL_S = 1.0
+
+
+def _waiting(part: str, state: dict) -> str:
+    name = starter.PARTS[part][0]
+    if state["state"] == "running":
+        return f"Computing the {name} in the background ({FIRST_OPEN[part]}, once per machine): {state['fraction']:.0%}"
+    others = [f"the {starter.PARTS[p][0]} ({background.status(p)['fraction']:.0%})" for p in background.busy()]
+    if state["state"] == "queued" and others:
+        return f"In the background queue: {', '.join(others)} first, then the {name}."
+    if state["state"] == "queued":
+        return f"The background worker is starting (loading the model); the {name} is next."
+    return f"Starting the background computation of the starter set (the {name} first)…"
+
+
 def starter_dir(part: str) -> Path:
-    """A starter part's directory (analysis/app/starter.py): read from disk, or computed here once (set-up
-    normally has made it). Two first sessions at once: the second waits, then finds it on disk."""
-    _, folder, _, make = starter.PARTS[part]
-    if not starter.is_made(part):
-        with model_lock(), progress(f"first open: {FIRST_OPEN[part]} (once per machine)") as bar:
-            make(cached_model(), bar)
-    return folder()
+    """A starter part's directory (analysis/app/starter.py), once it is on disk.
+
+    A missing part is computed by the background worker (analysis/app/background.py, started here
+    if none runs), never by the page: the page shows the part's progress, read from the worker's
+    progress file, and goes on when it is done (after ``STARTER_WAIT_S``: a Refresh button). Any
+    number of sessions and reloads wait on the same single computation.
+    """
+    folder = starter.PARTS[part][1]
+    if starter.is_made(part):
+        return folder()
+    background.want(part)
+    slot = st.empty()
+    deadline = time.monotonic() + STARTER_WAIT_S
+    while (state := background.status(part))["state"] != "failed":
+        if state["state"] == "done":
+            slot.empty()
+            return folder()
+        if state["state"] == "idle" and background.start():
+            state = background.status(part)
+        slot.progress(state["fraction"], text=_waiting(part, state))
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_S)
+    with slot.container():
+        if state["state"] == "failed":
+            st.error(f"Computing the {starter.PARTS[part][0]} failed: {state['error']} "
+                     f"(log: {background.log_path()}).")
+            st.button("Try again", key=f"starter_retry_{part}", on_click=background.start, kwargs={"retry": part})
+        else:
+            st.progress(state["fraction"], text=_waiting(part, state))
+            st.button("Refresh", key=f"starter_refresh_{part}", help="The starter set is still being computed "
+                      "in the background; this page shows it once it is done.")
+    st.stop()
 
 
 def pick_result(dirs: list[Path], key: str, starter_label: str, part: str) -> Path:

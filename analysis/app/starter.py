@@ -4,8 +4,10 @@ On the embedded model: a 256-token Austen capture with the attention maps of its
 (home, Spectra and Attention pages), a small perplexity sweep (Perplexity page), a Fig. 2
 perturbation study on one Austen and one Python-docs sequence (Perturbation page), a head
 profile of 256 Austen tokens (Heads page) and a small passkey grid (Retrieval page). Each is
-computed once into ``$KVLENS_STARTER`` (default ``~/.cache/kvlens/starter``), by set-up or by the
-first page that needs it, and read from disk afterwards.
+computed once into ``$KVLENS_STARTER`` (default ``~/.cache/kvlens/starter``) and read from disk
+afterwards: by set-up, in the foreground, or by the background worker that the dashboard's first
+page needing a missing part starts (``analysis.app.background``: per-part locks and progress files,
+so no part is ever computed twice or by two processes at once).
 
     python -m analysis.app.starter [--quiet]    # compute whatever is missing (./run.sh setup runs this)
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from analysis.heads.profile import profile_sequences
-from analysis.models.loading import load_model
+from analysis.models.loading import LoadedModel, load_model
 from analysis.paths import cache_dir
 from analysis.perplexity.settings import sweep_settings
 from analysis.perplexity.sweep import run_sweep
@@ -103,14 +105,14 @@ def counter(total: int, on_progress=None):
 documents = austen_first  # the starter's text: Austen first, as the paper's examples
 
 
-def capture(loaded, corpus: str, tokens: int, sequences: int = 1, maps_window=None, on_progress=None):
+def capture(loaded: LoadedModel, corpus: str, tokens: int, sequences: int = 1, maps_window=None, on_progress=None):
     """Capture ``sequences`` x ``tokens`` of ``corpus`` (Austen first) with ``loaded``."""
 
     return capture_documents(loaded, documents(corpus), {"corpus": corpus}, tokens, sequences, progress=False,
                              on_progress=on_progress, maps_window=maps_window)
 
 
-def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int],
+def sweep(loaded: LoadedModel, corpus: str, tokens: int, window: int, methods: list[str], budgets: list[int],
           on_progress=None) -> tuple[dict, dict]:
     """A perplexity sweep over one document of ``corpus``; ``on_progress(fraction)`` as windows finish."""
 
@@ -121,7 +123,7 @@ def sweep(loaded, corpus: str, tokens: int, window: int, methods: list[str], bud
                      batching=Batching(progress=progress))
 
 
-def make_capture(loaded, on_progress=None) -> Path:
+def make_capture(loaded: LoadedModel, on_progress=None) -> Path:
     """The starter capture run, computed unless it is already on disk."""
 
     out = capture_dir()
@@ -130,7 +132,7 @@ def make_capture(loaded, on_progress=None) -> Path:
     return out
 
 
-def make_sweep(loaded, on_progress=None) -> Path:
+def make_sweep(loaded: LoadedModel, on_progress=None) -> Path:
     """The starter perplexity sweep, computed unless it is already on disk."""
 
     out, s = sweep_dir(), SWEEP
@@ -156,7 +158,7 @@ def make_fig2(loaded, on_progress=None) -> Path:
     return out
 
 
-def make_profile(loaded, on_progress=None) -> Path:
+def make_profile(loaded: LoadedModel, on_progress=None) -> Path:
     """The starter head profile (every layer and KV head), computed unless it is already on disk."""
 
     out, s = profile_dir(), PROFILE
@@ -169,14 +171,14 @@ def make_profile(loaded, on_progress=None) -> Path:
     return out
 
 
-def retrieval(loaded, settings, docs=None, on_progress=None) -> dict:
+def retrieval(loaded: LoadedModel, settings, docs=None, on_progress=None) -> dict:
     """A retrieval grid (``analysis.retrieval.grid``) with ``loaded``; ``on_progress(fraction)`` per batch."""
     prompts = build_prompts(loaded.tokenizer, settings, docs)
     progress = counter(len(grid_units(settings, prompts)), on_progress)
     return run_grid(loaded, settings, prompts, Batching(progress=progress))
 
 
-def make_retrieval(loaded, on_progress=None) -> Path:
+def make_retrieval(loaded: LoadedModel, on_progress=None) -> Path:
     """The starter passkey grid, computed unless it is already on disk."""
     out = retrieval_dir()
     if not (out / "retrieval.json").is_file():
@@ -207,13 +209,21 @@ def main(argv=None) -> int:
     missing = [p for p in PARTS if not is_made(p)]
     if not missing:
         return 0
+    from analysis.app import background  # it imports this module
 
+    loaded = []
 
-    loaded = load_model("default")
+    def load():  # only when a part is computed here, not when another process made it meanwhile
+        if not loaded:
+            loaded.append(load_model("default"))
+        return loaded[0]
+
     for part in missing:
-        name, _, _, make = PARTS[part]
+        name = PARTS[part][0]
+        if background.status(part)["state"] == "running":
+            name += " (another process is computing it: waiting)"
         with tqdm(total=100, desc=name, unit="%", disable=args.quiet) as bar:
-            make(loaded, lambda fraction: bar.update(round(100 * fraction) - bar.n))
+            background.make_part(part, load, lambda fraction: bar.update(round(100 * fraction) - bar.n))
             bar.update(100 - bar.n)
     return 0
 

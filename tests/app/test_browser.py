@@ -4,8 +4,12 @@ Every page is opened on an empty runs folder (so it must show the starter set), 
 exception boxes and rendered plots, and screenshotted; the main forms are used with tiny sizes: a
 capture, a quick perplexity sweep, a generation, the Attention page's step slider, a 1-trial retrieval grid.
 
+A second server runs without ``KVLENS_RUNS``, as ``./run.sh`` does: it must list the repository's
+runs/, and open there the sweep that the README's ``python -m experiments.perplexity`` just wrote.
+
 Screenshots: runs/browser-screenshots/ (printed; runs/ is git-ignored). The starter set lives in the
-user cache (``$KVLENS_STARTER`` overrides), so only the first run on a machine computes it.
+user cache (``$KVLENS_STARTER`` overrides): set-up made it, or the dashboard's background worker
+computes it while the pages wait (once per machine).
 """
 
 from __future__ import annotations
@@ -17,11 +21,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
+from tests.app.test_dashboard import run_readme_perplexity
 from tests.conftest import REPO, needs_setup
 
 pytestmark = pytest.mark.slow
@@ -41,19 +48,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(base url, runs folder) of a dashboard served on 127.0.0.1; the process is killed at the end."""
+def needs_browser() -> None:
     try:
         from playwright.sync_api import sync_playwright  # noqa: F401
     except ImportError:
         needs_setup("playwright is not installed (./run.sh setup installs it)")
     if not Path(CHROMIUM).is_file():
         needs_setup("Debian's chromium is not installed (./run.sh setup installs it)")
-    runs = tmp_path_factory.mktemp("browser-runs")
+
+
+@contextmanager
+def serve(env: dict, logs: Path):
+    """The base url of `streamlit run app.py` (from the repository root) served on 127.0.0.1 with ``env``;
+    the process is killed at the end."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("browser-log") / "streamlit.log").open("w+")
-    env = dict(os.environ, KVLENS_RUNS=str(runs), HF_HUB_OFFLINE="1")
+    log = (logs / "streamlit.log").open("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
          "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"],
@@ -72,7 +81,7 @@ def server(tmp_path_factory):
                 log.seek(0)
                 pytest.fail(f"streamlit did not come up on {url}:\n{log.read()[-3000:]}")
             time.sleep(0.5)
-        yield url, runs
+        yield url
     finally:
         proc.terminate()
         try:
@@ -81,6 +90,31 @@ def server(tmp_path_factory):
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base url, runs folder) of a dashboard served on an empty runs folder (``KVLENS_RUNS``)."""
+    needs_browser()
+    runs = tmp_path_factory.mktemp("browser-runs")
+    env = dict(os.environ, KVLENS_RUNS=str(runs), HF_HUB_OFFLINE="1")
+    with serve(env, tmp_path_factory.mktemp("browser-log")) as url:
+        yield url, runs
+
+
+@pytest.fixture(scope="module")
+def repo_server(tmp_path_factory):
+    """(base url, run) of a dashboard served without ``KVLENS_RUNS`` (so on the repository's runs/), where the
+    README's perplexity command, run from the repository root, has just written ``run``; removed at the end."""
+    needs_browser()
+    name = f"browser-readme-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if k != "KVLENS_RUNS"} | {"HF_HUB_OFFLINE": "1"}
+    try:
+        run = run_readme_perplexity(name)
+        with serve(env, tmp_path_factory.mktemp("browser-repo-log")) as url:
+            yield url, run
+    finally:
+        shutil.rmtree(REPO / "runs" / name, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +257,20 @@ def test_every_page_first_open_and_main_forms(server, page):
     submit(page, "Run grid", 3)
     check(page, "retrieval-after-grid", 3)
     assert (runs / "browser-retrieval" / "retrieval.json").is_file()
+
+
+def test_a_readme_run_in_the_repository_runs_folder_opens_on_the_perplexity_page(repo_server, page):
+    """No KVLENS_RUNS: the pages list the repository's runs/, where the README's commands write."""
+    url, run = repo_server
+    page.goto(f"{url}/Perplexity")
+    settle(page, 2, FIRST_OPEN_S)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    assert sidebar.get_by_text(f"Runs are listed from {run.parent} (set KVLENS_RUNS to change).").count() == 1
+    picker = page.locator('[data-testid="stSelectbox"]').filter(has_text="sweep").first
+    picker.click()
+    page.get_by_role("option", name=run.name, exact=True).click()
+    page.wait_for_timeout(1000)
+    settle(page, 2, ACTION_S)
+    check(page, "perplexity-readme-run", 2)
+    # the run's own summary (the starter sweep has 128-token windows of 256 tokens)
+    assert page.get_by_text("3 window(s) of 32 tokens (stride 16) from 1 document(s) of 64 tokens").count() == 1

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+import streamlit as st
 import torch
 from streamlit.testing.v1 import AppTest
 
-from analysis.app import dashboard, starter
+from analysis.app import background, dashboard, starter
 from analysis.jobs.job import Job
 from analysis.models.loading import LoadedModel
 from analysis.perturbation.study import Settings, run_study
@@ -32,6 +38,13 @@ def app(name: str):
 
 def titles(at) -> list[str]:
     return [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers():
+    """End the starter workers a page started during the test (they would go on computing the whole set)."""
+    yield
+    background.stop_started()
 
 
 @pytest.fixture
@@ -335,3 +348,256 @@ def test_retrieval_page(runs, tiny_model):
     assert any("<mark><b>NEEDLE</b></mark>" in m.value and "a &lt;b&gt;" in m.value for m in at.markdown)
     at.selectbox(key="example").set_value(1).run()
     assert not at.exception and "depth 50%" in at.selectbox(key="example").format_func(1)
+
+
+def test_runs_are_listed_from_the_repository_runs_folder_unless_kvlens_runs(monkeypatch, tmp_path):
+    """The repository is the folder holding app.py, wherever the dashboard was started; the variable is read
+    on every call, not frozen at import."""
+    monkeypatch.delenv("KVLENS_RUNS", raising=False)
+    monkeypatch.chdir(tmp_path)  # not the current directory
+    assert dashboard.repo_root() == REPO and dashboard.runs_root() == REPO / "runs"
+    monkeypatch.setenv("KVLENS_RUNS", str(tmp_path / "elsewhere"))
+    assert dashboard.runs_root() == tmp_path / "elsewhere"
+
+
+def run_readme_perplexity(name: str) -> Path:
+    """The README's perplexity command with tiny sizes, run from the repository root into its runs/."""
+    command = [sys.executable, "-m", "experiments.perplexity", "--corpus", "books", "--tokens", "64", "--window", "32",
+               "--budget", "16", "--methods", "full,weightedkv", "--no-png", "--quiet", "--out", f"runs/{name}"]
+    env = {k: v for k, v in os.environ.items() if k != "KVLENS_RUNS"} | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return REPO / "runs" / name
+
+
+@pytest.mark.slow
+def test_a_run_written_by_a_readme_command_is_listed_without_kvlens_runs(monkeypatch, tmp_path):
+    monkeypatch.delenv("KVLENS_RUNS", raising=False)
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
+    name = f"test-readme-{uuid.uuid4().hex[:8]}"
+    try:
+        out = run_readme_perplexity(name)
+        at = app("pages/3_Perplexity.py").run()
+        assert not at.exception and not at.error
+        assert name in at.selectbox(key="sweep").options
+        at.selectbox(key="sweep").set_value(name).run()
+        assert not at.exception and not at.error
+        assert list(at.dataframe[0].value["method"]) == ["full", "weightedkv"]
+        assert f"Runs are listed from `{REPO / 'runs'}`" in at.sidebar.caption[-1].value
+        assert json.loads((out / "perplexity.json").read_text())["tokens"] == 64
+    finally:
+        shutil.rmtree(REPO / "runs" / name, ignore_errors=True)
+
+
+def test_every_page_that_lists_runs_says_where_from(runs, monkeypatch):
+    """The home page and every page with a run picker say, in the sidebar, which folder the runs come from."""
+    monkeypatch.setattr(dashboard, "starter_dir", lambda part: st.stop())  # no starter set needed here
+    for page in ["app.py"] + [f"pages/{p}.py" for p in ("1_Spectra", "3_Perplexity", "4_Perturbation", "5_Attention",
+                                                         "6_Heads", "7_Retrieval")]:
+        at = app(page).run()
+        assert not at.exception, page
+        assert f"Runs are listed from `{runs}` (set KVLENS_RUNS to change)." in [c.value for c in at.sidebar.caption]
+
+
+CHILD_MAKER = """
+import sys
+from pathlib import Path
+
+from analysis.app import background, starter
+from tests.test_dashboard import gated_maker
+
+make = gated_maker(Path(sys.argv[1]), Path(sys.argv[2]))
+starter.PARTS["capture"] = starter.PARTS["capture"][:3] + (make,)
+print(background.make_part("capture", lambda: "model"))
+"""
+
+
+def gated_maker(gate: Path, log: Path, source: Path | None = None):
+    """A starter maker that logs each call, reports 40 %, waits for ``gate`` to exist, then writes the part
+    (``source`` moved into place, or a bare meta.json)."""
+
+    def make(loaded, on_progress):
+        with log.open("a") as f:
+            f.write(f"{os.getpid()} {loaded}\n")
+        on_progress(0.4)
+        deadline = time.monotonic() + 120
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = starter.capture_dir()
+        if source is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, out)
+        else:
+            from analysis.io import atomic_dir
+
+            with atomic_dir(out) as tmp:
+                (tmp / "meta.json").write_text("{}")
+        return out
+
+    return make
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_starter_part_is_computed_once_by_two_processes_at_once(tmp_path, monkeypatch):
+    """A worker process computes the part; a second maker here sees it running (its progress file), does not
+    start it again, waits, and finds it on disk; the model is loaded by the one that computes."""
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
+    gate, log = tmp_path / "gate", tmp_path / "makers.log"
+    monkeypatch.setitem(starter.PARTS, "capture", starter.PARTS["capture"][:3] + (gated_maker(gate, log),))
+    child = subprocess.Popen([sys.executable, "-c", CHILD_MAKER, str(gate), str(log)], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: background.status("capture")["state"] == "running" and log.is_file()
+                 or child.poll() is not None)
+        assert background.status("capture") == {"state": "running", "fraction": 0.4}
+        progress = json.loads(background.progress_path("capture").read_text())
+        assert progress["state"] == "running" and progress["pid"] == child.pid
+        assert background.busy() == ["capture"]
+        assert background.make_part("capture", lambda: pytest.fail("loaded"), wait=False) is None  # held: no start
+        loads, got = [], []
+        second = threading.Thread(target=lambda: got.append(background.make_part("capture", lambda: loads.append(1))))
+        second.start()
+        time.sleep(1.0)
+        assert second.is_alive() and not starter.is_made("capture")  # it waits for the first
+        gate.touch()
+        second.join(timeout=60)
+        assert child.wait(timeout=60) == 0, child.stdout.read()
+    finally:
+        gate.touch()
+        child.kill()
+        child.wait()
+    assert got == [starter.capture_dir()] and starter.is_made("capture") and loads == []
+    assert log.read_text().splitlines() == [f"{child.pid} model"]  # computed once, in the child
+    assert background.status("capture") == {"state": "done", "fraction": 1.0}
+    assert json.loads(background.progress_path("capture").read_text())["state"] == "done"
+
+
+WORKER = """
+import os, sys
+from pathlib import Path
+from analysis.app import background, starter
+from tests.test_dashboard import gated_maker
+starter.PARTS["capture"] = starter.PARTS["capture"][:3] + (gated_maker(Path(sys.argv[1]), Path(sys.argv[2])),)
+starter.load_model = lambda *args, **kwargs: "model"
+sys.exit(background.main(["--parent", str(os.getppid())]))
+"""
+
+
+def test_the_worker_stops_when_the_server_that_started_it_exits(tmp_path, monkeypatch):
+    """A stand-in server starts a worker (stuck in its part), then dies: the worker ends, leaving the part
+    neither locked nor failed, so the next start computes it again."""
+    monkeypatch.setenv("KVLENS_STARTER", str(tmp_path / "starter"))
+    gate, log = tmp_path / "gate-never", tmp_path / "makers.log"
+    server_code = ("import subprocess, sys, time; "
+                   "subprocess.Popen([sys.executable, '-c', sys.argv[1]] + sys.argv[2:]); time.sleep(600)")
+    server = subprocess.Popen([sys.executable, "-c", server_code, WORKER, str(gate), str(log)], cwd=REPO)
+    try:
+        wait_for(lambda: background.status("capture")["state"] == "running" and log.is_file())
+        assert background.worker_running()
+    finally:
+        server.kill()
+        server.wait()
+    wait_for(lambda: not background.worker_running(), timeout=30)  # the worker noticed, and ended
+    assert background.status("capture") == {"state": "idle", "fraction": 0.0}
+    assert not starter.is_made("capture") and len(log.read_text().splitlines()) == 1
+
+
+class FakeWorker:
+    """Stands for the worker process start() launches: it holds the worker lock it is handed."""
+
+    def __init__(self, command, pass_fds=(), **kwargs):
+        self.command, self.fd, self.returncode = command, os.dup(pass_fds[0]), None
+
+    def poll(self):
+        return self.returncode
+
+    def exit(self):
+        os.close(self.fd)
+        self.returncode = 0
+
+    def terminate(self):
+        if self.returncode is None:
+            self.exit()
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+    kill = terminate
+
+
+@pytest.fixture
+def fake_workers(runs, monkeypatch):
+    """The workers start() would launch, recorded instead; pages follow a part for no time, then offer Refresh."""
+    started = []
+    monkeypatch.setattr(background.subprocess, "Popen", lambda *a, **k: started.append(FakeWorker(*a, **k))
+                        or started[-1])
+    monkeypatch.setattr(background, "_LAST_START", [float("-inf")])
+    monkeypatch.setattr(background, "RESTART_S", 0.0)
+    monkeypatch.setattr(dashboard, "STARTER_WAIT_S", 0.0)
+    yield started
+    for worker in started:
+        worker.terminate()
+
+
+def test_reloads_and_second_sessions_do_not_start_the_worker_again(fake_workers):
+    started = fake_workers
+    at = app("app.py").run()  # no runs, no starter capture: the page starts the worker and shows the queue
+    assert not at.exception and not at.error and len(started) == 1
+    assert started[0].command[1:4] == ["-m", "analysis.app.background", "--lock-fd"]
+    assert background.worker_running() and background.want_path("capture").is_file()
+    assert at.progress[0].text.startswith("The background worker is starting") and at.progress[0].value == 0
+    assert at.button(key="starter_refresh_capture")
+    for _ in range(2):  # a reload, a second session, a Refresh: one worker still
+        app("app.py").run()
+    at.button(key="starter_refresh_capture").click().run()
+    assert not at.exception and len(started) == 1 and not background.start()
+    started[0].exit()  # the worker stopped before the part was done: the next page view starts another
+    app("app.py").run()
+    assert len(started) == 2
+    started[1].exit()
+    for _, folder, marker, _ in starter.PARTS.values():  # everything on disk: nothing is started
+        folder().mkdir(parents=True, exist_ok=True)
+        (folder() / marker).write_text("{}")
+    assert not background.start() and len(started) == 2
+
+
+def test_the_page_shows_its_part_progress_while_it_is_computed(fake_workers, tiny_capture, tmp_path):
+    started = fake_workers
+    source = tmp_path / "made-capture"
+    shutil.move(tiny_capture, source)  # the runs folder is empty: the home page shows the starter capture
+    gate, log = tmp_path / "gate", tmp_path / "makers.log"
+    maker = threading.Thread(target=background.make_part, args=("capture", lambda: "model"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(starter.PARTS, "capture", starter.PARTS["capture"][:3] + (gated_maker(gate, log, source),))
+        maker.start()  # someone (here: a thread) is computing the part
+        try:
+            wait_for(lambda: background.status("capture")["fraction"] == 0.4)
+            at = app("app.py").run()
+            assert not at.exception and not at.error and not at.metric
+            bar = at.progress[0]
+            assert bar.value == 40 and bar.text.startswith("Computing the starter capture in the background")
+            assert bar.text.endswith("40%") and at.button(key="starter_refresh_capture")
+            assert started == []  # the part is being computed: nothing to start
+        finally:
+            gate.touch()
+            maker.join(timeout=60)
+    at.button(key="starter_refresh_capture").click().run()
+    assert not at.exception and not at.error and not at.progress
+    assert {m.label: m.value for m in at.metric}["model"] == "tiny-llama"
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_a_failed_part_shows_its_error_and_try_again_restarts_it(fake_workers):
+    started = fake_workers
+    background.progress_path("capture").write_text(json.dumps({"state": "failed", "error": "UserError: no corpora"}))
+    at = app("app.py").run()
+    assert not at.exception and "failed: UserError: no corpora" in at.error[0].value and started == []
+    at.button(key="starter_retry_capture").click().run()
+    assert len(started) == 1 and "failed" not in json.dumps(background.read_progress("capture"))
+    assert not at.error and at.progress[0].text.startswith("The background worker is starting")
