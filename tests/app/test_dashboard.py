@@ -404,7 +404,7 @@ import sys
 from pathlib import Path
 
 from analysis.app import background, starter
-from tests.test_dashboard import gated_maker
+from tests.app.test_dashboard import gated_maker
 
 make = gated_maker(Path(sys.argv[1]), Path(sys.argv[2]))
 starter.PARTS["capture"] = starter.PARTS["capture"][:3] + (make,)
@@ -482,7 +482,7 @@ WORKER = """
 import os, sys
 from pathlib import Path
 from analysis.app import background, starter
-from tests.test_dashboard import gated_maker
+from tests.app.test_dashboard import gated_maker
 starter.PARTS["capture"] = starter.PARTS["capture"][:3] + (gated_maker(Path(sys.argv[1]), Path(sys.argv[2])),)
 starter.load_model = lambda *args, **kwargs: "model"
 sys.exit(background.main(["--parent", str(os.getppid())]))
