@@ -10,7 +10,8 @@
 # The starter set (python -m analysis.app.starter, a few minutes once): `setup` and `test` compute it
 # in the foreground (the tests open every page on it); the dashboard does not wait for it: the server
 # starts at once and the first page that needs a missing part starts one background worker
-# (analysis/app/background.py), each page showing the progress of its part.
+# (analysis/app/background.py), each page showing the progress of its part. Likewise a missing chromium
+# is installed in the background when the dashboard starts (only the commands' PNG export needs it).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -21,7 +22,12 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 apt_updated=0
 apt_update() { [ "$apt_updated" = 1 ] || { say "apt-get update"; as_root apt-get update -qq; apt_updated=1; }; }
 
-setup() {  # setup [starter]: with "starter", the starter set too (in the foreground)
+install_chromium() {
+  if command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq chromium >/dev/null; then :;
+  else say "warning: could not install chromium; figures will be written as HTML only"; fi
+}
+
+setup() {  # setup starter|serve: "starter" computes the starter set too; "serve" leaves chromium to the background
   if [ ! -x "$PY" ]; then say "creating .venv"; python3 -m venv .venv; fi
   local stamp=.venv/.requirements.sha256 want
   want=$(sha256sum requirements.txt | cut -d' ' -f1)
@@ -44,11 +50,6 @@ setup() {  # setup [starter]: with "starter", the starter set too (in the foregr
     "$PY" -m pip install -q --disable-pip-version-check --no-deps $isolation -e .
     echo "$have" > "$built"
   fi
-  if ! command -v chromium >/dev/null; then
-    say "installing Debian chromium (PNG export of figures, browser test)"
-    if command -v apt-get >/dev/null && apt_update && as_root apt-get install -y -qq chromium >/dev/null; then :;
-    else say "warning: could not install chromium; figures will be written as HTML only"; fi
-  fi
   if ! "$PY" -c "import sys; from analysis.text.corpora import CORPORA, is_fetched; sys.exit(not all(map(is_fetched, CORPORA)))"; then
     say "fetching the text corpora from Debian packages"
     if command -v apt-get >/dev/null; then apt_update || true; fi
@@ -57,6 +58,14 @@ setup() {  # setup [starter]: with "starter", the starter set too (in the foregr
   "$PY" -m analysis.models.loading >/dev/null  # converts the embedded GGUF once (about 20 s)
   # What the dashboard shows on first open (a few minutes once; then instant). The dashboard computes it
   # in the background instead, after the server is up.
+  if ! command -v chromium >/dev/null; then
+    if [ "${1:-}" = serve ]; then  # the dashboard does not need it (figures download from the browser)
+      say "installing Debian chromium in the background (PNG export by the commands): .venv/chromium-install.log"
+      install_chromium > .venv/chromium-install.log 2>&1 &
+    else
+      say "installing Debian chromium (PNG export of figures, browser test)"; install_chromium
+    fi
+  fi
   if [ "${1:-}" = starter ]; then "$PY" -m analysis.app.starter; fi
 }
 
@@ -70,6 +79,6 @@ case "$cmd" in
     # Two workers (pytest-xdist), each on its share of the cores: a file stays whole on one worker, except the
     # tests marked spread (tests/conftest.py); the 15 slowest tests are listed at the end.
     exec "$PY" -m pytest -q -n "${KVLENS_TEST_WORKERS:-2}" --dist loadgroup --durations 15 "$@" ;;
-  dashboard|app) setup; exec .venv/bin/streamlit run app.py --server.headless true --browser.gatherUsageStats false "$@" ;;
+  dashboard|app) setup serve; exec .venv/bin/streamlit run app.py --server.headless true --browser.gatherUsageStats false "$@" ;;
   *) echo "usage: ./run.sh [dashboard|test|setup]" >&2; exit 2 ;;
 esac
