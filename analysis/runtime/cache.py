@@ -278,8 +278,8 @@ def _policy(method: str | Policy | Job, budget: int | None, plan, options: dict)
 class CompressedCache(Cache):
     """Cache whose every full-attention layer is held to ``budget`` slots (or a plan's) by a policy.
 
-    ``method``: a registered name (built with ``**options``: ``sinks``, ``recent``, ``seed``) or a
-    configured ``Policy``; ``plan``: an ``analysis.jobs.plan.Plan`` giving each (layer, KV head)
+    ``method``: a registered name (built once, by ``Job.of``, with ``**options``: ``sinks``, ``recent``,
+    ``seed``), a configured ``Policy``, or a ``Job`` (which brings its plan and low-rank channels); ``plan``: an ``analysis.jobs.plan.Plan`` giving each (layer, KV head)
     its budget and, optionally, merge-or-evict; ``rows``: per-row seeds, budgets or plans (``Rows``);
     ``track_mixing`` > 0 records which original tokens each slot's value mixes (for display).
     ``key_basis`` (a basis directory or ``analysis.jobs.basis.Basis``) with ``key_rank`` R (or

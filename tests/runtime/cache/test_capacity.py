@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
+from analysis.compress import PolicyOptions
 from analysis.errors import UserError
-from analysis.jobs.plan import Plan
+from analysis.jobs import Job, Plan
 from analysis.runtime.cache import CompressedCache, restore
 
 BUDGET, SINKS = 16, 4
@@ -82,6 +83,44 @@ def test_bad_plans(llama, tmp_path):
     plan = Plan.uniform(4, 2, 16, name="u")
     assert Plan.load(plan.save(tmp_path / "u.json")) == plan
     assert json.loads((tmp_path / "u.json").read_text())["total_slots"] == 128
+
+
+def test_a_job_is_the_method_name_built_once(llama, random_ids):
+    """CompressedCache(model, job) holds exactly what the name, options and plan it was built from hold."""
+    ids, plan = random_ids(2, 30, seed=1), Plan([[8, 20], [12, 12], [20, 8], [9, 14]], sinks=2)
+    job = Job.of("weightedkv", None, PolicyOptions(sinks=2), plan)
+    with CompressedCache(llama, "weightedkv", plan=plan, sinks=2) as by_name, CompressedCache(llama, job) as by_job:
+        assert torch.equal(gen(llama, ids, by_name, new=12), gen(llama, ids, by_job, new=12))
+    for layer in range(4):
+        assert torch.equal(by_name.kept_positions(layer), by_job.kept_positions(layer))
+    assert by_job.policy is job.policy
+    with pytest.raises(UserError, match="a Job carries its own plan"):
+        CompressedCache(llama, job, plan=plan)
+    with pytest.raises(UserError, match="a Job carries its own"):
+        CompressedCache(llama, job, sinks=2)
+    with pytest.raises(UserError, match=r"unknown CompressedCache option\(s\) \['sink'\]; valid: sinks, recent, seed"):
+        CompressedCache(llama, "weightedkv", 16, sink=2)
+
+
+def test_a_plan_is_checked_once_per_model_shape_and_again_for_another(llama):
+    plan = Plan([[16, 16]] * 4)
+    plan.check(llama.config)
+    assert plan._checked is not None and "_checked" not in plan.to_json()
+    other = type(llama.config)(**(llama.config.to_dict() | {"num_hidden_layers": 3}))
+    with pytest.raises(UserError, match="4 layers x 2 KV heads, but the model has 3 x 2"):
+        plan.check(other)  # a passed check never hides a failing one
+    plan.budgets.append([16, 16])  # now 5 layers: the shape it was checked with is gone
+    with pytest.raises(UserError, match="5 layers x 2 KV heads, but the model has 4 x 2"):
+        plan.check(llama.config)
+
+
+def test_at_budget_keeps_the_options_and_splits_the_new_budget_as_asked():
+    job = Job.of("weightedkv", 64, PolicyOptions(sinks=2, recent=None, seed=3))
+    moved = job.at_budget(20)
+    assert (moved.budget, moved.policy.sinks, moved.policy.recent, moved.options) == (20, 2, 8, job.options)
+    assert job.at_budget(64) is job
+    with pytest.raises(UserError, match="uniform job"):
+        Job.of("weightedkv", None, plan=Plan([[16, 16]] * 4)).at_budget(20)
 
 
 # --- the cache over several generate() calls and prompts ----------------------------------------------
