@@ -1,1 +1,1 @@
-"""What compression costs in perplexity: windows, decoding, jobs, the sweep, the stream, Table I."""
+"""What compression costs in perplexity: windows, jobs over windows (the runner), the sweep, the stream, Table I."""

@@ -1,8 +1,16 @@
-"""Windows over documents and what is scored in them (the paper's Table I protocol; see ``decode``).
+"""Windows over documents and what is scored in them: the paper's Table I protocol.
 
-Each document's first N tokens are cut into windows of W tokens with stride W/2, plus one last
-window aligned to the end; every target from the second token on is scored exactly once, by the
-first window that sees it. ``summarise`` turns a run's NLL rows into its perplexity.json entry.
+The paper leaves details open; these are our choices, stated once here:
+- each document's first N tokens are cut into windows of W tokens with stride W/2, plus one last
+  window aligned to the end when the stride does not land there;
+- inside a window, decoding starts from an empty cache and goes token by token through the cache
+  (``analysis.runtime.decode``), at the window's own positions 0..W-1;
+- the first window of a document scores every prediction, later windows only the targets no earlier
+  window scored, so every token of the document from the second on is scored exactly once;
+- randomised methods draw per window (seeded by the seed and the window's index), so a window's
+  result does not depend on the batch it runs in.
+
+``summarise`` turns a run's NLL rows into its perplexity.json entry.
 """
 
 from __future__ import annotations

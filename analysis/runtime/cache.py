@@ -279,12 +279,13 @@ class CompressedCache(Cache):
     """Cache whose every full-attention layer is held to ``budget`` slots (or a plan's) by a policy.
 
     ``method``: a registered name (built once, by ``Job.of``, with ``**options``: ``sinks``, ``recent``,
-    ``seed``), a configured ``Policy``, or a ``Job`` (which brings its plan and low-rank channels); ``plan``: an ``analysis.jobs.plan.Plan`` giving each (layer, KV head)
-    its budget and, optionally, merge-or-evict; ``rows``: per-row seeds, budgets or plans (``Rows``);
-    ``track_mixing`` > 0 records which original tokens each slot's value mixes (for display).
-    ``key_basis`` (a basis directory or ``analysis.jobs.basis.Basis``) with ``key_rank`` R (or
-    ``key_energy``) holds every key as R coefficients of its pre-RoPE projection; ``lowrank`` (a
-    ``LowRank``) also sets low-rank values. Composes with every method: the policy sees slots as before.
+    ``seed``), a configured ``Policy``, or a ``Job`` (which brings its plan and low-rank channels);
+    ``plan``: an ``analysis.jobs.plan.Plan`` giving each (layer, KV head) its budget and, optionally,
+    merge-or-evict; ``rows``: per-row seeds, budgets or plans (``Rows``); ``track_mixing`` > 0 records
+    which original tokens each slot's value mixes (for display). ``key_basis`` (a basis directory or
+    ``analysis.jobs.basis.Basis``) with ``key_rank`` R (or ``key_energy``) holds every key as R
+    coefficients of its pre-RoPE projection; ``lowrank`` (a ``LowRank``) also sets low-rank values.
+    Composes with every method: the policy sees slots as before.
     """
 
     def __init__(self, model: nn.Module, method: str | Policy | Job = "weightedkv", budget: int | None = 256, *,

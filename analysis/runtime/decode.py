@@ -1,24 +1,24 @@
-"""Long-text perplexity under a compressed cache, with the paper's protocol (Table I, Fig. 4).
+"""The decode engine: teacher-forced decoding of token rows through one ``CompressedCache``.
 
-Protocol (the paper leaves details open; these are our choices, stated once here):
-- each document's first N tokens are cut into windows of W tokens with stride W/2, plus one last
-  window aligned to the end when the stride does not land there;
-- inside a window, decoding starts from an empty cache and goes token by token through the same
-  ``CompressedCache`` that ``generate()`` uses (one policy implementation, no simulation);
-- the first window of a document scores every prediction, later windows only the targets no earlier
-  window scored, so every token of the document from the second on is scored exactly once;
-- positions are the original ones inside the window (0..W-1), so W must fit the model's RoPE range;
-- randomised methods draw per window (seeded by the seed and the window's index), so a window's
-  result does not depend on the batch it runs in.
+Every study that needs a model's predictions under compression decodes here: the perplexity
+evaluator (its windows), retrieval (a prompt, then its answer: ``decode_into`` twice), the merge
+space, the head studies, low-rank keys, end to end, the starter set and the figure pipeline. Each
+row may have its own policy (``RowPolicies``), budget or per-head plan, and the cache is the same
+object ``generate()`` uses (one policy implementation, no simulation).
 
-Sliding-window layers (Gemma 2/3) keep the model's own sliding cache: the budget applies to the
-full-attention layers only (``analysis.runtime.cache``). Logits are T x vocabulary floats: prefill
-chunks are sized by the vocabulary (``default_chunk``), Gemma's 262k one included.
+- Positions are the rows' own (0..W-1), so W must fit the model's RoPE range.
+- While no row's cache can overflow its budget, no method has anything to do, so those tokens go
+  through the model in chunks (identical attention and statistics, fewer forwards); after that, one
+  token per forward.
+- Logits are T x vocabulary floats: prefill chunks are sized by the vocabulary (``default_chunk``),
+  Gemma's 262k one included.
+- Sliding-window layers (Gemma 2/3) keep the model's own sliding cache: the budget applies to the
+  full-attention layers only (``analysis.runtime.cache``).
+- ``window_ids`` seed randomised methods per row (a window's index), so a row's draws do not depend
+  on the batch it runs in.
 
-Speed: while a window's cache is below the budget no method has anything to do, so those tokens go
-through the model in chunks (identical attention and statistics, fewer forwards); after that, one
-token per forward. Windows are batch rows, and so are a sweep's (method, budget) jobs when there are
-fewer windows than the batch size (``analysis.perplexity.runner``): each row is compressed by its own policy.
+The perplexity protocol (windows, what is scored) is ``analysis.perplexity.windows``; packing jobs and
+windows into batches, resumably, is ``analysis.perplexity.runner``.
 """
 
 from __future__ import annotations
