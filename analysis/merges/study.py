@@ -49,8 +49,8 @@ def paired_rows(table: dict, variants: list[str], split: str) -> list[dict]:
 
 
 def run_space(loaded: LoadedModel, corpora: list[str], variants: list[str], budgets: list[int], *, tokens: int,
-              documents: int,
-              window: int, options: PolicyOptions, batching: Batching | None = None, split: str) -> tuple[dict, list]:
+              documents: int, window: int, options: PolicyOptions, batching: Batching | None = None,
+              split: str) -> tuple[dict, list]:
     """Every variant and its ablation at every budget on ``corpora``: (the table, merges.json rows)."""
     methods = list(dict.fromkeys([*variants, *(ablation(v) for v in variants)]))
     jobs = make_jobs(methods, budgets, options, window=window)
