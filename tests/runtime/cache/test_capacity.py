@@ -102,27 +102,6 @@ def test_a_job_is_the_method_name_built_once(llama, random_ids):
         CompressedCache(llama, "weightedkv", 16, sink=2)
 
 
-def test_a_plan_is_checked_once_per_model_shape_and_again_for_another(llama):
-    plan = Plan([[16, 16]] * 4)
-    plan.check(llama.config)
-    assert plan._checked is not None and "_checked" not in plan.to_json()
-    other = type(llama.config)(**(llama.config.to_dict() | {"num_hidden_layers": 3}))
-    with pytest.raises(UserError, match="4 layers x 2 KV heads, but the model has 3 x 2"):
-        plan.check(other)  # a passed check never hides a failing one
-    plan.budgets.append([16, 16])  # now 5 layers: the shape it was checked with is gone
-    with pytest.raises(UserError, match="5 layers x 2 KV heads, but the model has 4 x 2"):
-        plan.check(llama.config)
-
-
-def test_at_budget_keeps_the_options_and_splits_the_new_budget_as_asked():
-    job = Job.of("weightedkv", 64, PolicyOptions(sinks=2, recent=None, seed=3))
-    moved = job.at_budget(20)
-    assert (moved.budget, moved.policy.sinks, moved.policy.recent, moved.options) == (20, 2, 8, job.options)
-    assert job.at_budget(64) is job
-    with pytest.raises(UserError, match="uniform job"):
-        Job.of("weightedkv", None, plan=Plan([[16, 16]] * 4)).at_budget(20)
-
-
 # --- the cache over several generate() calls and prompts ----------------------------------------------
 def test_second_generate_continues_the_conversation(llama, random_ids):
     """A chat: turn 1, then turn 2 on the same cache, equals the whole conversation run as one sequence."""
