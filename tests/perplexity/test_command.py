@@ -101,3 +101,23 @@ def test_device_map(embedded, monkeypatch):
     with pytest.raises(UserError, match="--device-map auto is not supported for it") as err:
         load_model("default", device_map="auto")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_bytes_without_a_basis_buys_the_budget_once_the_head_dimension_is_known(tmp_path, stream):
+    """--bytes 8192 on the embedded model (d = 64, float32: 512 bytes a slot) is --budget 16, for a sweep and a
+    stream; the result records the budget the bytes bought."""
+    shape = ["--stream", "--tokens", "48", "--documents", "1"] if stream else COMMON
+    args = [*shape, "--methods", "weightedkv", "--quiet", "--no-png"]
+    by_bytes = run([*args, "--bytes", "8192", "--out", str(tmp_path / "bytes")])
+    assert by_bytes.returncode == 0, by_bytes.stderr
+    by_budget = run([*args, "--budget", "16", "--out", str(tmp_path / "budget")])
+    assert by_budget.returncode == 0, by_budget.stderr
+    name = "stream.json" if stream else "perplexity.json"
+    timing = ("seconds", "tokens_per_second")
+    got, want = ([{k: v for k, v in r.items() if k not in timing} for r in json.loads((tmp_path / d / name).read_text())
+                  ["results"]] for d in ("bytes", "budget"))
+    assert [r["budget"] for r in got] == [16] and got == want
+    nll_bytes, nll_budget = (load_file(tmp_path / d / "nll.safetensors") for d in ("bytes", "budget"))
+    assert nll_bytes.keys() == nll_budget.keys() and all(torch.equal(nll_bytes[k], nll_budget[k]) for k in nll_bytes)
