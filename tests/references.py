@@ -2,10 +2,11 @@
 
 The texts: README.md and docs/**/*.md; the docstrings of every module, class and function under
 analysis/, experiments/, pages/ and app.py; every string constant of the pages (pages/*.py, app.py:
-captions, info boxes, markdown, f-string parts); the --help of every command and subcommand. The
+captions, info boxes, markdown, f-string parts); the docstrings and strings of the tests (a child
+process's code is a string); the --help of every command and subcommand. The
 references: paths that start at a source entry of the repository (``analysis/app/dashboard.py``,
 ``pages/6_Heads.py``, ``experiments/``) and dotted names under ``analysis``, ``experiments`` and ``tests``
-(``analysis.compress.plans.Plan``). A path must exist under the root; a dotted name must name a module
+(``analysis.jobs.plan.Plan``). A path must exist under the root; a dotted name must name a module
 there, followed by attributes its source defines (read with ``ast``: nothing is imported, except by
 the --help collection, which imports each command in a subprocess). Written outputs (``runs/...``,
 ``results/...``) are not repository paths and are not checked.
@@ -433,9 +434,15 @@ def check_texts(texts: list[Text], root: Path = ROOT) -> list[Stale]:
     return Checker(root).check(texts)
 
 
+# The tests' docstrings and strings too (a child process's code is a string: ``from tests.app... import``), less
+# the checker's own tests, whose samples are wrong on purpose.
+TESTS, OWN_SAMPLES = ("tests",), "tests/test_references.py"
+
+
 def static_texts(root: Path = ROOT) -> list[Text]:
-    """Markdown, docstrings and page texts: everything but --help (which needs subprocesses)."""
-    return markdown_texts(root) + docstring_texts(root) + page_texts(root)
+    """Markdown, docstrings and page texts, and the tests' docstrings and strings: all but --help (subprocesses)."""
+    tests = [t for t in docstring_texts(root, TESTS) + page_texts(root, TESTS) if t.path != OWN_SAMPLES]
+    return markdown_texts(root) + docstring_texts(root) + page_texts(root) + tests
 
 
 def check_repository(root: Path = ROOT, helps: bool = True) -> list[Stale]:

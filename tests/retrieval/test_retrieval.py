@@ -1,4 +1,4 @@
-"""Retrieval under compression (analysis/retrieval, experiments/retrieval): prompts, decode paths, scores, fates.
+"""Retrieval under compression (analysis/retrieval, experiments/retrieval.py): prompts, decode paths, scores, fates.
 
 Prompts are checked with a word-level stand-in tokenizer (exact positions by hand); the decode paths
 on a tiny random llama with hand-made prompts; the real model only for the harness sanity check,
