@@ -163,6 +163,8 @@ def perturb(capture: Capture, layer: int, t: int, jobs: list[Job] | None = None,
     ||o_full|| and the attention cosines (module docstring), each as ``per_step`` (list over
     future steps, mean over query heads), ``mean`` and ``std`` (over query heads x steps).
     """
+    if jobs is not None and not all(isinstance(job, Job) for job in jobs):
+        raise UserError("give configured jobs (one_step.pair_jobs(t, methods=...)), not method names")
     result = _run(capture, layer, t, future, row, jobs or pair_jobs(t))
     return {m: {"victim": r["victim"][0].tolist(), "head_error": _head_mean(r)[0].tolist()}
             | {k: _summary(r[k]) for k in METRICS} for m, r in result.items()}

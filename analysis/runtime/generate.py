@@ -25,6 +25,8 @@ def generate_text(loaded: LoadedModel, prompt: str, job: Job, new: int, sample: 
     seeds sampling. Returns the text and the cache afterwards (occupancy, tokens seen, memory, kept positions per head).
     The cache hooks the model and switches its attention while open: callers sharing the model serialise calls.
     """
+    if not isinstance(job, Job):
+        raise UserError(f"give a configured job (analysis.jobs.Job.of(name, budget, ...)), not {job!r}")
     tok = loaded.tokenizer
     ids = torch.tensor([tok.encode(prompt)], device=loaded.device)
     if ids.shape[1] == 0:

@@ -115,6 +115,11 @@ def _diff(before: tuple, after: tuple, newest: int | None = None) -> tuple[int |
     return (gone[0] if gone else None), sorted(changed)
 
 
+def _check_policy(policy) -> None:
+    if not isinstance(policy, Policy):
+        raise UserError(f"give a configured policy (analysis.compress.make_policy(name, budget)), not {policy!r}")
+
+
 def open_cache(model, policy: Policy, tokens: int) -> CompressedCache:
     """A CompressedCache that tracks, for ``tokens`` original tokens, what each slot's value mixes."""
 
@@ -129,6 +134,7 @@ def replay(model, token_ids: list[int], policy: Policy, layer: int, on_progress=
 
     ``keep_values`` also keeps every step's cached values (for checking the mixtures against them).
     """
+    _check_policy(policy)
     if not token_ids:
         raise UserError("replay needs at least one token")
     if not 0 <= layer < model.config.num_hidden_layers:
@@ -177,6 +183,7 @@ def merge_preview(capture, layer: int, policy: Policy, row: int = 0) -> list[tup
     received and queries that saw it); the policy keeps its ``sinks`` and ``recent`` protected and
     runs its real ``compress`` down by one slot (its budget becomes the capture's length less one).
     """
+    _check_policy(policy)
     if layer in (capture.meta.get("sliding_layers") or []):
         raise UserError(f"layer {layer} uses a sliding window: CompressedCache does not compress it, "
                         "so no method would remove anything there")

@@ -87,6 +87,8 @@ def test_merge_preview_is_the_lowest_average_attention_candidate(tiny_model, tok
 def test_bad_input(tiny_model, tokens):
     with pytest.raises(UserError, match="layer 9"):
         replay(tiny_model("llama"), tokens, make_policy("weightedkv", BUDGET), 9)
+    with pytest.raises(UserError, match="give a configured policy"):
+        replay(tiny_model("llama"), tokens, "weightedkv", LAYER)  # a name: the pages build the policy
     with pytest.raises(UserError, match="at least one token"):
         replay(tiny_model("llama"), [], make_policy("weightedkv", BUDGET), LAYER)
 
